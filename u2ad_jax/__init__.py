@@ -1,0 +1,18 @@
+"""u2ad_jax: U2AD (uncertainty-guided unsupervised anomaly detection of T2 hyperintensity in
+sagittal spinal-cord MRI) in JAX.
+
+Layout (one concept per module):
+  data/        synthetic cohort (phantom), NIfTI I/O, preprocessing to 2D slices, batching.
+  models/      the masked-autoencoder ViT with image and edge heads.
+  patches.py   patch grid helpers shared by masking, loss and uncertainty.
+  masking.py   ROI-restricted random / EU-guided masking, AU exclusion, the MaskPlan.
+  losses.py    Sobel edge target, structure weight, masked ROI reconstruction loss.
+  uncertainty.py  vmapped Monte-Carlo EU / AU maps with exact coverage.
+  candidates.py   host-side connected-component anomaly candidates (AU guidance, postprocessing).
+  schedules.py    uncertainty-weighting schedules chosen by name from the config.
+  train/       train state, pmapped / shard_mapped step, checkpoints, the stage driver.
+  evaluation/  anomaly maps, curves, segment / patient scores, metrics, figures, reports.
+  cli.py       the `u2ad` command.
+"""
+
+__version__ = "0.1.0"

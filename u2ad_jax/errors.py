@@ -1,0 +1,47 @@
+"""Typed errors for bad input. Every message names the offending file and the problem."""
+
+from __future__ import annotations
+
+import os
+
+
+class U2ADError(Exception):
+  """Base class of the errors this package raises on purpose."""
+
+
+class InputError(U2ADError):
+  """A file or cohort cannot be used. `path` is the file, `problem` says why."""
+
+  def __init__(self, path: str | os.PathLike | None, problem: str):
+    self.path = None if path is None else os.fspath(path)
+    self.problem = problem
+    where = self.path if self.path is not None else "<input>"
+    super().__init__(f"{where}: {problem}")
+
+
+class CorruptFileError(InputError):
+  """Unreadable, truncated or not the expected format."""
+
+
+class GeometryError(InputError):
+  """Wrong dimensionality, or image / label shape or affine mismatch."""
+
+
+class NonFiniteError(InputError):
+  """NaN or Inf voxels."""
+
+
+class LabelError(InputError):
+  """Unknown label values, empty cord ROI or missing vertebra labels."""
+
+
+class CheckpointError(InputError):
+  """Missing, corrupt or incompatible checkpoint / workdir."""
+
+
+class ConfigMismatchError(U2ADError):
+  """A workdir was created with a config that differs in a shape-relevant way."""
+
+
+class NonFiniteLossError(U2ADError):
+  """Training produced a non-finite loss; the last good checkpoint is kept."""
