@@ -72,3 +72,105 @@ def make_plan(mask: jnp.ndarray, num_keep: int | None = None) -> MaskPlan:
   if not 0 < num_keep <= n:
     raise ValueError(f"num_keep must be in [1, {n}], got {num_keep}")
   return jax.vmap(lambda m: _make_plan_single(m, num_keep))(mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Masking policies. All share one core: per-image scores (logits + Gumbel noise) over eligible
+# patches, ranked, and the top `k` masked where `k = masked_count(n_roi, ratio)`. A rank test
+# instead of `lax.top_k` keeps shapes static although `k` varies per image.
+# ----------------------------------------------------------------------------------------------
+
+
+def _rank_descending(scores: jnp.ndarray) -> jnp.ndarray:
+  """`[N]` -> `[N]` int32: 0 for the largest score, N-1 for the smallest (ties: lower index first)."""
+  order = jnp.argsort(-scores, stable=True)
+  return jnp.argsort(order, stable=True).astype(jnp.int32)
+
+
+def _gumbel_top_count(key: jax.Array, eligible: jnp.ndarray, count: jnp.ndarray,
+                      logits: jnp.ndarray) -> jnp.ndarray:
+  """One image: mask the `count` eligible patches with the largest `logits + Gumbel` (`[N]` bool).
+
+  Gumbel-top-k draws `count` patches without replacement with probabilities proportional to
+  `softmax(logits)` over the eligible set, renormalised after every draw. When fewer than `count`
+  patches are eligible all of them are masked. Non-eligible patches get -inf and can never pass
+  the `eligible` test anyway; the -inf only keeps them out of the top ranks.
+  """
+  noise = jax.random.gumbel(key, eligible.shape, dtype=jnp.float32)
+  scores = jnp.where(eligible, logits.astype(jnp.float32) + noise, -jnp.inf)
+  return eligible & (_rank_descending(scores) < count)
+
+
+def random_mask(key: jax.Array, roi_patches: jnp.ndarray, ratio: float) -> jnp.ndarray:
+  """Uniform ROI masking with an exact count per image.
+
+  Args:
+    key: PRNG key; split into one key per image (image `b` uses `jax.random.split(key, B)[b]`).
+    roi_patches: `[B, N]` bool, True for patches that touch the ROI.
+    ratio: fraction of each image's ROI patches to mask (python float or traced scalar).
+
+  Returns:
+    `[B, N]` bool mask: exactly `masked_count(n_roi_b, ratio)` patches of image `b`, chosen
+    uniformly among its ROI patches; non-ROI patches are never masked; an image without ROI
+    patches masks nothing. Identical, key for key, to `guided_mask(..., w_eu=0)` without exclusion.
+  """
+  zeros = jnp.zeros(roi_patches.shape, jnp.float32)
+  return guided_mask(key, roi_patches, ratio, zeros, w_eu=0.0, tau=1.0, exclude=None)
+
+
+def normalize_patch_uncertainty(roi_patches: jnp.ndarray,
+                                patch_uncertainty: jnp.ndarray) -> jnp.ndarray:
+  """`[B, N]` -> `[B, N]`: uncertainty divided by its per-image mean over ROI patches.
+
+  Makes the guidance temperature independent of the intensity scale of the EU maps. Non-finite
+  values are treated as 0 (so the masked count stays exact; a diverging model is caught by the
+  training loop's non-finite loss check), and an image whose ROI mean is not positive (no ROI,
+  or zero uncertainty everywhere) gets all zeros, i.e. uniform masking. Non-ROI entries are 0.
+  """
+  roi = roi_patches.astype(bool)
+  u = jnp.where(roi & jnp.isfinite(patch_uncertainty), patch_uncertainty.astype(jnp.float32), 0.)
+  n_roi = roi.sum(axis=-1, keepdims=True)
+  mean = u.sum(axis=-1, keepdims=True) / jnp.maximum(n_roi, 1).astype(jnp.float32)
+  safe_mean = jnp.where(mean > 0, mean, 1.0)
+  return jnp.where((mean > 0) & roi, u / safe_mean, 0.0)
+
+
+def guided_mask(key: jax.Array, roi_patches: jnp.ndarray, ratio: float,
+                patch_uncertainty: jnp.ndarray, w_eu: float | jnp.ndarray,
+                tau: float | jnp.ndarray, exclude: jnp.ndarray | None = None) -> jnp.ndarray:
+  """EU-guided ROI masking with AU exclusion (Gumbel-top-k), exact count per image.
+
+  Patch `i` of an image is drawn without replacement with probability
+  `softmax(w_eu * u_norm_i / tau)` over the image's ELIGIBLE patches (`roi & ~exclude`), where
+  `u_norm` is the patch uncertainty divided by its mean over the image's ROI patches
+  (`normalize_patch_uncertainty`). With `w_eu > 0`, high-uncertainty patches are MORE likely to be
+  masked. `w_eu = 0` (or `tau = inf`) gives exactly the uniform draw of `random_mask`, key for key.
+
+  Count: `k = masked_count(n_roi, ratio)` counted on the FULL ROI, so AU exclusion does not change
+  how much of the image is hidden. When fewer than `k` patches are eligible (many candidates),
+  every eligible patch is masked and the image masks fewer than `k`; an image with no ROI patch
+  masks nothing. Excluded and non-ROI patches are never masked.
+
+  Args:
+    key: PRNG key; split into one key per image.
+    roi_patches: `[B, N]` bool ROI patches.
+    ratio: masking ratio r (python float or traced scalar).
+    patch_uncertainty: `[B, N]` float, e.g. `patches.patch_sum(eu_map, p)`; values outside the ROI
+      are ignored.
+    w_eu: guidance weight (scalar, may be traced: it comes from a schedule).
+    tau: temperature > 0 (scalar, may be traced). Ignored when `w_eu == 0`.
+    exclude: optional `[B, N]` bool, True for patches that must stay visible (AU candidates).
+
+  Returns:
+    `[B, N]` bool mask, True = masked.
+  """
+  roi = roi_patches.astype(bool)
+  eligible = roi if exclude is None else roi & ~exclude.astype(bool)
+  count = masked_count(roi.sum(axis=-1), ratio)
+  w_eu = jnp.asarray(w_eu, jnp.float32)
+  tau = jnp.asarray(tau, jnp.float32)
+  # w_eu == 0 must mean "uniform" whatever tau is (tau = 0 would otherwise give 0/0 = nan).
+  scale = jnp.where(w_eu == 0, 0.0, w_eu / jnp.where(w_eu == 0, 1.0, tau))
+  logits = scale * normalize_patch_uncertainty(roi, patch_uncertainty)
+  keys = jax.random.split(key, roi.shape[0])
+  return jax.vmap(_gumbel_top_count)(keys, eligible, count, logits)
