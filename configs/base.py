@@ -1,0 +1,127 @@
+"""The config schema, with the method's defaults (method.md sections 2-8).
+
+Every other config file starts from `make_config()` and overrides a few fields. Usage:
+
+  u2ad train --config configs/base.py[:runlocal,ablation=eu,schedule=linear] --workdir DIR \
+      [--config.optim.lr=1e-3 ...]
+
+Arguments after the colon (u2ad_jax/train/config_lib.py): ablation=baseline|eu|au|eu_au,
+schedule=piecewise|linear|cosine, runlocal.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from u2ad_jax.train import config_lib
+
+
+def make_config() -> ml_collections.ConfigDict:
+  """All fields, at the paper's values; model sizes as in the paper configuration."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Inputs (preprocess.load_cohort reads this block).
+  config.data = ml_collections.ConfigDict()
+  config.data.image_size = 256          # model input size (pixels)
+  config.data.patch_size = 8            # must equal the model's patch size
+  config.data.fov_mm = 200.0            # centre crop / zero pad of the in-plane field of view
+  config.data.pixel_mm = 1.0            # in-plane resampling
+  config.data.clip_percentiles = (0.2, 99.8)
+  config.data.min_roi_patches = 4       # slices whose train ROI touches fewer patches are skipped
+  config.data.public_dir = ""           # healthy public cohort (pretraining)
+  config.data.clinical_dir = ""         # the clinical cohort (adaptation, then evaluation)
+  config.data.augment = True            # brightness / contrast / noise, training batches only
+  config.data.prefetch = 2              # host batches built ahead of the device step
+
+  # The model: a variant of models/vit_mae.VARIANTS (transformer widths / depths) at the input
+  # geometry of `data` (image_size, patch_size), plus performance overrides (None = default).
+  config.model = ml_collections.ConfigDict()
+  config.model.variant = "paper"
+  config.model.overrides = ml_collections.ConfigDict()
+  config.model.overrides.attention = config_dict.placeholder(str)  # blockwise|dense|dot_product
+  config.model.overrides.dtype = config_dict.placeholder(str)      # compute dtype, e.g. bfloat16
+  config.model.overrides.remat = config_dict.placeholder(bool)     # rematerialise the blocks
+  config.model.overrides.remat_policy = config_dict.placeholder(str)
+  config.model.overrides.scan_layers = config_dict.placeholder(bool)  # changes the param tree
+
+  config.masking = ml_collections.ConfigDict()
+  config.masking.ratio = 0.75           # fraction of each image's ROI patches masked
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.image_weight = 10.0
+  config.loss.edge_weight = 1.0
+  config.loss.structure_weight = True   # W = 1 + avgpool3x3(mask grid)
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 3e-3
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.95
+  config.optim.decay_every_epochs = 50  # step decay: lr x decay_factor every this many epochs
+  config.optim.decay_factor = 0.1
+  # When a new optimizer state (Adam moments and schedule counter) starts: 'stage' = at every
+  # stage; 'adaptation' = at pretrain -> adaptation only (adapt_eu_au continues adapt_eu's).
+  config.optim.restart = "stage"
+
+  config.batch_size = 10                # global batch, split over all devices of all processes
+
+  config.stages = ("pretrain", "adapt_eu", "adapt_eu_au")
+  config.stage_epochs = ml_collections.ConfigDict()
+  config.stage_epochs.pretrain = 200
+  config.stage_epochs.adapt_eu = 150
+  config.stage_epochs.adapt_eu_au = 50
+
+  # Uncertainty weighting (schedules.get_schedule(schedule, **params [, **ramp])).
+  config.ablation = "eu_au"
+  config.guidance = ml_collections.ConfigDict()
+  config.guidance.schedule = "piecewise"
+  config.guidance.params = ml_collections.ConfigDict()
+  config.guidance.params.w_eu = 1.0
+  config.guidance.params.tau = 1.0
+  config.guidance.params.eu_stages = ("adapt_eu", "adapt_eu_au")
+  config.guidance.params.au_stages = ("adapt_eu_au",)
+  # Only for the ramp schedules (linear, cosine); None = the schedule's default, except
+  # ramp_lengths, which defaults to the ramp stages' epochs.
+  config.guidance.ramp = ml_collections.ConfigDict()
+  config.guidance.ramp.w_eu_start = 0.0
+  config.guidance.ramp.tau_start = config_dict.placeholder(float)
+  config.guidance.ramp.ramp_stages = config_dict.placeholder(tuple)
+  config.guidance.ramp.ramp_lengths = config_dict.placeholder(tuple)
+
+  # Monte-Carlo maps (uncertainty.mc_uncertainty), regenerated during adaptation.
+  config.uncertainty = ml_collections.ConfigDict()
+  config.uncertainty.num_samples = 10   # K reconstructions per ROI patch
+  config.uncertainty.refresh_epochs = 10
+  config.uncertainty.slices_per_device = 2  # slices per device per map call (x passes each)
+  config.uncertainty.pass_chunk = config_dict.placeholder(int)  # bound activation memory
+
+  # AU candidates excluded from masking (candidates.select_candidates).
+  config.candidates = ml_collections.ConfigDict()
+  config.candidates.percentile = 90.0
+  config.candidates.min_size = 2
+  config.candidates.top_k = 3
+
+  # Evaluation's own thresholding of the anomaly maps (candidates.threshold_components).
+  config.postprocess = ml_collections.ConfigDict()
+  config.postprocess.percentile = 90.0
+  config.postprocess.min_size = 2
+  config.postprocess.top_k = config_dict.placeholder(int)  # None keeps every component
+
+  config.evaluation = ml_collections.ConfigDict()
+  config.evaluation.threshold = "mad"   # unsupervised decision threshold: median + k * MAD
+  config.evaluation.mad_k = 3.0
+  config.evaluation.curve_reduction = "sum"  # across the cord width: 'sum' | 'max'
+
+  config.parallel = "pmap"              # 'pmap' (default) | 'shard_map'
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 500   # plus a save at the end of every stage
+  config.checkpoint.max_to_keep = 3
+  config.log_every_steps = 50
+  # Testing aid: stop (as if killed, no save) once this many global steps are done; 0 = off.
+  config.debug_stop_after_steps = 0
+  config.runlocal = False
+  return config
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(arg, **config_lib.COMMON_ARGS)
+  return config_lib.finalize(make_config(), args)

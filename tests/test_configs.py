@@ -1,0 +1,125 @@
+"""Every config file builds (with its arguments), through the same flag machinery as `u2ad train`."""
+
+import pathlib
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from u2ad_jax import schedules
+from u2ad_jax.models import vit_mae
+from u2ad_jax.train import config_lib
+from u2ad_jax.train import state as state_lib
+from u2ad_jax.train import trainer
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+CONFIG_FILES = sorted(p.name for p in CONFIG_DIR.glob("*.py"))
+
+
+def _parse(*argv):
+  """Parses `--config ...` flags like `u2ad train` does (lock_config=True)."""
+  values = flags.FlagValues()
+  argv = ["prog", *argv]
+  # sys_argv: which `--config.*` overrides to define (default: this process's sys.argv).
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def _guidance_table(config):
+  schedule = trainer.make_schedule(config)
+  return {stage: trainer.stage_guidance(schedule, stage, max(1, config.stage_epochs[stage]))
+          for stage in schedules.STAGES}
+
+
+def test_config_files_are_all_covered():
+  assert {"base.py", "paper.py", "cpu.py", "ablation.py"} <= set(CONFIG_FILES)
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+@pytest.mark.parametrize("arg", ["", ":runlocal", ":schedule=linear", ":schedule=cosine,ablation=au"])
+def test_every_config_builds(name, arg):
+  config = _parse("--config", str(CONFIG_DIR / name) + arg)
+  trainer.validate_config(config)
+  _guidance_table(config)  # the schedule accepts the config's parameters
+  model = state_lib.build_model(config)  # module only; no parameters are initialised
+  assert model.image_size == config.data.image_size
+  assert model.patch_size == config.data.patch_size
+  assert config.data.image_size % config.data.patch_size == 0
+  assert config.runlocal == ("runlocal" in arg)
+
+
+def test_paper_config_values():
+  config = _parse("--config", str(CONFIG_DIR / "paper.py"))
+  assert (config.model.variant, config.data.image_size, config.data.patch_size) == ("paper", 256, 8)
+  assert config.batch_size == 10
+  assert (config.stage_epochs.pretrain, config.stage_epochs.adapt_eu,
+          config.stage_epochs.adapt_eu_au) == (200, 150, 50)
+  assert config.uncertainty.num_samples == 10 and config.uncertainty.refresh_epochs == 10
+  assert (config.optim.lr, config.optim.b1, config.optim.b2) == (3e-3, 0.9, 0.95)
+  assert config.optim.decay_every_epochs == 50 and config.optim.decay_factor == 0.1
+  assert config.masking.ratio == 0.75 and config.parallel == "pmap"
+  assert vit_mae.VARIANTS["paper"]["encoder_depth"] == 12
+
+
+@pytest.mark.parametrize("name", ["base.py", "paper.py", "cpu.py"])
+def test_runlocal_shrinks_to_smoke_size(name):
+  config = _parse("--config", str(CONFIG_DIR / name) + ":runlocal")
+  assert (config.model.variant, config.data.image_size, config.data.patch_size) == ("mu", 32, 4)
+  assert config.uncertainty.num_samples == 2
+  assert all(config.stage_epochs[s] == 1 for s in schedules.STAGES)
+  assert config.stages == ("pretrain", "adapt_eu", "adapt_eu_au")  # same code path
+
+
+def test_flags_override_and_typos_fail():
+  config = _parse("--config", str(CONFIG_DIR / "cpu.py") + ":runlocal", "--config.optim.lr=0.5",
+                  "--config.stages=('adapt_eu',)", "--config.model.overrides.attention=dense")
+  assert config.optim.lr == 0.5 and config.stages == ("adapt_eu",)
+  assert state_lib.model_overrides(config) == {"attention": "dense"}
+  with pytest.raises(Exception, match="lrr"):
+    _parse("--config", str(CONFIG_DIR / "cpu.py"), "--config.optim.lrr=0.5")
+
+
+def test_unknown_config_argument_fails():
+  with pytest.raises(ValueError, match="unknown config argument"):
+    config_lib.sibling(str(CONFIG_DIR / "base.py"), "paper").get_config("runlcoal")
+  with pytest.raises(ValueError, match="ablation"):
+    config_lib.sibling(str(CONFIG_DIR / "base.py"), "paper").get_config("ablation=eu_plus")
+
+
+@pytest.mark.parametrize("method, eu_stages, au_stages", [
+    ("baseline", (), ()),
+    ("eu", ("adapt_eu", "adapt_eu_au"), ()),
+    ("au", (), ("adapt_eu_au",)),
+    ("eu_au", ("adapt_eu", "adapt_eu_au"), ("adapt_eu_au",)),
+])
+def test_ablations_switch_the_guidance(method, eu_stages, au_stages):
+  config = _parse("--config", str(CONFIG_DIR / "ablation.py") + f":method={method},size=cpu")
+  assert config.ablation == method and config.model.variant == "cpu"
+  table = _guidance_table(config)
+  for stage, per_epoch in table.items():
+    assert all((g.w_eu > 0) == (stage in eu_stages) for g in per_epoch), stage
+    assert all(g.au_exclusion == (stage in au_stages) for g in per_epoch), stage
+
+
+def test_ramp_schedule_spans_the_adaptation_epochs():
+  config = _parse("--config", str(CONFIG_DIR / "paper.py") + ":schedule=linear")
+  table = _guidance_table(config)
+  eu = [g.w_eu for g in table["adapt_eu"]]
+  eu_au = [g.w_eu for g in table["adapt_eu_au"]]
+  assert eu[0] == 0.0 and eu_au[-1] == pytest.approx(1.0)
+  assert all(a <= b for a, b in zip(eu + eu_au, (eu + eu_au)[1:]))  # non-decreasing ramp
+  # ramp_lengths default to the stages' epochs (150 : 50): adapt_eu ends at 3/4 of the ramp.
+  assert eu[-1] == pytest.approx(0.75)
+
+
+def test_invalid_training_settings_are_rejected():
+  config = _parse("--config", str(CONFIG_DIR / "base.py"))
+  config.stages = ("adapt_eu", "pretrain")
+  with pytest.raises(ValueError, match="order"):
+    trainer.validate_config(config)
+  config.stages = ("pretrain",)
+  config.parallel = "xmap"
+  with pytest.raises(ValueError, match="parallel"):
+    trainer.validate_config(config)

@@ -1,0 +1,143 @@
+"""The per-device train step under its two wrappers and on 1, 2 and 4 devices (4 fake CPU devices).
+
+The equivalence runs use plain SGD: Adam divides each gradient by its running RMS, so a gradient
+that is exactly zero in exact arithmetic (e.g. the attention key bias, to which softmax is
+invariant) but float noise in practice moves by about lr whatever its sign, and runs that sum in
+a different order would differ by O(lr) there. SGD keeps float noise at float size. The trainer
+tests cover the Adam path.
+"""
+
+import functools
+import pathlib
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from u2ad_jax import patches
+from u2ad_jax.train import config_lib
+from u2ad_jax.train import parallel
+from u2ad_jax.train import state as state_lib
+from u2ad_jax.train import step as step_lib
+from u2ad_jax.train import toy_data
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+GLOBAL_BATCH = 4
+NUM_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def setup():
+  config = config_lib.sibling(str(CONFIG_DIR / "base.py"), "base").get_config("runlocal")
+  model = state_lib.build_model(config)
+  params = state_lib.init_params(model, jax.random.key(0))
+  optimizer = optax.sgd(0.05)
+  slices = toy_data.toy_slice_set(GLOBAL_BATCH * NUM_STEPS, config.data.image_size, seed=3)
+  rng = np.random.default_rng(0)
+  n = model.num_patches
+  batches = []
+  for s in range(NUM_STEPS):
+    rows = slice(s * GLOBAL_BATCH, (s + 1) * GLOBAL_BATCH)
+    roi_patches = np.asarray(patches.patch_any(slices.train_roi[rows], config.data.patch_size))
+    batches.append({
+        "image": slices.images[rows][..., None], "train_roi": slices.train_roi[rows],
+        "valid": np.array([True, True, True, s != 1]),  # one padding row in step 1
+        "patch_eu": rng.gamma(1.0, 1.0, (GLOBAL_BATCH, n)).astype(np.float32),
+        "exclude": roi_patches & (rng.uniform(size=(GLOBAL_BATCH, n)) < 0.2)})
+  # Guidance changes between steps (a schedule); it must not recompile.
+  guidance = [step_lib.guidance_arrays(2.0, 0.5, True), step_lib.guidance_arrays(1.0, 1.0, False),
+              step_lib.guidance_arrays(3.0, 2.0, True)]
+  return dict(config=config, model=model, params=params, optimizer=optimizer, batches=batches,
+              guidance=guidance)
+
+
+def _run(setup, mode, num_devices):
+  """NUM_STEPS guided steps on the first `num_devices` devices; returns (params, metrics)."""
+  traces = []
+
+  def counting_apply(*args, **kwargs):
+    traces.append(1)  # runs at trace time only
+    return setup["model"].apply(*args, **kwargs)
+
+  settings = step_lib.StepSettings.from_config(setup["config"], guided=True)
+  body = functools.partial(step_lib.train_step, apply_fn=counting_apply,
+                           optimizer=setup["optimizer"], settings=settings)
+  devices = jax.devices()[:num_devices]
+  fn = parallel.DataParallel(body, mode, num_args=4, sharded=(1,), donate=(0,), devices=devices)
+  params = jax.tree.map(np.array, setup["params"])  # fresh buffers: the state is donated
+  state = fn.replicate(state_lib.create_state(params, setup["optimizer"]))
+  key = jax.random.key(42)
+  history = []
+  for batch, guidance in zip(setup["batches"], setup["guidance"]):
+    local = {k: v.reshape((num_devices, GLOBAL_BATCH // num_devices) + v.shape[1:])
+             for k, v in batch.items()}
+    state, metrics = fn(state, local, key, guidance)
+    history.append(parallel.to_host(metrics))
+  assert len(traces) == 1, "the step retraced"
+  assert int(parallel.to_host(state.step)) == NUM_STEPS
+  return parallel.to_host(state.params), history
+
+
+def _assert_close(a, b, rtol=2e-5, atol=2e-6):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def pmap4(setup):
+  return _run(setup, "pmap", 4)
+
+
+def test_pmap_and_shard_map_agree(setup, pmap4):
+  params_p, hist_p = pmap4
+  params_s, hist_s = _run(setup, "shard_map", 4)
+  _assert_close(params_p, params_s)
+  for mp, ms in zip(hist_p, hist_s):
+    _assert_close(mp, ms)
+  # The parameters moved, and the loss terms are real numbers.
+  moved = max(float(np.abs(a - b).max()) for a, b in
+              zip(jax.tree.leaves(params_p), jax.tree.leaves(setup["params"])))
+  assert moved > 1e-4
+  assert all(np.isfinite(m["loss"]) and m["loss"] > 0 for m in hist_p)
+  assert [int(m["examples"]) for m in hist_p] == [4, 3, 4]
+  assert hist_p[-1]["loss"] < hist_p[0]["loss"]
+
+
+@pytest.mark.parametrize("num_devices", [1, 2])
+def test_device_count_does_not_change_training(setup, pmap4, num_devices):
+  # The same global batches on 1, 2 and 4 devices: same masks (keyed by global example
+  # position), same pooled loss, same parameters up to float summation order.
+  params, history = _run(setup, "pmap", num_devices)
+  _assert_close(params, pmap4[0])
+  for m, m4 in zip(history, pmap4[1]):
+    _assert_close(m, m4)
+
+
+def test_per_device_masks_differ_and_follow_the_guidance(setup):
+  config = setup["config"]
+  settings = step_lib.StepSettings.from_config(config, guided=True)
+  batch = setup["batches"][0]
+  # Identical rows on every device: only the device (global example position) differs.
+  same = {k: np.repeat(v[:1], 4, axis=0)[:, None] for k, v in batch.items()}
+  guidance = step_lib.guidance_arrays(1.0, 1.0, True)
+
+  def body(b, key, g):
+    device = jax.lax.axis_index(parallel.AXIS)
+    return step_lib.draw_masks(jax.random.fold_in(key, 7), b, g, settings, device)
+
+  masks = jax.pmap(body, axis_name=parallel.AXIS, in_axes=(0, None, None))(
+      same, jax.random.key(1), guidance)
+  masks = np.asarray(masks)[:, 0]  # [4 devices, N]
+  assert len({m.tobytes() for m in masks}) == 4  # all four differ
+  roi = np.asarray(patches.patch_any(batch["train_roi"][:1], config.data.patch_size))[0]
+  excluded = batch["exclude"][0]
+  n_roi = roi.sum()
+  expected = min(int(np.floor(config.masking.ratio * n_roi + 0.5)), int((roi & ~excluded).sum()))
+  assert (masks.sum(axis=1) == expected).all()  # exact count per image
+  assert not (masks & ~roi).any()  # only ROI patches
+  assert not (masks & excluded).any()  # AU candidates stay visible
+  # With the exclusion switched off by the schedule, candidates can be masked again.
+  masks_off = np.asarray(jax.pmap(body, axis_name=parallel.AXIS, in_axes=(0, None, None))(
+      same, jax.random.key(1), step_lib.guidance_arrays(1.0, 1.0, False)))[:, 0]
+  assert (masks_off & excluded).any()

@@ -1,0 +1,56 @@
+"""`u2ad train`: pretrain / adapt a model from a config file.
+
+  u2ad train --config configs/paper.py[:ablation=eu,schedule=linear] --workdir runs/x \
+      --config.data.public_dir=PUBLIC --config.data.clinical_dir=CLINICAL [--config.k=v ...]
+
+Re-running the same command resumes from the workdir's latest checkpoint. `--init_from RUN`
+starts from another run's parameters (e.g. `--config.stages="('adapt_eu','adapt_eu_au')"` after
+a pretraining run). Multi-host: `--distributed` (SLURM / TPU auto-detection) or explicit
+`--coordinator_address --num_processes --process_id` (see launch/).
+"""
+
+from __future__ import annotations
+
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from u2ad_jax import errors
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "config file (configs/*.py), optionally with ':args'", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (created; resumed when it exists)")
+_INIT_FROM = flags.DEFINE_string(
+    "init_from", None, "workdir of another run whose latest parameters start this run (used "
+    "only when --workdir has no checkpoint yet)")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "join a multi-process job (jax.distributed.initialize; cluster "
+    "settings detected from SLURM / TPU unless given below)")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (implies --distributed)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's rank")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise errors.U2ADError(f"unexpected arguments {argv[1:]}")
+  # Orbax logs every save at INFO; the progress lines are what the user reads.
+  logging.set_verbosity(logging.WARNING)
+  # Imported here: jax must not start before distributed initialisation.
+  from u2ad_jax.train import distributed  # pylint: disable=g-import-not-at-top
+  if _DISTRIBUTED.value or _COORDINATOR.value:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  from u2ad_jax.train import trainer  # pylint: disable=g-import-not-at-top
+
+  config = _CONFIG.value
+  try:
+    trainer.validate_config(config)
+  except ValueError as e:
+    raise errors.U2ADError(f"bad config: {e}") from e
+  print(f"[train] {distributed.describe()}", flush=True)
+  result = trainer.train(config, _WORKDIR.value, init_from=_INIT_FROM.value)
+  state = "stopped early" if result.stopped else "finished"
+  print(f"[train] {state} at step {result.step}; checkpoints and metrics in {result.workdir}",
+        flush=True)

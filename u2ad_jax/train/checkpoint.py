@@ -1,0 +1,258 @@
+"""Checkpoints (orbax-checkpoint CheckpointManager) and the workdir's config record.
+
+Workdir layout:
+  workdir/config.json      the resolved config of the latest run in this workdir
+  workdir/checkpoints/<step>/{state, maps, meta}
+  workdir/metrics.jsonl, workdir/train_curves.png   (see metrics_log)
+
+Each checkpoint is `Composite(state=StandardSave(TrainState), meta=JsonSave(...))` plus, during
+adaptation, `maps=StandardSave({'patch_eu': [S, N] float32, 'exclude': [S, N] bool})`: the
+per-patch EU and the AU-candidate patches in use at that step. The maps are SAVED rather than
+regenerated on resume because they were computed from the parameters of the last refresh epoch,
+which are not the parameters in the checkpoint; restoring them makes a resume mid-adaptation
+exactly equal to an uninterrupted run. (They are small: two numbers per patch per slice.)
+
+The state is saved as host (numpy) arrays, the global unstacked state: the same files serve any
+device count, and multi-process runs (whose pmapped state is process-local) save it too.
+
+`meta` holds the training position `{stage, stage_index, epoch, batch, step, done}` (the next
+batch to run is batch `batch` of epoch `epoch` of stage `stage`), the data size the maps belong
+to, and the config fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from u2ad_jax import errors
+from u2ad_jax import io_utils
+from u2ad_jax.train import state as state_lib
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+# Config fields that fix the shapes of the parameters or of the inputs the parameters expect;
+# a workdir (or an init_from run) trained with other values cannot be resumed from.
+SHAPE_FIELDS = ("model.variant", "model.overrides", "data.image_size", "data.patch_size")
+
+
+# ------------------------------------------------------------------------------ config record
+
+
+def _get(config: Any, dotted: str) -> Any:
+  value = config
+  for part in dotted.split("."):
+    value = value[part] if isinstance(value, dict) else getattr(value, part)
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  return value
+
+
+def _canonical(value: Any) -> Any:
+  """JSON-stable form: tuples as lists, dict keys sorted (json.dumps does the sorting)."""
+  return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def shape_fields(config: Any) -> dict[str, Any]:
+  """The shape-relevant part of a config as `{dotted name: value}` (JSON-normalised)."""
+  return {name: _canonical(_get(config, name)) for name in SHAPE_FIELDS}
+
+
+def fingerprint(config: Any) -> str:
+  """Short hash of `shape_fields(config)`; equal fingerprints = interchangeable parameters."""
+  text = json.dumps(shape_fields(config), sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_compatible(saved: Any, config: Any, where: str) -> None:
+  """Raises ConfigMismatchError when `saved` and `config` differ in a shape-relevant field.
+
+  Args:
+    saved: the config recorded with the checkpoint (ConfigDict or dict).
+    config: the config of this run.
+    where: the workdir or run the saved config belongs to (named in the message).
+  """
+  old, new = shape_fields(saved), shape_fields(config)
+  diffs = [f"{k}: {old[k]!r} there, {new[k]!r} now" for k in SHAPE_FIELDS if old[k] != new[k]]
+  if diffs:
+    raise errors.ConfigMismatchError(
+        f"{where} was trained with a different model / input shape ({'; '.join(diffs)}); "
+        "use a new --workdir, or the same model and image settings to resume")
+
+
+def config_path(workdir: str | os.PathLike) -> str:
+  return os.path.join(os.fspath(workdir), CONFIG_FILE)
+
+
+def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The config recorded in `workdir`; CheckpointError (naming the file) when absent or bad."""
+  path = config_path(workdir)
+  if not os.path.isfile(path):
+    raise errors.CheckpointError(path, "no config.json: not a u2ad training workdir")
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except (OSError, ValueError) as e:
+    raise errors.CheckpointError(path, f"unreadable config record ({e})") from e
+  if not isinstance(data, dict):
+    raise errors.CheckpointError(path, "config record is not a JSON object")
+  return ml_collections.ConfigDict(data)
+
+
+def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+  """Records the resolved config (atomic write)."""
+  io_utils.write_text(config_path(workdir), config.to_json(indent=2, sort_keys=True) + "\n")
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+class Checkpoints:
+  """The workdir's CheckpointManager.
+
+  Args:
+    workdir: run directory (checkpoints live in `workdir/checkpoints`).
+    max_to_keep: keep the newest N checkpoints (None keeps all).
+    read_only: open an existing directory without creating or deleting anything (evaluation).
+  """
+
+  def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int | None = None,
+               read_only: bool = False):
+    self.directory = os.path.abspath(os.path.join(os.fspath(workdir), CHECKPOINT_DIR))
+    if read_only and not os.path.isdir(self.directory):
+      raise errors.CheckpointError(self.directory, "no checkpoint directory")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+        # Save is forced at the steps the trainer picks (periodic + end of stage).
+        save_interval_steps=1)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(int(step)))
+
+  def save(self, step: int, state: state_lib.TrainState, meta: dict[str, Any],
+           maps: dict[str, np.ndarray] | None = None) -> None:
+    """Saves (asynchronously; `wait` blocks) the host copy of `state`, `meta` and `maps`.
+
+    Every process must call it (Orbax coordinates the write; the primary process writes the
+    replicated arrays).
+    """
+    items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(dict(meta))}
+    if maps is not None:
+      items["maps"] = ocp.args.StandardSave(dict(maps))
+    self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+
+  def restore_meta(self, step: int) -> dict[str, Any]:
+    try:
+      restored = self.manager.restore(int(step),
+                                      args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises many types for a damaged directory
+      raise errors.CheckpointError(self.step_dir(step), f"cannot read checkpoint meta ({e})") from e
+    return dict(restored["meta"])
+
+  def restore(self, step: int, state_template: Any,
+              maps_template: dict[str, Any] | None = None) -> tuple[Any, dict | None, dict]:
+    """Restores `(state, maps or None, meta)` at `step` as numpy arrays.
+
+    Args:
+      step: checkpoint step.
+      state_template: pytree of arrays / ShapeDtypeStructs with the state's structure.
+      maps_template: the maps' structure, or None to skip them.
+
+    Raises:
+      CheckpointError: the checkpoint is missing, damaged or has another structure.
+    """
+    items = {"state": ocp.args.StandardRestore(_abstract(state_template)),
+             "meta": ocp.args.JsonRestore()}
+    if maps_template is not None:
+      items["maps"] = ocp.args.StandardRestore(_abstract(maps_template))
+    try:
+      restored = self.manager.restore(int(step), args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax raises many types for a damaged / mismatched directory
+      raise errors.CheckpointError(self.step_dir(step), f"cannot restore checkpoint ({e})") from e
+    maps = dict(restored["maps"]) if maps_template is not None else None
+    return restored["state"], maps, dict(restored["meta"])
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are committed."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+  def __enter__(self) -> Checkpoints:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+def _abstract(tree: Any) -> Any:
+  # Sharding-free shape/dtype targets restore as numpy arrays on every process.
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def abstract_train_state(model: Any, config: Any) -> state_lib.TrainState:
+  """ShapeDtypeStruct pytree of the TrainState a run of `config` saves (no computation)."""
+  optimizer = state_lib.make_optimizer(config.optim, steps_per_epoch=1)
+
+  def build():
+    params = state_lib.init_params(model, jax.random.key(0))
+    return state_lib.create_state(params, optimizer)
+  return jax.eval_shape(build)
+
+
+def restore_for_eval(workdir: str | os.PathLike, step: int | None = None
+                     ) -> tuple[Any, Any, ml_collections.ConfigDict, int]:
+  """Loads a trained model from a workdir, read-only.
+
+  Args:
+    workdir: a `u2ad train` workdir.
+    step: checkpoint step (default: the latest).
+
+  Returns:
+    `(model, params, config, step)`: the flax module built from the recorded config, its
+    parameters (numpy pytree, usable as `model.apply({'params': params}, ...)`), the recorded
+    config and the restored step.
+
+  Raises:
+    CheckpointError: no config record, no checkpoint (or not `step`), or a damaged checkpoint;
+      the message names the path.
+  """
+  config = read_config(workdir)
+  try:
+    model = state_lib.build_model(config)
+  except (KeyError, TypeError, ValueError) as e:
+    raise errors.CheckpointError(config_path(workdir), f"cannot build the recorded model ({e})")
+  checkpoints = Checkpoints(workdir, read_only=True)
+  try:
+    steps = checkpoints.all_steps()
+    if not steps:
+      raise errors.CheckpointError(checkpoints.directory, "no checkpoint saved yet")
+    if step is None:
+      step = max(steps)
+    elif int(step) not in steps:
+      raise errors.CheckpointError(checkpoints.step_dir(step),
+                                   f"no checkpoint at step {step} (available: {steps})")
+    template = abstract_train_state(model, config)
+    restored, _, _ = checkpoints.restore(int(step), template)
+  finally:
+    checkpoints.close()
+  return model, restored.params, config, int(step)

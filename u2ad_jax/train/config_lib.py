@@ -1,0 +1,123 @@
+"""Helpers shared by the config files in `configs/` (the files themselves stay short).
+
+A config file defines `get_config(arg=None) -> ConfigDict`. `arg` is the text after the colon in
+`--config configs/paper.py:runlocal,ablation=eu`: comma-separated `key=value` pairs or bare keys
+(= True), big_vision style. Every config accepts
+
+  ablation=baseline|eu|au|eu_au   which guidance each adaptation stage uses (default eu_au);
+  schedule=piecewise|linear|cosine  the weighting schedule (schedules.py; default piecewise);
+  runlocal                        shrink to a CPU smoke size ('mu' model, 32 px, 1 epoch, K 2),
+                                  keeping the code path (all stages, map refreshes, checkpoints).
+
+Single values are changed with dotted flags (`--config.optim.lr=1e-3`).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.machinery
+import os
+import types
+from typing import Any
+
+import ml_collections
+
+# Which stages use EU guidance / AU exclusion in each ablation (method.md section 7). All keep the
+# same three stages, so the ladder differs only in the masking.
+ABLATIONS = {
+    "baseline": dict(eu_stages=(), au_stages=()),
+    "eu": dict(eu_stages=("adapt_eu", "adapt_eu_au"), au_stages=()),
+    "au": dict(eu_stages=(), au_stages=("adapt_eu_au",)),
+    "eu_au": dict(eu_stages=("adapt_eu", "adapt_eu_au"), au_stages=("adapt_eu_au",)),
+}
+SCHEDULES = ("piecewise", "linear", "cosine")
+COMMON_ARGS = dict(runlocal=False, ablation="eu_au", schedule="piecewise")
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """`'runlocal,ablation=eu'` -> ConfigDict(runlocal=True, ablation='eu', ...).
+
+  Keys must be among `defaults`; values are parsed as Python literals when possible, else kept
+  as strings, and must have the default's type (bool keys may be given bare).
+
+  Raises:
+    ValueError: unknown key or wrongly typed value.
+  """
+  parsed = dict(defaults)
+  for item in (arg or "").split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+    if not sep:
+      value: Any = True
+    else:
+      try:
+        value = ast.literal_eval(text.strip())
+      except (ValueError, SyntaxError):
+        value = text.strip()
+    default = defaults[key]
+    if default is not None and not isinstance(value, type(default)):
+      if isinstance(default, float) and isinstance(value, int):
+        value = float(value)
+      else:
+        raise ValueError(f"config argument {key}={value!r} should be a {type(default).__name__}")
+    parsed[key] = value
+  return ml_collections.ConfigDict(parsed)
+
+
+def sibling(config_file: str, name: str) -> types.ModuleType:
+  """Loads `configs/<name>.py` next to `config_file` (config files are not a package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+  loader = importlib.machinery.SourceFileLoader(f"u2ad_config_{name}", path)
+  module = types.ModuleType(loader.name)
+  module.__file__ = path
+  loader.exec_module(module)
+  return module
+
+
+def set_ablation(config: ml_collections.ConfigDict, method: str) -> None:
+  """Sets which stages use EU guidance and AU exclusion (`ABLATIONS`)."""
+  if method not in ABLATIONS:
+    raise ValueError(f"unknown ablation {method!r}; choose from {sorted(ABLATIONS)}")
+  config.ablation = method
+  config.guidance.params.eu_stages = ABLATIONS[method]["eu_stages"]
+  config.guidance.params.au_stages = ABLATIONS[method]["au_stages"]
+
+
+def set_schedule(config: ml_collections.ConfigDict, name: str) -> None:
+  if name not in SCHEDULES:
+    raise ValueError(f"unknown guidance schedule {name!r}; choose from {SCHEDULES}")
+  config.guidance.schedule = name
+
+
+def set_runlocal(config: ml_collections.ConfigDict) -> None:
+  """Shrinks a config to a seconds-long CPU run of the same code path."""
+  config.model.variant = "mu"
+  config.data.image_size = 32
+  config.data.patch_size = 4
+  config.data.min_roi_patches = 4
+  config.batch_size = 4  # splits over 1, 2 or 4 devices
+  config.stage_epochs.pretrain = 1
+  config.stage_epochs.adapt_eu = 1
+  config.stage_epochs.adapt_eu_au = 1
+  config.optim.decay_every_epochs = 1
+  config.uncertainty.num_samples = 2
+  config.uncertainty.refresh_epochs = 1
+  config.uncertainty.slices_per_device = 2
+  config.checkpoint.every_steps = 4
+  config.log_every_steps = 1
+
+
+def finalize(config: ml_collections.ConfigDict, args: ml_collections.ConfigDict
+             ) -> ml_collections.ConfigDict:
+  """Applies the common arguments (`COMMON_ARGS`) to a config built by a config file."""
+  set_ablation(config, args.ablation)
+  set_schedule(config, args.schedule)
+  if args.runlocal:
+    set_runlocal(config)
+  config.runlocal = bool(args.runlocal)
+  return config

@@ -1,0 +1,111 @@
+"""The workdir's metric log (JSON lines) and its training-curve figure.
+
+`workdir/metrics.jsonl`: one JSON object per line, appended as training goes. Every record
+carries the global `"step"`; stage starts / ends and map refreshes also carry `"event"`. On resume
+from the checkpoint of step s, the records that the resumed run writes again are dropped first
+(everything after s, and the stage-start / map-refresh events at s, which are logged after the
+checkpoint of s), so the log reads as one uninterrupted run.
+
+`workdir/train_curves.png`: loss terms, gradient norm and learning rate against the step, with
+stage boundaries, written atomically at the end of every stage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Iterable
+
+import numpy as np
+
+from u2ad_jax import io_utils
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "train_curves.png"
+# Events logged right after the checkpoint of their step, hence again by a run resuming there.
+RELOGGED_EVENTS = ("stage_start", "maps")
+
+
+def _plain(value: Any) -> Any:
+  if isinstance(value, (np.generic, np.ndarray)):
+    value = value.item() if np.ndim(value) == 0 else value.tolist()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)  # JSON has no NaN / Infinity; keep it readable
+  return value
+
+
+class MetricsLog:
+  """Append-only JSONL log. Only the writing process (process 0) should create one."""
+
+  def __init__(self, workdir: str | os.PathLike):
+    self.path = os.path.join(os.fspath(workdir), METRICS_FILE)
+
+  def truncate_for_resume(self, step: int) -> None:
+    """Prepares the log for a run resuming from the checkpoint of `step` (atomic rewrite)."""
+    if not os.path.exists(self.path):
+      return
+    step = int(step)
+
+    def keep(r):
+      s = int(r.get("step", 0))
+      return s < step or (s == step and r.get("event") not in RELOGGED_EVENTS)
+    kept = [r for r in self.read() if keep(r)]
+    io_utils.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+  def write(self, record: dict[str, Any]) -> None:
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+
+  def read(self) -> list[dict[str, Any]]:
+    """All complete records (a torn last line from a kill is skipped)."""
+    if not os.path.exists(self.path):
+      return []
+    records = []
+    with open(self.path, encoding="utf-8") as f:
+      for line in f:
+        try:
+          records.append(json.loads(line))
+        except ValueError:
+          continue
+    return records
+
+
+def _series(records: Iterable[dict[str, Any]], name: str) -> tuple[np.ndarray, np.ndarray]:
+  pairs = [(r["step"], float(r[name])) for r in records
+           if "event" not in r and isinstance(r.get(name), (int, float))]
+  if not pairs:
+    return np.zeros(0), np.zeros(0)
+  steps, values = zip(*pairs)
+  return np.asarray(steps), np.asarray(values)
+
+
+def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike) -> None:
+  """Writes the training-curve PNG (matplotlib Agg; atomic replace)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  panels = [("loss", ("loss", "image", "edge"), True), ("gradient norm", ("grad_norm",), True),
+            ("learning rate", ("lr",), True), ("EU weight", ("w_eu",), False)]
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+  boundaries = [(r["step"], r["stage"]) for r in records if r.get("event") == "stage_start"]
+  for ax, (title, names, log_scale) in zip(axes, panels):
+    for name in names:
+      steps, values = _series(records, name)
+      if steps.size:
+        ax.plot(steps, values, label=name, linewidth=1)
+        if log_scale and np.all(values > 0):
+          ax.set_yscale("log")
+    for step, stage in boundaries:
+      ax.axvline(step, color="grey", linestyle=":", linewidth=0.8)
+      ax.text(step, 1.0, f" {stage}", transform=ax.get_xaxis_transform(), fontsize=7,
+              va="top", color="grey")
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    if len(names) > 1:
+      ax.legend(fontsize=7)
+  fig.tight_layout()
+  with io_utils.atomic_path(path, suffix=".png") as tmp:
+    fig.savefig(tmp, dpi=90, format="png")
+  plt.close(fig)

@@ -1,0 +1,147 @@
+"""Data-parallel wrappers around ONE per-device function written with named-axis collectives.
+
+A per-device function `f(replicated..., sharded..., ...)` that reduces its outputs with
+`lax.pmean(..., AXIS)` (or gathers them with `gather_rows`) runs unchanged under
+
+- `jax.pmap(f, axis_name=AXIS, in_axes=(None, 0, ...), out_axes=None)`: the replicated arguments
+  are broadcast (not stacked), outputs come back unstacked, so there is no replicate /
+  unreplicate; host batches are `[D_local, b, ...]`. The design's default.
+- `jax.jit(jax.shard_map(f, mesh, in_specs=(P(), P(AXIS), ...), out_specs=P()))` over a 1-D mesh
+  of every device (Auto axis type: host batches are placed with an explicit NamedSharding);
+  host batches are `[D_local * b, ...]` per process, assembled into the global array.
+
+Both work across processes after `jax.distributed.initialize`: each process passes only its own
+devices' rows of the global batch. `Replicated` values that leave the step are host-local under
+multi-process pmap and global under shard_map; `to_host` reads either.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "batch"
+MODES = ("pmap", "shard_map")
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """1-D mesh named `AXIS` over `devices` (default: every device of every process), Auto axis.
+
+  Auto (not Explicit) so that jit accepts host arrays and shardings placed by `device_put`.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  return Mesh(np.array(devices), (AXIS,), axis_types=(AxisType.Auto,))
+
+
+def local_devices_of(devices: Sequence[jax.Device]) -> list[jax.Device]:
+  """The devices of `devices` that belong to this process, in mesh order."""
+  me = jax.process_index()
+  return [d for d in devices if d.process_index == me]
+
+
+def gather_rows(x: jax.Array) -> jax.Array:
+  """Inside the wrapped function: this device's rows `[c, ...]` -> all devices' `[D * c, ...]`.
+
+  Every device ends with the same (replicated) array, in device order. A psum of zero-padded
+  blocks rather than `lax.all_gather`, whose result shard_map's type system treats as still
+  device-varying (so it could not leave through `out_specs=P()`); adding zeros is exact.
+  """
+  rows = x.shape[0]
+  num_devices = jax.lax.psum(1, AXIS)
+  full = jnp.zeros((num_devices * rows,) + x.shape[1:], x.dtype)
+  start = jax.lax.axis_index(AXIS) * rows
+  full = jax.lax.dynamic_update_slice_in_dim(full, x, start, axis=0)
+  return jax.lax.psum(full, AXIS)
+
+
+def to_host(tree: Any) -> Any:
+  """Device pytree -> numpy pytree (replicated values: this process's copy).
+
+  Always a copy: on CPU `np.asarray` may alias the device buffer, which a later step donates
+  and overwrites while e.g. an asynchronous checkpoint is still writing it.
+  """
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      x = x.addressable_data(0)
+    return np.array(x, copy=True)
+  return jax.tree.map(one, tree)
+
+
+class DataParallel:
+  """One per-device function, wrapped for `mode` over `devices`, with matching data placement.
+
+  Every output of `fn` must be identical on all devices (reduced with `pmean` / `psum` or
+  gathered with `gather_rows`): it leaves unstacked (`out_axes=None` / `out_specs=P()`).
+  Under shard_map a forgotten reduction is a trace-time error; under pmap it would silently
+  return one device's value, so the step is tested under both.
+
+  Args:
+    fn: per-device function. Its arguments are split into the replicated ones (positions not in
+      `sharded`, broadcast to every device) and the sharded ones (leading axis split over devices).
+    mode: 'pmap' or 'shard_map'.
+    num_args: number of positional arguments of `fn`.
+    sharded: positions of the arguments whose leading axis is the device / batch axis.
+    donate: positions donated to the computation (e.g. the train state).
+    devices: the devices to run on (all processes' devices; default `jax.devices()`).
+  """
+
+  def __init__(self, fn: Callable[..., Any], mode: str, *, num_args: int,
+               sharded: Sequence[int], donate: Sequence[int] = (),
+               devices: Sequence[jax.Device] | None = None):
+    if mode not in MODES:
+      raise ValueError(f"parallel mode must be one of {MODES}, got {mode!r}")
+    self.mode = mode
+    self.devices = list(jax.devices() if devices is None else devices)
+    self.local_devices = local_devices_of(self.devices)
+    self.num_devices = len(self.devices)
+    self.num_local_devices = len(self.local_devices)
+    self.mesh = make_mesh(self.devices)
+    self.sharded = tuple(sharded)
+    self.num_args = int(num_args)
+    if mode == "pmap":
+      in_axes = tuple(0 if i in self.sharded else None for i in range(num_args))
+      self._fn = jax.pmap(fn, axis_name=AXIS, in_axes=in_axes, out_axes=None,
+                          donate_argnums=tuple(donate), devices=self.devices)
+      # What pmap itself returns for broadcast state: replicated over this process's devices.
+      self._replicated = NamedSharding(make_mesh(self.local_devices), P())
+    else:
+      in_specs = tuple(P(AXIS) if i in self.sharded else P() for i in range(num_args))
+      mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=P())
+      self._fn = jax.jit(mapped, donate_argnums=tuple(donate))
+      self._replicated = NamedSharding(self.mesh, P())
+      self._batch_sharding = NamedSharding(self.mesh, P(AXIS))
+
+  def replicate(self, tree: Any) -> Any:
+    """Places a host (numpy) or device pytree as the replicated input the wrapper expects.
+
+    Every process must pass the same values (true for states restored from the same checkpoint
+    or initialised from the same seed).
+    """
+    return jax.device_put(tree, self._replicated)
+
+  def shard(self, tree: Any) -> Any:
+    """Host pytree of this process's rows `[D_local, b, ...]` -> the wrapper's sharded input."""
+    def check(x):
+      if x.shape[0] != self.num_local_devices:
+        raise ValueError(f"sharded inputs must lead with the {self.num_local_devices} local "
+                         f"devices, got shape {x.shape}")
+    jax.tree.map(check, tree)
+    if self.mode == "pmap":
+      return tree
+
+    def place(x):
+      x = np.asarray(x)
+      local = x.reshape((-1,) + x.shape[2:])
+      global_shape = (self.num_devices * x.shape[1],) + x.shape[2:]
+      return jax.make_array_from_process_local_data(self._batch_sharding, local, global_shape)
+    return jax.tree.map(place, tree)
+
+  def __call__(self, *args):
+    if len(args) != self.num_args:
+      raise TypeError(f"expected {self.num_args} arguments, got {len(args)}")
+    args = tuple(self.shard(a) if i in self.sharded else a for i, a in enumerate(args))
+    return self._fn(*args)

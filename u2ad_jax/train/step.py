@@ -1,0 +1,200 @@
+"""The per-device train step: masks drawn inside, masked ROI reconstruction loss, Adam update.
+
+ONE body, written with named-axis collectives over `parallel.AXIS`, wrapped by
+`parallel.DataParallel` as `jax.pmap` (state broadcast, out_axes=None, donated) or
+`jax.jit(jax.shard_map(...))`. Every output is reduced inside the step, so it leaves unstacked.
+
+Randomness. The step key is `fold_in(key, state.step)`: reproducible from (seed, step), so a
+resumed run draws the same masks. Each example then folds in its position in the GLOBAL batch,
+`axis_index * b + i`: examples on different devices (and different examples on one device) get
+different masks, as with the usual `fold_in(step_key, axis_index)`, but the draw does not depend
+on how the global batch is split, so 1 device, 2 devices and 2 processes train identically.
+
+Loss reduction. `losses.reconstruction_loss` is a pooled mean over the masked patches of its
+batch. To get the pooled mean over the GLOBAL batch whatever the split, each device scales its
+loss by `n_d / mean_d(n_d)` (n_d = its valid masked patches) before the gradient `pmean`:
+`pmean(grad(loss_d * n_d / mean(n))) = grad(sum_d loss_d * n_d / sum_d n_d)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from u2ad_jax import losses
+from u2ad_jax import masking
+from u2ad_jax import patches
+from u2ad_jax.train import parallel
+from u2ad_jax.train import state as state_lib
+
+AXIS = parallel.AXIS
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """Static settings of the step (hashable; part of the compiled function).
+
+  Attributes:
+    patch_size: p.
+    ratio: masking ratio of the ROI patches.
+    image_weight, edge_weight, structure_weight: loss settings (`config.loss`).
+    guided: False = random ROI masking (pretraining); True = `masking.guided_mask` with the
+      batch's per-patch EU and AU-candidate exclusion, weighted by the step's `guidance`.
+  """
+  patch_size: int
+  ratio: float
+  image_weight: float = 10.0
+  edge_weight: float = 1.0
+  structure_weight: bool = True
+  guided: bool = False
+
+  @classmethod
+  def from_config(cls, config: Any, guided: bool) -> StepSettings:
+    return cls(patch_size=int(config.data.patch_size), ratio=float(config.masking.ratio),
+               image_weight=float(config.loss.image_weight),
+               edge_weight=float(config.loss.edge_weight),
+               structure_weight=bool(config.loss.structure_weight), guided=bool(guided))
+
+
+def guidance_arrays(w_eu: float = 0.0, tau: float = 1.0,
+                    au_exclusion: bool = False) -> dict[str, jax.Array]:
+  """The step's `guidance` argument: traced scalars, so schedule changes never recompile."""
+  return {"w_eu": jnp.asarray(w_eu, jnp.float32), "tau": jnp.asarray(tau, jnp.float32),
+          "au_exclusion": jnp.asarray(bool(au_exclusion))}
+
+
+def draw_masks(key: jax.Array, batch: dict[str, jax.Array], guidance: dict[str, jax.Array],
+               settings: StepSettings, first_example: jax.Array) -> jax.Array:
+  """This device's masks `[b, N]` bool.
+
+  Args:
+    key: the step key (`fold_in(run_key, step)`).
+    batch: this device's rows (see `train_step`).
+    guidance: `guidance_arrays(...)`.
+    settings: static settings.
+    first_example: position of this device's first row in the global batch.
+  """
+  b = batch["train_roi"].shape[0]
+  roi_patches = patches.patch_any(batch["train_roi"], settings.patch_size)  # [b, N]
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(first_example + jnp.arange(b))
+  if not settings.guided:
+    def one(k, roi):
+      return masking.random_mask(k, roi[None], settings.ratio)[0]
+    return jax.vmap(one)(keys, roi_patches)
+  # AU exclusion is switched by the schedule at run time (a traced bool), not by recompiling.
+  exclude = batch["exclude"] & guidance["au_exclusion"]
+
+  def one_guided(k, roi, u, ex):
+    return masking.guided_mask(k, roi[None], settings.ratio, u[None], guidance["w_eu"],
+                               guidance["tau"], ex[None])[0]
+  return jax.vmap(one_guided)(keys, roi_patches, batch["patch_eu"], exclude)
+
+
+def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], key: jax.Array,
+               guidance: dict[str, jax.Array], *, apply_fn: Callable[..., Any],
+               optimizer: optax.GradientTransformation, settings: StepSettings
+               ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
+  """One optimizer step on this device's rows of the global batch (run under `AXIS`).
+
+  Args:
+    state: the replicated TrainState (donated by the wrappers).
+    batch: this device's rows:
+      image `[b, H, W, 1]` float32, train_roi `[b, H, W]` bool, valid `[b]` bool (False rows are
+      padding and weigh 0); when `settings.guided`: patch_eu `[b, N]` float32 (per-patch EU of
+      each example) and exclude `[b, N]` bool (its AU-candidate patches).
+    key: the run's training key (replicated); combined with `state.step` inside.
+    guidance: `guidance_arrays(w_eu, tau, au_exclusion)` (replicated).
+    apply_fn: `model.apply`.
+    optimizer: the stage's optimizer (static).
+    settings: static step settings.
+
+  Returns:
+    (new state, metrics): every metric is reduced over the devices (scalars): loss, image, edge
+    (pooled over the global batch), grad_norm, update_norm, param_norm, lr (the rate applied),
+    masked_patches and examples (global counts).
+  """
+  b = batch["image"].shape[0]
+  device = jax.lax.axis_index(AXIS)
+  step_key = jax.random.fold_in(key, state.step)
+  mask = draw_masks(step_key, batch, guidance, settings, device * b)
+  plan = masking.make_plan(mask)
+
+  example_weight = batch["valid"].astype(jnp.float32)
+  local_count = (mask.astype(jnp.float32) * example_weight[:, None]).sum()
+  mean_count = jax.lax.pmean(local_count, AXIS)
+  # Share of this device in the global pooled mean (0 when nothing is masked anywhere).
+  share = jnp.where(mean_count > 0, local_count / jnp.where(mean_count > 0, mean_count, 1.0), 0.0)
+
+  def loss_fn(params):
+    recon, edge, _ = apply_fn({"params": params}, batch["image"], plan)
+    total, terms = losses.reconstruction_loss(
+        recon, edge, batch["image"], batch["train_roi"], mask, settings.patch_size,
+        image_weight=settings.image_weight, edge_weight=settings.edge_weight,
+        use_structure_weight=settings.structure_weight, example_weight=example_weight)
+    return total * share, terms
+
+  # Differentiate w.r.t. a device-varying copy of the (replicated) parameters: under
+  # shard_map's type system the gradient of an invariant input comes back already summed over
+  # the axis, under pmap it does not. Varying in both, the explicit pmean is the one reduction.
+  local_params = jax.lax.pcast(state.params, AXIS, to="varying")
+  (scaled_loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(local_params)
+  grads = jax.lax.pmean(grads, AXIS)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state_lib.TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+
+  metrics = {
+      "loss": jax.lax.pmean(scaled_loss, AXIS),
+      "image": jax.lax.pmean(terms["image"] * share, AXIS),
+      "edge": jax.lax.pmean(terms["edge"] * share, AXIS),
+      "grad_norm": optax.tree.norm(grads),
+      "update_norm": optax.tree.norm(updates),
+      "param_norm": optax.tree.norm(params),
+      "masked_patches": jax.lax.psum(local_count, AXIS),
+      "examples": jax.lax.psum(example_weight.sum(), AXIS),
+  }
+  lr = state_lib.current_learning_rate(new_state)
+  if lr is not None:
+    metrics["lr"] = jnp.asarray(lr, jnp.float32)
+  return new_state, metrics
+
+
+def make_train_step(model: Any, optim_cfg: Any, steps_per_epoch: int, settings: StepSettings,
+                    mode: str, devices=None) -> parallel.DataParallel:
+  """The wrapped step: `fn(state, batch [D_local, b, ...] host arrays, key, guidance)`.
+
+  Args:
+    model: the flax module (hashable).
+    optim_cfg: `config.optim`; with `steps_per_epoch` it defines the static optimizer.
+    steps_per_epoch: the stage's steps per epoch (learning-rate decay unit).
+    settings: static step settings.
+    mode: 'pmap' or 'shard_map'.
+    devices: devices of all processes (default all).
+
+  Wrappers are cached on these (hashable) settings, so a process that trains several times
+  with the same settings (resume tests, notebooks, the ablation ladder) traces and compiles
+  each step once.
+  """
+  optim = (float(optim_cfg.lr), float(optim_cfg.b1), float(optim_cfg.b2),
+           int(optim_cfg.decay_every_epochs), float(optim_cfg.decay_factor))
+  devices = tuple(jax.devices() if devices is None else devices)
+  return _cached_train_step(model, optim, int(steps_per_epoch), settings, mode, devices)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_train_step(model, optim: tuple, steps_per_epoch: int, settings: StepSettings,
+                       mode: str, devices: tuple) -> parallel.DataParallel:
+  lr, b1, b2, decay_every_epochs, decay_factor = optim
+  optim_cfg = types.SimpleNamespace(lr=lr, b1=b1, b2=b2, decay_every_epochs=decay_every_epochs,
+                                    decay_factor=decay_factor)
+  optimizer = state_lib.make_optimizer(optim_cfg, steps_per_epoch)
+  body = functools.partial(train_step, apply_fn=model.apply, optimizer=optimizer,
+                           settings=settings)
+  return parallel.DataParallel(body, mode, num_args=4, sharded=(1,), donate=(0,),
+                               devices=list(devices))

@@ -1,0 +1,418 @@
+"""The training driver: the configured stages in order, with checkpoints, maps and metrics.
+
+Stages (method.md section 7; `config.stages` picks a subset, in this order):
+  pretrain      `config.data.public_dir`, random ROI masking;
+  adapt_eu      `config.data.clinical_dir`, EU-guided masking;
+  adapt_eu_au   `config.data.clinical_dir`, EU guidance + AU-candidate exclusion.
+Which guidance is actually on, and how strong, comes from the schedule
+(`schedules.get_schedule(config.guidance.schedule, ...)`) evaluated once per epoch at
+`progress = epoch / max(1, epochs - 1)` (0 at the first epoch, 1 at the last), so the ablations
+are configs. During adaptation the maps are regenerated from the current parameters at epoch 0
+and every `config.uncertainty.refresh_epochs` epochs (maps.MapGenerator), only when some epoch of
+the stage uses them.
+
+Optimizer: Adam with step decay every `decay_every_epochs` epochs of the stage's data. A new
+optimizer state (moments and schedule counter, so the learning rate restarts at `lr`) is created
+at the start of every stage (`config.optim.restart='stage'`, default) or only when entering
+adaptation from pretraining (`'adaptation'`: adapt_eu_au then continues adapt_eu's schedule).
+The global step keeps counting across stages.
+
+Resume order (big_vision): the workdir's own latest checkpoint, then `init_from` (another run's
+parameters only, e.g. a pretraining run for an adaptation-only run), then fresh parameters. A
+checkpoint stores the position `(stage, epoch, batch)` of the next batch; the data of epoch e is a
+pure function of (seed, stage, e), the masks of step s of (seed, s), and the maps in use are saved
+with the checkpoint, so a resumed run continues EXACTLY as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from u2ad_jax import errors
+from u2ad_jax import schedules
+from u2ad_jax.data import pipeline
+from u2ad_jax.data import preprocess
+from u2ad_jax.train import checkpoint
+from u2ad_jax.train import maps as maps_lib
+from u2ad_jax.train import metrics_log
+from u2ad_jax.train import parallel
+from u2ad_jax.train import progress as progress_lib
+from u2ad_jax.train import state as state_lib
+from u2ad_jax.train import step as step_lib
+
+STAGES = schedules.STAGES
+# Which cohort each stage trains on: the key of config.data holding its directory.
+STAGE_DATA = {"pretrain": "public_dir", "adapt_eu": "clinical_dir", "adapt_eu_au": "clinical_dir"}
+# fold_in tags of the run's root key.
+_INIT_TAG, _TRAIN_TAG, _MAPS_TAG = 0, 1, 2
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What `train` returns.
+
+  Attributes:
+    state: the final TrainState as numpy arrays (host copy).
+    step: global steps done.
+    stopped: True when `debug_stop_after_steps` ended the run early (no final save).
+    workdir: the run directory.
+  """
+  state: state_lib.TrainState
+  step: int
+  stopped: bool
+  workdir: str
+
+
+class _Stop(Exception):
+  """debug_stop_after_steps reached: leave like a killed process (no further saves)."""
+
+
+@dataclasses.dataclass
+class _Position:
+  """Next batch to run: batch `batch` of epoch `epoch` of stage `config.stages[stage_index]`."""
+  stage_index: int
+  epoch: int
+  batch: int
+
+
+def validate_config(config: Any) -> None:
+  """Raises ValueError for settings the trainer cannot run (message names the field)."""
+  stages = tuple(config.stages)
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown or not stages:
+    raise ValueError(f"config.stages must be a non-empty subset of {STAGES}, got {stages}")
+  if list(stages) != sorted(stages, key=STAGES.index) or len(set(stages)) != len(stages):
+    raise ValueError(f"config.stages must follow the order {STAGES} without repeats: {stages}")
+  for s in stages:
+    if int(config.stage_epochs[s]) < 0:
+      raise ValueError(f"config.stage_epochs.{s} must be >= 0")
+  if config.parallel not in parallel.MODES:
+    raise ValueError(f"config.parallel must be one of {parallel.MODES}, got {config.parallel!r}")
+  if config.optim.restart not in ("stage", "adaptation"):
+    raise ValueError(f"config.optim.restart must be 'stage' or 'adaptation', "
+                     f"got {config.optim.restart!r}")
+  if int(config.uncertainty.refresh_epochs) < 1:
+    raise ValueError("config.uncertainty.refresh_epochs must be >= 1")
+  if int(config.batch_size) < 1:
+    raise ValueError("config.batch_size must be >= 1")
+  pretrain_epochs = max(1, int(config.stage_epochs.pretrain))
+  if any(g.w_eu != 0 or g.au_exclusion
+         for g in stage_guidance(make_schedule(config), "pretrain", pretrain_epochs)):
+    raise ValueError("config.guidance puts EU / AU guidance in 'pretrain', which has no "
+                     "uncertainty maps (pretraining uses random masking); use eu_stages / "
+                     "au_stages within the adaptation stages")
+
+
+def make_schedule(config: Any) -> schedules.ScheduleFn:
+  """The guidance schedule of `config.guidance` (ramp fields only for ramp schedules)."""
+  g = config.guidance
+  params = dict(g.params.to_dict())
+  if g.schedule != "piecewise":
+    ramp = {k: v for k, v in g.ramp.to_dict().items() if v is not None}
+    if "ramp_lengths" not in ramp:
+      # Default: each ramp stage takes a share of the ramp proportional to its epochs.
+      ramp_stages = ramp.get("ramp_stages", params.get("eu_stages", ()))
+      ramp_stages = schedules._stage_tuple(ramp_stages, "ramp_stages")  # pylint: disable=protected-access
+      ordered = [s for s in STAGES if s in ramp_stages]
+      lengths = [max(1, int(config.stage_epochs[s])) for s in ordered]
+      if lengths:
+        ramp["ramp_lengths"] = tuple(lengths)
+    params.update(ramp)
+  return schedules.get_schedule(g.schedule, **params)
+
+
+def stage_guidance(schedule: schedules.ScheduleFn, stage: str,
+                   epochs: int) -> list[schedules.Guidance]:
+  """Guidance of every epoch of a stage (progress 0 at the first epoch, 1 at the last)."""
+  return [schedule(stage, e / max(1, epochs - 1)) for e in range(epochs)]
+
+
+def data_seed(seed: int, stage: str) -> int:
+  """Shuffling / augmentation seed of a stage (stages on the same cohort see different orders)."""
+  return int(np.random.SeedSequence([int(seed), STAGES.index(stage)]).generate_state(1)[0])
+
+
+def maps_key(root: jax.Array, stage: str, epoch: int) -> jax.Array:
+  """Key of the map refresh at `epoch` of `stage`: a function of (seed, stage, epoch) only."""
+  key = jax.random.fold_in(jax.random.fold_in(root, _MAPS_TAG), STAGES.index(stage))
+  return jax.random.fold_in(key, int(epoch))
+
+
+def _load_slices(config: Any, stage: str, cache: dict, provided: dict | None,
+                 verbose: bool) -> preprocess.SliceSet:
+  field = STAGE_DATA[stage]
+  if provided is not None and field in provided:
+    return provided[field]
+  if field not in cache:
+    root = str(config.data[field])
+    if not root:
+      raise errors.InputError(None, f"config.data.{field} is not set; stage {stage!r} trains on "
+                                    f"it (pass --config.data.{field}=DIR)")
+    if not os.path.isdir(root):
+      raise errors.InputError(root, f"config.data.{field}: no such directory")
+    cache[field] = preprocess.load_cohort(root, config.data, progress=verbose)
+  return cache[field]
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+          init_from: str | os.PathLike | None = None,
+          slice_sets: dict[str, preprocess.SliceSet] | None = None,
+          verbose: bool = True, devices: list | None = None) -> TrainResult:
+  """Runs (or resumes) the configured stages in `workdir`.
+
+  Args:
+    config: the run config (configs/*.py).
+    workdir: run directory (created); holds config.json, checkpoints/, metrics.jsonl, curves.
+    init_from: another workdir whose latest parameters start this run when `workdir` has no
+      checkpoint (parameters only: the optimizer and step start fresh).
+    slice_sets: optional preloaded data keyed 'public_dir' / 'clinical_dir' (notebooks, tests);
+      otherwise the cohorts of `config.data` are loaded.
+    verbose: print progress (process 0 only).
+    devices: devices to train on (default: all devices of all processes).
+
+  Returns:
+    TrainResult.
+
+  Raises:
+    ConfigMismatchError: the workdir (or init_from) was trained with another model / input shape.
+    NonFiniteLossError: a step produced a non-finite loss; the last good checkpoint is kept.
+    CheckpointError, InputError: bad checkpoint or data.
+  """
+  validate_config(config)
+  workdir = os.path.abspath(os.fspath(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  verbose = verbose and jax.process_index() == 0
+  devices = list(jax.devices() if devices is None else devices)
+  if os.path.exists(checkpoint.config_path(workdir)):
+    checkpoint.check_compatible(checkpoint.read_config(workdir), config, workdir)
+  model = state_lib.build_model(config)
+  with checkpoint.Checkpoints(workdir, max_to_keep=config.checkpoint.max_to_keep) as ckpts:
+    try:
+      return _run(config, workdir, model, ckpts, init_from, slice_sets, verbose, devices)
+    finally:
+      ckpts.wait()  # a pending asynchronous save completes even when training failed
+
+
+def _run(config: Any, workdir: str, model: Any, ckpts: checkpoint.Checkpoints,
+         init_from: str | os.PathLike | None, slice_sets: dict | None, verbose: bool,
+         devices: list) -> TrainResult:
+  """The body of `train` (the checkpoint manager is opened and closed by the caller)."""
+  chief = jax.process_index() == 0
+  stages = tuple(config.stages)
+  log = metrics_log.MetricsLog(workdir) if chief else None
+  root = jax.random.key(int(config.seed))
+  train_key = jax.random.fold_in(root, _TRAIN_TAG)
+  template = checkpoint.abstract_train_state(model, config)
+
+  def say(text: str) -> None:
+    if verbose:
+      print(f"[train] {text}", flush=True)
+
+  # ---- where to start
+  host_state: state_lib.TrainState | None = None
+  params = None
+  maps = None
+  latest = ckpts.latest_step()
+  if latest is not None:
+    meta = ckpts.restore_meta(latest)
+    if meta.get("fingerprint") != checkpoint.fingerprint(config):
+      raise errors.ConfigMismatchError(
+          f"{workdir}: checkpoint {latest} was saved with model/input fingerprint "
+          f"{meta.get('fingerprint')}, this config has {checkpoint.fingerprint(config)}; "
+          "use a new --workdir")
+    if meta["stage"] not in stages:
+      raise errors.ConfigMismatchError(
+          f"{workdir}: its checkpoint is in stage {meta['stage']!r}, which config.stages "
+          f"{stages} does not run; include it or use a new --workdir")
+    maps_template = None
+    if meta.get("maps_slices"):
+      shape = (int(meta["maps_slices"]), int(meta["maps_patches"]))
+      maps_template = {"patch_eu": jax.ShapeDtypeStruct(shape, np.float32),
+                       "exclude": jax.ShapeDtypeStruct(shape, np.bool_)}
+    host_state, maps, _ = ckpts.restore(latest, template, maps_template)
+    position = _Position(stages.index(meta["stage"]), int(meta["epoch"]), int(meta["batch"]))
+    if chief:
+      log.truncate_for_resume(latest)
+    say(f"resuming {workdir} from checkpoint step {latest} ({meta['stage']}, epoch "
+        f"{position.epoch}, batch {position.batch})"
+        + (f"; --init_from {init_from} ignored" if init_from else ""))
+  elif init_from:
+    _, params, other_config, other_step = checkpoint.restore_for_eval(init_from)
+    checkpoint.check_compatible(other_config, config, os.fspath(init_from))
+    position = _Position(0, 0, 0)
+    say(f"initialising from {init_from} (step {other_step}, parameters only)")
+  else:
+    params = state_lib.init_params(model, jax.random.fold_in(root, _INIT_TAG))
+    position = _Position(0, 0, 0)
+  if chief:
+    if latest is None:
+      log.truncate_for_resume(0)  # records of an earlier attempt that saved nothing
+    checkpoint.write_config(workdir, config)
+
+  schedule = make_schedule(config)
+  cache: dict[str, preprocess.SliceSet] = {}
+  step = int(host_state.step) if host_state is not None else 0
+  last_saved = latest
+  stopped = False
+  device_state = None
+  run_state = host_state
+
+  try:
+    for stage_index in range(position.stage_index, len(stages)):
+      stage = stages[stage_index]
+      epochs = int(config.stage_epochs[stage])
+      resume_here = host_state is not None and stage_index == position.stage_index
+      start_epoch = position.epoch if resume_here else 0
+      start_batch = position.batch if resume_here else 0
+      if start_epoch >= epochs:
+        continue  # this stage was finished when the checkpoint was taken
+      slices = _load_slices(config, stage, cache, slice_sets, verbose)
+      if maps is not None and resume_here and maps["patch_eu"].shape[0] != len(slices):
+        raise errors.CheckpointError(
+            ckpts.step_dir(latest), f"its maps cover {maps['patch_eu'].shape[0]} slices but "
+            f"the {STAGE_DATA[stage]} cohort now has {len(slices)}: the data changed; use a new "
+            "--workdir")
+      iterator = pipeline.BatchIterator(
+          slices, global_batch=int(config.batch_size),
+          num_devices=len(parallel.local_devices_of(devices)),
+          seed=data_seed(config.seed, stage), augment=bool(config.data.augment),
+          drop_remainder=False, process_index=jax.process_index(),
+          process_count=jax.process_count(), prefetch=int(config.data.prefetch))
+      steps_per_epoch = iterator.steps_per_epoch
+      optimizer = state_lib.make_optimizer(config.optim, steps_per_epoch)
+      fresh_stage = (start_epoch, start_batch) == (0, 0)
+      if run_state is None:
+        run_state = state_lib.create_state(params, optimizer, step)
+      elif fresh_stage and _restart_optimizer(config, stages, stage_index):
+        run_state = state_lib.create_state(run_state.params, optimizer, step)
+
+      guided = stage != "pretrain"
+      guidance = stage_guidance(schedule, stage, epochs)
+      needs_maps = guided and any(g.w_eu != 0 or g.au_exclusion for g in guidance)
+      if not needs_maps:
+        maps = None
+      train_step = step_lib.make_train_step(
+          model, config.optim, steps_per_epoch,
+          step_lib.StepSettings.from_config(config, guided), config.parallel, devices)
+      generator = (maps_lib.MapGenerator(model, config, config.parallel, devices)
+                   if needs_maps else None)
+      device_state = train_step.replicate(run_state)
+      run_state = None
+      num_patches = model.num_patches
+      progress = progress_lib.Progress(stage, epochs * steps_per_epoch,
+                                       start_epoch * steps_per_epoch + start_batch,
+                                       every=int(config.log_every_steps), enabled=verbose)
+      if fresh_stage and chief:
+        log.write({"event": "stage_start", "stage": stage, "step": step, "epochs": epochs,
+                   "steps_per_epoch": steps_per_epoch, "slices": len(slices)})
+      progress.message(f"{len(slices)} slices, {steps_per_epoch} steps/epoch x {epochs} epochs, "
+                       f"{len(devices)} device(s), {config.parallel}"
+                       + (", resumed" if not fresh_stage else ""))
+      stage_start_time = time.monotonic()
+      pending: dict[str, Any] | None = None
+
+      def flush():
+        """Fetches the last step's metrics (one step late, so the host never waits on the
+        device in between), checks them and logs them."""
+        nonlocal pending
+        if pending is None:
+          return
+        record, metrics = pending
+        pending = None
+        values = {k: float(v) for k, v in parallel.to_host(metrics).items()}
+        record.update(values)
+        if not np.isfinite(values["loss"]):
+          kept = (f"the last good checkpoint is step {last_saved} in {ckpts.directory}"
+                  if last_saved is not None else "no checkpoint had been saved")
+          raise errors.NonFiniteLossError(
+              f"non-finite loss ({values['loss']}) at step {record['step']} (stage {stage}, "
+              f"epoch {record['epoch'] + 1}); training stopped and {kept}")
+        record.update(progress.update(record["step"], record["epoch"], epochs, values))
+        if chief:
+          log.write(record)
+
+      def save(epoch: int, batch: int):
+        nonlocal last_saved
+        flush()  # never save a state whose loss has not been checked
+        meta = {"stage": stage, "stage_index": STAGES.index(stage), "epoch": epoch,
+                "batch": batch, "step": step, "fingerprint": checkpoint.fingerprint(config),
+                "maps_slices": 0 if maps is None else int(maps["patch_eu"].shape[0]),
+                "maps_patches": num_patches}
+        ckpts.save(step, parallel.to_host(device_state), meta, maps)
+        last_saved = step
+
+      for epoch in range(start_epoch, epochs):
+        g = guidance[epoch]
+        guidance_in = step_lib.guidance_arrays(g.w_eu, g.tau, g.au_exclusion)
+        refresh = int(config.uncertainty.refresh_epochs)
+        # Maps are missing only when resuming a checkpoint saved without them (the guidance
+        # settings changed): rebuild them with the key of their refresh epoch.
+        if needs_maps and (maps is None or (start_batch == 0 and epoch % refresh == 0)):
+          t0 = time.monotonic()
+          maps = generator(device_state.params, maps_key(root, stage, epoch - epoch % refresh),
+                           slices)
+          seconds = time.monotonic() - t0
+          progress.message(f"maps refreshed at epoch {epoch + 1} in {seconds:.1f} s "
+                           f"({int(maps['exclude'].sum())} candidate patches)")
+          if chief:
+            log.write({"event": "maps", "stage": stage, "epoch": epoch, "step": step,
+                       "seconds": seconds, "mean_patch_eu": float(maps["patch_eu"].mean()),
+                       "candidate_patches": int(maps["exclude"].sum())})
+        for batch_index, batch in enumerate(iterator.epoch(epoch)):
+          if batch_index < start_batch:
+            continue  # done before the checkpoint this run resumed from
+          feed = {"image": batch["image"], "train_roi": batch["train_roi"],
+                  "valid": batch["valid"]}
+          if guided:
+            if maps is not None:
+              feed.update(maps_lib.gather_guidance(maps, batch["index"]))
+            else:
+              feed["patch_eu"] = np.zeros(batch["index"].shape + (num_patches,), np.float32)
+              feed["exclude"] = np.zeros(batch["index"].shape + (num_patches,), bool)
+          device_state, metrics = train_step(device_state, feed, train_key, guidance_in)
+          step += 1
+          flush()
+          pending = ({"step": step, "stage": stage, "epoch": epoch, "w_eu": g.w_eu,
+                      "tau": g.tau, "au_exclusion": g.au_exclusion}, metrics)
+          next_epoch, next_batch = ((epoch + 1, 0) if batch_index + 1 == steps_per_epoch
+                                    else (epoch, batch_index + 1))
+          every = int(config.checkpoint.every_steps)
+          if every > 0 and step % every == 0:
+            save(next_epoch, next_batch)
+          if 0 < int(config.debug_stop_after_steps) <= step:
+            flush()
+            raise _Stop()
+        start_batch = 0
+      flush()
+      if last_saved != step:
+        save(epochs, 0)
+      ckpts.wait()
+      seconds = time.monotonic() - stage_start_time
+      progress.message(f"done in {progress_lib.format_duration(seconds)} (step {step})")
+      if chief:
+        log.write({"event": "stage_end", "stage": stage, "step": step, "seconds": seconds})
+        metrics_log.plot_curves(log.read(), os.path.join(workdir, metrics_log.CURVES_FILE))
+      run_state = device_state
+  except _Stop:
+    stopped = True
+    say(f"stopped after step {step} (debug_stop_after_steps={config.debug_stop_after_steps})")
+
+  final = device_state if device_state is not None else run_state
+  if final is None:  # no stage had anything left to run: the start point is the result
+    final = state_lib.create_state(params, state_lib.make_optimizer(config.optim, 1), step)
+  return TrainResult(state=parallel.to_host(final), step=step, stopped=stopped, workdir=workdir)
+
+
+def _restart_optimizer(config: Any, stages: tuple[str, ...], stage_index: int) -> bool:
+  """Whether entering `stages[stage_index]` creates a new optimizer state."""
+  if config.optim.restart == "stage" or stage_index == 0:
+    return True
+  # 'adaptation': restart only where pretraining hands over to adaptation.
+  return stages[stage_index - 1] == "pretrain"
