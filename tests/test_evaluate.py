@@ -1,0 +1,194 @@
+"""Evaluation outputs: maps back on the input grid, reports, and clean failures."""
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import nibabel as nib
+import numpy as np
+import pytest
+
+from u2ad_jax import errors
+from u2ad_jax import labels as L
+from u2ad_jax.evaluation import analysis
+from u2ad_jax.evaluation import evaluator
+from u2ad_jax.evaluation import postprocess
+from u2ad_jax.evaluation import thresholds
+
+S = 64  # model size = field of view in mm = in-plane voxels: the geometry is the identity
+BODY_TOPS = (4, 12, 19, 26, 33, 40, 47, 54)  # C2 ... T2, 5 rows each (C2: 6)
+
+
+def _model_frame_labels(num_slices, lesion):
+  lab = np.zeros((num_slices, S, S), np.uint8)
+  for i, top in enumerate(BODY_TOPS):
+    lab[:, top:top + (6 if i == 0 else 5), 6:18] = L.VERTEBRA
+  lab[:, :, 24:27] = L.CSF
+  lab[:, :, 33:36] = L.CSF
+  lab[:, :, 27:33] = L.CORD
+  if lesion:
+    lab[num_slices // 2, 37:40, 29:31] = L.LESION
+  return lab
+
+
+def _to_canonical(model_frame):
+  # Model pixel (r, c) of slice x is canonical voxel (x, y = S-1-c, z = S-1-r).
+  return np.ascontiguousarray(model_frame[:, ::-1, ::-1].transpose(0, 2, 1))
+
+
+def write_cohort(root, num_subjects=2, vertebrae=True, marker=None, stored=("P", "I", "R")):
+  """A tiny BIDS-like cohort stored in a non-canonical orientation. Returns {id: label path}."""
+  rng = np.random.default_rng(0)
+  paths = {}
+  rows = []
+  for n in range(num_subjects):
+    sid = f"sub-{n + 1:03d}"
+    lesion = n % 2 == 1
+    lab_m = _model_frame_labels(5, lesion)
+    if not vertebrae:
+      lab_m[lab_m == L.VERTEBRA] = 0
+    img_m = np.where(lab_m == L.CORD, 0.3, 0.1) + rng.normal(0, 0.01, lab_m.shape)
+    img_m[lab_m == L.CSF] = 0.8
+    img_m[lab_m == L.LESION] = 0.6
+    if marker is not None and n == 0:
+      img_m[marker] = 3.0
+    affine = np.diag([1.2, 1.0, 1.0, 1.0])
+    affine[:3, 3] = [-3, -30, 10]
+    target = nib.orientations.axcodes2ornt(stored)
+    for kind, data in (("T2w", img_m.astype(np.float32)), ("label", lab_m)):
+      canonical = nib.Nifti1Image(_to_canonical(data), affine)
+      img = canonical.as_reoriented(target)
+      if kind == "T2w":
+        path = os.path.join(root, sid, "anat", f"{sid}_T2w.nii.gz")
+      else:
+        path = os.path.join(root, "derivatives", "labels", sid, "anat", f"{sid}_T2w_label.nii.gz")
+        paths[sid] = path
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      nib.save(img, path)
+    rows.append(f"{sid}\t{int(lesion)}")
+  with open(os.path.join(root, "participants.tsv"), "w") as f:
+    f.write("participant_id\thas_lesion\n" + "\n".join(rows) + "\n")
+  return paths
+
+
+def data_config():
+  return ml_collections.ConfigDict(dict(
+      image_size=S, fov_mm=float(S), pixel_mm=1.0, clip_percentiles=(0.0, 100.0),
+      min_roi_patches=4, patch_size=8))
+
+
+def test_maps_overlay_the_input(tmp_path):
+  root = str(tmp_path / "cohort")
+  marker = (2, 30, 29)  # slice 2, row 30 (segment C5-6), column 29 (cord)
+  write_cohort(root, marker=marker)
+  prepared = evaluator.prepare_cohort(root, data_config(), progress=False)
+  s = prepared.slice_set
+  # The marker is the brightest model pixel: the preprocessing put it where we expect.
+  first = s.indices_of("sub-001")
+  assert np.unravel_index(np.argmax(s.images[first]), s.images[first].shape) == (
+      list(s.slice_index[first]).index(marker[0]), marker[1], marker[2])
+  anomaly = np.zeros(s.images.shape, np.float32)
+  anomaly[first[list(s.slice_index[first]).index(marker[0])], marker[1], marker[2]] = 1.0
+  result = analysis.analyse(
+      "marker", images=s.images, labels=s.labels, score_roi=s.score_roi,
+      slice_subjects=s.subject_ids, anomaly=anomaly,
+      postprocess_params=postprocess.PostprocessParams(0, 1, None), rule=thresholds.ThresholdRule(),
+      participants=prepared.participants, levels=prepared.levels, recon=s.images, eu=anomaly)
+  assert result.scores[0].peak_segment == 3  # row 30: between the C5 (28) and C6 (35) centroids
+  out = str(tmp_path / "out")
+  evaluator.write_subject_outputs(out, result, s, {"model": {"name": "marker"}})
+  ref = nib.load(os.path.join(root, "sub-001", "anat", "sub-001_T2w.nii.gz"))
+  for name in ("anomaly", "eu", "recon", "anomaly_postprocessed"):
+    written = nib.load(os.path.join(out, "subjects", "sub-001", f"sub-001_{name}.nii.gz"))
+    assert written.shape == ref.shape
+    np.testing.assert_allclose(written.affine, ref.affine)
+    assert nib.aff2axcodes(written.affine) == nib.aff2axcodes(ref.affine) != ("R", "A", "S")
+  written = np.asarray(nib.load(
+      os.path.join(out, "subjects", "sub-001", "sub-001_anomaly.nii.gz")).dataobj)
+  source = np.asarray(ref.dataobj)
+  assert np.unravel_index(np.argmax(written), written.shape) == np.unravel_index(
+      np.argmax(source), source.shape)
+  assert written.max() == pytest.approx(1.0) and np.sum(written > 0) == 1
+  # The reconstruction (here: the image itself) comes back in the input's intensity units.
+  recon = nib.as_closest_canonical(nib.load(
+      os.path.join(out, "subjects", "sub-001", "sub-001_recon.nii.gz"))).get_fdata()
+  scored = s.slice_index[first]
+  np.testing.assert_allclose(recon[scored], nib.as_closest_canonical(ref).get_fdata()[scored],
+                             atol=2e-3)
+  sidecar = json.load(open(os.path.join(out, "subjects", "sub-001", "sub-001_scores.json")))
+  assert sidecar["patient"]["peak_slice_index"] == marker[0]
+  assert sidecar["patient"]["peak_row"] == marker[1]
+  assert set(sidecar["segments"]) == set(L.SEGMENT_NAMES)
+
+
+def test_cohort_without_vertebrae_fails_before_work(tmp_path):
+  root = str(tmp_path / "cohort")
+  paths = write_cohort(root, vertebrae=False)
+  with pytest.raises(errors.LabelError) as info:
+    evaluator.prepare_cohort(root, data_config(), progress=False)
+  assert paths["sub-001"] in str(info.value) and "vertebra" in str(info.value)
+
+
+def test_report_and_tables(tmp_path):
+  root = str(tmp_path / "cohort")
+  write_cohort(root, num_subjects=4)
+  prepared = evaluator.prepare_cohort(root, data_config(), progress=False)
+  settings = evaluator.EvalSettings(postprocess.PostprocessParams(90, 2, None),
+                                    thresholds.ThresholdRule(k=1.0))
+  out = tmp_path / "intensity"
+  result = evaluator.evaluate_intensity(prepared, settings, out)
+  # The lesions are twice the cord's brightness: the intensity rung ranks them first.
+  assert result.metrics["patient"]["auroc"] == pytest.approx(1.0)
+  for name in ("report.md", "patients.csv", "segments.csv", "metrics.json", "summary.json",
+               "figures/scores.png", "figures/roc.png"):
+    assert (out / name).is_file(), name
+  text = (out / "report.md").read_text()
+  for link in [l.split("](")[1].split(")")[0] for l in text.split("\n") if "](" in l]:
+    assert (out / link).is_file(), link
+  lines = (out / "patients.csv").read_text().strip().split("\n")
+  assert len(lines) == 5 and lines[0].startswith("subject_id,patient_score,flagged")
+  assert len((out / "segments.csv").read_text().strip().split("\n")) == 1 + 4 * 6
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert set(metrics) >= {"patient", "segment", "pixel", "threshold"}
+  # No staging directories are left beside the output.
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["cohort", "intensity"]
+
+
+def test_staged_directory_leaves_nothing_on_error(tmp_path):
+  out = tmp_path / "out"
+  with pytest.raises(RuntimeError):
+    with evaluator.staged_directory(out) as staging:
+      open(os.path.join(staging, "report.md"), "w").write("partial")
+      raise RuntimeError("boom")
+  assert list(tmp_path.iterdir()) == []
+  out.mkdir()
+  (out / "old.txt").write_text("previous run")
+  with evaluator.staged_directory(out) as staging:
+    open(os.path.join(staging, "report.md"), "w").write("new")
+  assert sorted(p.name for p in out.iterdir()) == ["report.md"]
+  assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def _run_cli(*args):
+  return subprocess.run([sys.executable, "-m", "u2ad_jax.cli", "evaluate", *args],
+                        capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_missing_and_corrupt_workdir_fail_cleanly(tmp_path):
+  root = str(tmp_path / "cohort")
+  write_cohort(root)
+  out = tmp_path / "out"
+  proc = _run_cli("--workdir", str(tmp_path / "nope"), "--data", root, "--out", str(out))
+  assert proc.returncode == 2, proc.stderr
+  assert "config.json" in proc.stderr and "Traceback" not in proc.stderr
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  (bad / "config.json").write_text("{not json")
+  with pytest.raises(errors.CheckpointError) as info:
+    evaluator.evaluate_checkpoint(bad, root, out, verbose=False)
+  assert "config.json" in str(info.value)
+  assert not out.exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "cohort"]

@@ -1,0 +1,51 @@
+"""`u2ad evaluate --workdir RUN [--step N] --data COHORT --out DIR`.
+
+Restores a checkpoint read-only, computes Monte-Carlo anomaly maps for every slice of the cohort,
+scores the six segments C2-3 ... C7-T1 and every patient, decides with the unsupervised threshold
+(median + k robust sigma of the cohort's segment scores; no labels) and writes per-patient NIfTI
+maps and JSON sidecars, CSV tables, metrics (when the cohort has truth), figures and report.md.
+With `--intensity_out DIR` it also scores the cord-intensity rung on the same cohort.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+from absl import logging
+
+from u2ad_jax.evaluation import evaluator
+from u2ad_jax.evaluation import report
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (config.json + checkpoints/)")
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+_DATA = flags.DEFINE_string("data", None, "cohort directory (as written by `u2ad synth`)")
+_OUT = flags.DEFINE_string("out", None, "output directory (replaced only when complete)")
+_BATCH = flags.DEFINE_integer("batch_size", evaluator.DEFAULT_BATCH_SIZE,
+                              "slices per Monte-Carlo call")
+_INTENSITY_OUT = flags.DEFINE_string("intensity_out", None,
+                                     "also score the cord-intensity rung into this directory")
+_QUIET = flags.DEFINE_bool("quiet", False, "no progress messages")
+
+flags.mark_flags_as_required(["workdir", "data", "out"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise SystemExit(f"unexpected arguments: {argv[1:]}")
+  # Library logs (checkpoint I/O, read-only notices) would bury the progress lines.
+  logging.set_verbosity(logging.ERROR)
+  prepared = None
+  if _INTENSITY_OUT.value:
+    # Load the cohort once for both rungs (with the run's data settings).
+    from u2ad_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+    config = checkpoint.read_config(_WORKDIR.value)
+    prepared = evaluator.prepare_cohort(_DATA.value, config.data, progress=not _QUIET.value)
+  result = evaluator.evaluate_checkpoint(_WORKDIR.value, _DATA.value, _OUT.value,
+                                         step=_STEP.value, batch_size=_BATCH.value,
+                                         prepared=prepared, verbose=not _QUIET.value)
+  print(report.format_table(result))
+  print(f"report: {_OUT.value}/report.md")
+  if prepared is not None:
+    intensity = evaluator.evaluate_intensity(prepared, evaluator.EvalSettings.from_config(config),
+                                             _INTENSITY_OUT.value)
+    print("intensity rung: " + report.format_table(intensity).splitlines()[-1])
+    print(f"intensity rung report: {_INTENSITY_OUT.value}/report.md")

@@ -1,0 +1,382 @@
+"""Checkpoint -> anomaly maps -> scores -> outputs (what `u2ad evaluate` runs).
+
+Order of work, chosen so that bad input fails BEFORE anything is computed or written:
+1. Restore the model read-only (`train.checkpoint.restore_for_eval`): a missing or damaged
+   workdir / checkpoint raises CheckpointError naming the path.
+2. Load the cohort with `require_vertebrae=True` and find every subject's vertebral levels: a
+   subject without the seven bodies C2 ... T1 raises LabelError naming its label file.
+3. Monte-Carlo maps (`uncertainty.mc_uncertainty`, jitted, batched over slices, K from the config):
+   EU, mean reconstruction and AU; the anomaly map is AU inside the scoring ROI.
+4. Scores, the unsupervised threshold and metrics (`analysis.analyse`, shared by every rung).
+5. Outputs are written into a staging directory beside `--out`, which replaces `--out` only once
+   complete: an error at any point leaves no partial report.
+
+Per-subject outputs (subjects/<id>/): `<id>_anomaly.nii.gz` (AU inside the scoring ROI),
+`<id>_anomaly_postprocessed.nii.gz`, `<id>_eu.nii.gz`, `<id>_recon.nii.gz` (mean reconstruction,
+in the input's intensity units) on the input's own voxel grid with its affine and header, and
+`<id>_scores.json` (model, checkpoint step, threshold, scores, decisions, levels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from u2ad_jax import errors
+from u2ad_jax import io_utils
+from u2ad_jax import labels as label_values
+from u2ad_jax.evaluation import analysis
+from u2ad_jax.evaluation import postprocess as postprocess_lib
+from u2ad_jax.evaluation import report
+from u2ad_jax.evaluation import scoring
+from u2ad_jax.evaluation import thresholds
+
+# Offset folded into the config seed for the evaluation's MC masks: evaluation draws its own
+# masks, reproducible from the config, independent of the training stream.
+EVAL_SEED_OFFSET = 7919
+DEFAULT_BATCH_SIZE = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """Scoring settings read from `config.postprocess` and `config.evaluation`."""
+  postprocess: postprocess_lib.PostprocessParams
+  rule: thresholds.ThresholdRule
+  reduction: str = "sum"
+
+  @classmethod
+  def from_config(cls, config: Any) -> "EvalSettings":
+    ev = _section(config, "evaluation")
+    rule_name = ev.get("threshold_rule", ev.get("threshold", "mad"))
+    return cls(
+        postprocess=postprocess_lib.PostprocessParams.from_config(_section(config, "postprocess")),
+        rule=thresholds.ThresholdRule(
+            name=str(rule_name), k=float(ev.get("mad_k", ev.get("threshold_k", 3.0))),
+            pool=str(ev.get("threshold_pool", "segments"))),
+        reduction=str(ev.get("curve_reduction", ev.get("reduction", "sum"))))
+
+
+def _section(config: Any, name: str) -> dict[str, Any]:
+  """A config section as a plain dict ({} when absent)."""
+  if config is None:
+    return {}
+  section = config.get(name) if hasattr(config, "get") else getattr(config, name, None)
+  if section is None:
+    return {}
+  return section.to_dict() if hasattr(section, "to_dict") else dict(section)
+
+
+# ------------------------------------------------------------------------------ staging
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: str | os.PathLike) -> Iterator[str]:
+  """Yields an empty staging directory beside `out_dir`; on success it replaces `out_dir`.
+
+  On an exception the staging directory is removed and `out_dir` (if it existed) is untouched,
+  so a failed run never leaves a partial report behind.
+  """
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise errors.InputError(out_dir, "output path exists and is not a directory")
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.staging-")
+  try:
+    yield staging
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  old = None
+  if os.path.exists(out_dir):
+    old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.old-")
+    os.rmdir(old)
+    os.replace(out_dir, old)
+  os.replace(staging, out_dir)
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ model maps
+
+
+def model_maps(model: Any, params: Any, config: Any, images: np.ndarray, train_roi: np.ndarray,
+               *, batch_size: int = DEFAULT_BATCH_SIZE, seed: int | None = None,
+               progress: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
+  """EU, mean reconstruction and AU of every slice with the model's final weights.
+
+  Args:
+    model: flax module (`model.apply({'params': p}, images, plan)`).
+    params: its parameters.
+    config: the run's config (masking.ratio, uncertainty.num_samples / pass_chunk,
+      data.min_roi_patches, seed).
+    images: `[S, H, W]` float32 in [0, 1].
+    train_roi: `[S, H, W]` bool (the masked region).
+    batch_size: slices per jitted call; the last batch is padded (with empty ROIs) so the
+      function compiles once.
+    seed: PRNG seed of the MC patch orders (default config.seed + EVAL_SEED_OFFSET).
+    progress: optional callback for one-line progress messages.
+
+  Returns:
+    dict of `[S, H, W]` float32 arrays 'eu', 'mean', 'au'.
+  """
+  import jax  # pylint: disable=g-import-not-at-top  (the intensity rung needs no jax)
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from u2ad_jax import uncertainty  # pylint: disable=g-import-not-at-top
+
+  unc = _section(config, "uncertainty")
+  data = _section(config, "data")
+  pass_chunk = unc.get("pass_chunk")
+
+  def apply_fn(p, x, plan):
+    return model.apply({"params": p}, x, plan)
+
+  fn = uncertainty.make_mc_uncertainty_fn(
+      apply_fn, patch_size=int(model.patch_size), ratio=float(config.masking.ratio),
+      num_samples=int(unc.get("num_samples", 10)),
+      pass_chunk=None if not pass_chunk else int(pass_chunk),
+      min_roi=max(1, int(data.get("min_roi_patches", 1))))
+  if seed is None:
+    seed = int(config.get("seed", 0)) + EVAL_SEED_OFFSET
+  key = jax.random.key(int(seed))
+  params = jax.device_put(params)
+  num = images.shape[0]
+  out = {name: np.zeros(images.shape, np.float32) for name in ("eu", "mean", "au")}
+  start = time.monotonic()
+  batch_size = max(1, min(int(batch_size), num))
+  for b, lo in enumerate(range(0, num, batch_size)):
+    hi = min(lo + batch_size, num)
+    x = np.zeros((batch_size,) + images.shape[1:], np.float32)
+    roi = np.zeros((batch_size,) + images.shape[1:], bool)
+    x[:hi - lo], roi[:hi - lo] = images[lo:hi], train_roi[lo:hi]
+    maps = fn(params, jax.random.fold_in(key, b), jnp.asarray(x[..., None]), jnp.asarray(roi))
+    for name in out:
+      out[name][lo:hi] = np.asarray(maps[name])[:hi - lo]
+    if progress is not None:
+      progress(f"MC maps {hi}/{num} slices ({time.monotonic() - start:.1f} s)")
+  return out
+
+
+# ------------------------------------------------------------------------------ outputs
+
+
+def _denormalise(recon: np.ndarray, intensity_range: tuple[float, float]) -> np.ndarray:
+  lo, hi = intensity_range
+  return recon * (hi - lo) + lo
+
+
+def write_subject_outputs(out_dir: str, result: analysis.CohortResult, slice_set: Any,
+                          provenance: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+  """Per-subject NIfTI maps on the input grid and the JSON sidecar; returns written files."""
+  from u2ad_jax.data import nifti  # pylint: disable=g-import-not-at-top
+  from u2ad_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+
+  written = {}
+  for i, s in enumerate(result.scores):
+    sid = s.subject_id
+    subject_dir = os.path.join(out_dir, "subjects", sid)
+    geometry = slice_set.geometries.get(sid)
+    pos = s.positions
+    slice_index = slice_set.slice_index[pos]
+    files = {}
+    if geometry is not None:
+      volumes = {"anomaly": result.anomaly[pos],
+                 "anomaly_postprocessed": result.postprocessed[pos]}
+      if result.eu is not None:
+        volumes["eu"] = result.eu[pos]
+      if result.recon is not None:
+        volumes["recon"] = _denormalise(result.recon[pos], geometry.intensity_range)
+      for name, maps in volumes.items():
+        volume = preprocess.slices_to_volume(maps.astype(np.float32), slice_index, geometry)
+        rel = f"{sid}_{name}.nii.gz"
+        nifti.write_like(os.path.join(subject_dir, rel), volume, geometry)
+        files[name] = rel
+    sidecar = {
+        "subject_id": sid,
+        **dict(provenance),
+        "threshold": report.threshold_summary(result),
+        "patient": {
+            "score": s.patient_score,
+            "flagged": bool(result.decisions.patient_flags[i]),
+            "peak_segment": label_values.SEGMENT_NAMES[s.peak_segment],
+            "peak_slice_index": int(slice_set.slice_index[pos[s.peak_slice]]),
+            "peak_row": s.peak_row,
+        },
+        "segments": {
+            name: {"score": float(s.segment_scores[k]),
+                   "flagged": bool(result.decisions.segment_flags[i, k]),
+                   "peak_slice_index": int(slice_set.slice_index[pos[s.segment_peak_slices[k]]]),
+                   "peak_row": int(s.segment_peak_rows[k])}
+            for k, name in enumerate(label_values.SEGMENT_NAMES)},
+        "levels": {
+            "centroid_rows": {n: float(r) for n, r in zip(label_values.VERTEBRA_NAMES,
+                                                           s.levels.centroid_rows)},
+            "reference_slice_index": int(slice_set.slice_index[pos[s.levels.reference_slice]]),
+            "frame": "model slice frame: rows superior -> inferior, columns anterior -> "
+                     "posterior, slice index = canonical RAS x index",
+        },
+        "slices_scored": [int(v) for v in slice_index],
+        "files": files,
+        "maps": "anomaly = |x - mean of K masked reconstructions| inside the eroded cord; "
+                "recon = mean reconstruction in the input's intensity units; voxels of slices "
+                "that were not scored are 0",
+    }
+    if result.truth is not None:
+      sidecar["truth"] = {
+          "has_lesion": bool(result.truth.patient[i]),
+          "segments": [n for n, t in zip(label_values.SEGMENT_NAMES, result.truth.segments[i])
+                       if t],
+          "source": result.truth.source,
+      }
+    rel = f"{sid}_scores.json"
+    io_utils.write_json(os.path.join(subject_dir, rel), sidecar)
+    files["scores"] = rel
+    written[sid] = files
+  return written
+
+
+def write_all(out_dir: str, result: analysis.CohortResult, slice_set: Any,
+              provenance: Mapping[str, Any], header_lines: list[str]) -> str:
+  """Report, tables, metrics, figures and per-subject files into `out_dir` (a staging dir)."""
+  write_subject_outputs(out_dir, result, slice_set, provenance)
+  lines = list(header_lines) + [
+      "- Per-subject maps (NIfTI on the input grid: anomaly, postprocessed anomaly, EU, "
+      "reconstruction) and score sidecars: `subjects/<id>/`."]
+  io_utils.write_json(os.path.join(out_dir, "summary.json"), {
+      "name": result.name, **dict(provenance), "threshold": report.threshold_summary(result),
+      "patients": {s.subject_id: {"score": s.patient_score,
+                                  "flagged": bool(result.decisions.patient_flags[i])}
+                   for i, s in enumerate(result.scores)}})
+  return report.write_report(out_dir, result, slice_set.images, slice_set.slice_index, lines)
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+@dataclasses.dataclass
+class PreparedCohort:
+  """A cohort loaded and checked for scoring (levels found)."""
+  root: str
+  slice_set: Any
+  participants: dict[str, dict[str, Any]]
+  levels: dict[str, Any]
+  label_files: dict[str, str]
+
+
+def prepare_cohort(data_dir: str | os.PathLike, data_config: Any,
+                   progress: bool = True) -> PreparedCohort:
+  """Loads a cohort for scoring; raises (LabelError naming the file) before any computation."""
+  from u2ad_jax.data import cohort  # pylint: disable=g-import-not-at-top
+  from u2ad_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+
+  root = os.fspath(data_dir)
+  files = cohort.list_subjects(root)
+  label_files = {f.subject_id: f.label for f in files}
+  slice_set = preprocess.load_cohort(root, data_config, require_vertebrae=True, progress=progress)
+  levels = scoring.cohort_levels(slice_set.labels, slice_set.score_roi, slice_set.subject_ids,
+                                 label_files)
+  return PreparedCohort(root=root, slice_set=slice_set, participants=cohort.read_participants(root),
+                        levels=levels, label_files=label_files)
+
+
+def evaluate_checkpoint(workdir: str | os.PathLike, data_dir: str | os.PathLike,
+                        out_dir: str | os.PathLike | None, *, step: int | None = None,
+                        batch_size: int = DEFAULT_BATCH_SIZE, name: str | None = None,
+                        prepared: PreparedCohort | None = None,
+                        verbose: bool = True) -> analysis.CohortResult:
+  """Evaluates one checkpoint on one cohort; writes everything to `out_dir` (None: nothing).
+
+  Raises:
+    CheckpointError: missing / damaged workdir or checkpoint (nothing written).
+    LabelError and other InputErrors: bad cohort, e.g. no vertebral labels (nothing written).
+  """
+  from u2ad_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+
+  log = (lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True)) if verbose else None
+  workdir = os.fspath(workdir)
+  try:
+    model, params, config, restored_step = checkpoint.restore_for_eval(workdir, step)
+  except errors.U2ADError:
+    raise
+  except Exception as e:  # anything else from a damaged workdir is still the workdir's fault
+    raise errors.CheckpointError(workdir, f"cannot restore ({type(e).__name__}: {e})") from e
+  if prepared is None:
+    prepared = prepare_cohort(data_dir, config.data, progress=verbose)
+  slice_set = prepared.slice_set
+  _check_image_size(slice_set, model, prepared.root)
+  settings = EvalSettings.from_config(config)
+  if log:
+    log(f"restored {workdir} step {restored_step}; {len(slice_set)} slices of "
+        f"{len(slice_set.subjects)} subjects")
+  maps = model_maps(model, params, config, slice_set.images, slice_set.train_roi,
+                    batch_size=batch_size, progress=log)
+  name = name or os.path.basename(os.path.normpath(workdir))
+  variant = _section(config, "model").get("variant")
+  provenance = {
+      "model": {"name": name, "workdir": os.path.abspath(workdir), "variant": variant,
+                "stages": _stages(config)},
+      "checkpoint_step": restored_step,
+      "num_samples": int(_section(config, "uncertainty").get("num_samples", 10)),
+      "cohort": os.path.abspath(prepared.root),
+  }
+  result = analysis.analyse(
+      name, images=slice_set.images, labels=slice_set.labels, score_roi=slice_set.score_roi,
+      slice_subjects=slice_set.subject_ids, anomaly=maps["au"],
+      postprocess_params=settings.postprocess, rule=settings.rule, reduction=settings.reduction,
+      participants=prepared.participants, levels=prepared.levels, eu=maps["eu"],
+      recon=maps["mean"], info=provenance)
+  if out_dir is not None:
+    header = [f"- Model: `{name}` ({variant}), checkpoint step {restored_step}, "
+              f"K = {provenance['num_samples']} MC reconstructions per patch.",
+              f"- Cohort: `{prepared.root}` ({len(slice_set)} slices)."]
+    with staged_directory(out_dir) as staging:
+      write_all(staging, result, slice_set, provenance, header)
+    if log:
+      log(f"wrote {os.path.abspath(os.fspath(out_dir))}")
+  return result
+
+
+def evaluate_intensity(prepared: PreparedCohort, settings: EvalSettings,
+                       out_dir: str | os.PathLike | None = None) -> analysis.CohortResult:
+  """The cord-intensity rung through the same scoring code (and outputs, when `out_dir`)."""
+  from u2ad_jax.evaluation import intensity_baseline  # pylint: disable=g-import-not-at-top
+
+  s = prepared.slice_set
+  maps = intensity_baseline.intensity_maps(s.images, s.score_roi, s.subject_ids)
+  provenance = {"model": {"name": "intensity", "variant": None,
+                          "description": "cord intensity / subject median cord intensity - 1"},
+                "checkpoint_step": None, "cohort": os.path.abspath(prepared.root)}
+  result = analysis.analyse(
+      "intensity", images=s.images, labels=s.labels, score_roi=s.score_roi,
+      slice_subjects=s.subject_ids, anomaly=maps, postprocess_params=settings.postprocess,
+      rule=settings.rule, reduction=settings.reduction, participants=prepared.participants,
+      levels=prepared.levels, info=provenance)
+  if out_dir is not None:
+    header = ["- Rung: cord-intensity threshold (no learning): anomaly = max(x / median cord "
+              "intensity of the subject - 1, 0) inside the eroded cord.",
+              f"- Cohort: `{prepared.root}` ({len(s)} slices)."]
+    with staged_directory(out_dir) as staging:
+      write_all(staging, result, s, provenance, header)
+  return result
+
+
+def _stages(config: Any) -> list[str]:
+  stages = config.get("stages") if hasattr(config, "get") else None
+  if stages is None:
+    return []
+  return [stages] if isinstance(stages, str) else [str(v) for v in stages]
+
+
+def _check_image_size(slice_set: Any, model: Any, root: str) -> None:
+  size = getattr(model, "image_size", None)
+  if size is not None and tuple(slice_set.image_shape) != (int(size), int(size)):
+    raise errors.InputError(root, f"cohort slices are {slice_set.image_shape} but the model "
+                                  f"expects {size} x {size}")

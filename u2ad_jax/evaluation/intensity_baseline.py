@@ -1,0 +1,38 @@
+"""Rung (a) of the comparison ladder: a cord-intensity threshold, no learning.
+
+T2 hyperintensities are brighter than the surrounding cord, so the simplest detector calls the
+cord's brightest pixels anomalous. Its anomaly map is the intensity relative to the subject's
+median cord intensity, `max(x / median_cord(x) - 1, 0)` inside the scoring ROI (0 = at or below
+the typical cord signal; 0.5 = 50 % brighter), and everything after that (postprocessing, curves,
+levels, scores, the unsupervised threshold, metrics) is the same code as for the learnt rungs.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from u2ad_jax.evaluation import scoring
+
+
+def intensity_maps(images: np.ndarray, score_roi: np.ndarray,
+                   subject_ids: Sequence[str]) -> np.ndarray:
+  """`[S, H, W]` images and scoring ROIs -> `[S, H, W]` float32 relative-intensity maps.
+
+  The median is taken over all scoring-ROI pixels of the subject's slices, so one bright slice
+  does not normalise itself away.
+  """
+  images = np.asarray(images, dtype=np.float32)
+  score_roi = np.asarray(score_roi, dtype=bool)
+  out = np.zeros_like(images)
+  for _, pos in scoring.subject_positions(subject_ids).items():
+    roi = score_roi[pos]
+    if not roi.any():
+      continue
+    median = float(np.median(images[pos][roi]))
+    if median <= 0:
+      continue  # a black cord carries no contrast to compare with
+    relative = np.maximum(images[pos] / median - 1.0, 0.0)
+    out[pos] = np.where(roi, relative, 0.0)
+  return out

@@ -1,0 +1,219 @@
+"""Detection and reconstruction metrics (pure NumPy, no labels leave this module).
+
+Conventions:
+- `scores` are real-valued, higher = more anomalous; `truth` is boolean (True = positive).
+- A ratio whose denominator is zero is undefined and returned as NaN (recall without positives,
+  specificity without negatives, AUROC / AP with a single class), except precision with no
+  predicted positive, which is 0 (scikit-learn's `zero_division=0`), so a detector that flags
+  nothing scores precision 0 and F1 0 rather than "undefined".
+- AUROC is the Mann-Whitney statistic with average ranks, so tied scores count one half.
+- AP is the step-wise sum `sum_n (R_n - R_{n-1}) P_n` over distinct score thresholds, the same
+  definition as `sklearn.metrics.average_precision_score` (no interpolation).
+- Dice is maximised exactly over every distinct threshold, not over a coarse grid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage
+from scipy import stats
+
+
+def _as_pair(scores: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  scores = np.asarray(scores, dtype=np.float64).ravel()
+  truth = np.asarray(truth).astype(bool).ravel()
+  if scores.shape != truth.shape:
+    raise ValueError(f"scores {scores.shape} and truth {truth.shape} differ in size")
+  if not np.all(np.isfinite(scores)):
+    raise ValueError("scores contain NaN or Inf")
+  return scores, truth
+
+
+def _ratio(num: float, den: float) -> float:
+  return float(num) / float(den) if den else math.nan
+
+
+def confusion(pred: np.ndarray, truth: np.ndarray) -> dict[str, int]:
+  """Counts of a binary decision. `pred`, `truth`: same shape, bool. Returns tp, fp, tn, fn."""
+  pred = np.asarray(pred).astype(bool).ravel()
+  truth = np.asarray(truth).astype(bool).ravel()
+  if pred.shape != truth.shape:
+    raise ValueError(f"pred {pred.shape} and truth {truth.shape} differ in size")
+  return {
+      "tp": int(np.sum(pred & truth)),
+      "fp": int(np.sum(pred & ~truth)),
+      "tn": int(np.sum(~pred & ~truth)),
+      "fn": int(np.sum(~pred & truth)),
+  }
+
+
+def binary_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+  """Precision, recall (sensitivity), specificity, F1 and accuracy of a decision, plus counts."""
+  c = confusion(pred, truth)
+  tp, fp, tn, fn = c["tp"], c["fp"], c["tn"], c["fn"]
+  precision = tp / (tp + fp) if tp + fp else 0.0
+  recall = _ratio(tp, tp + fn)
+  out = {
+      "precision": float(precision),
+      "recall": recall,
+      "specificity": _ratio(tn, tn + fp),
+      # 2TP / (2TP + FP + FN) equals the harmonic mean of precision and recall whenever both
+      # are defined, and stays defined (0) when nothing is flagged but positives exist.
+      "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+      "accuracy": _ratio(tp + tn, tp + tn + fp + fn),
+  }
+  out.update({k: float(v) for k, v in c.items()})
+  return out
+
+
+def roc_auc(scores: np.ndarray, truth: np.ndarray) -> float:
+  """Area under the ROC curve by average ranks (ties count 1/2); NaN with a single class."""
+  scores, truth = _as_pair(scores, truth)
+  num_pos = int(truth.sum())
+  num_neg = truth.size - num_pos
+  if num_pos == 0 or num_neg == 0:
+    return math.nan
+  ranks = stats.rankdata(scores, method="average")
+  rank_sum = float(ranks[truth].sum())
+  return (rank_sum - num_pos * (num_pos + 1) / 2.0) / (num_pos * num_neg)
+
+
+def _threshold_groups(scores: np.ndarray, truth: np.ndarray):
+  """Cumulative counts at each distinct threshold, from the highest score down.
+
+  Returns (thresholds [T] descending, tp [T], predicted_positive [T]) where entry t counts the
+  examples with score >= thresholds[t].
+  """
+  order = np.argsort(-scores, kind="stable")
+  sorted_scores = scores[order]
+  cum_tp = np.cumsum(truth[order])
+  # The last index of each run of equal scores: ties enter together.
+  last_of_group = np.flatnonzero(np.r_[sorted_scores[1:] != sorted_scores[:-1], True])
+  return sorted_scores[last_of_group], cum_tp[last_of_group], last_of_group + 1
+
+
+def roc_curve(scores: np.ndarray,
+              truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(fpr [T+1], tpr [T+1], thresholds [T+1]) starting at (0, 0) with threshold +inf."""
+  scores, truth = _as_pair(scores, truth)
+  num_pos = int(truth.sum())
+  num_neg = truth.size - num_pos
+  thresholds, tp, predicted = _threshold_groups(scores, truth)
+  fp = predicted - tp
+  tpr = np.r_[0.0, tp / num_pos] if num_pos else np.full(thresholds.size + 1, np.nan)
+  fpr = np.r_[0.0, fp / num_neg] if num_neg else np.full(thresholds.size + 1, np.nan)
+  return fpr, tpr, np.r_[np.inf, thresholds]
+
+
+def average_precision(scores: np.ndarray, truth: np.ndarray) -> float:
+  """Step-wise average precision (scikit-learn's definition); NaN without positives."""
+  scores, truth = _as_pair(scores, truth)
+  num_pos = int(truth.sum())
+  if num_pos == 0:
+    return math.nan
+  _, tp, predicted = _threshold_groups(scores, truth)
+  precision = tp / predicted
+  recall = tp / num_pos
+  recall_step = np.diff(np.r_[0.0, recall])
+  return float(np.sum(recall_step * precision))
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+  """2|A & B| / (|A| + |B|) of two boolean masks; 1.0 when both are empty (perfect agreement)."""
+  pred = np.asarray(pred).astype(bool)
+  truth = np.asarray(truth).astype(bool)
+  denom = int(pred.sum()) + int(truth.sum())
+  if denom == 0:
+    return 1.0
+  return 2.0 * int(np.sum(pred & truth)) / denom
+
+
+def best_dice(scores: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+  """Best Dice of `scores >= t` over every distinct threshold t. Returns (dice, t).
+
+  NaN (and t = NaN) without positives: the best threshold would be "flag nothing", which says
+  nothing about localisation.
+  """
+  scores, truth = _as_pair(scores, truth)
+  num_pos = int(truth.sum())
+  if num_pos == 0:
+    return math.nan, math.nan
+  thresholds, tp, predicted = _threshold_groups(scores, truth)
+  dices = 2.0 * tp / (predicted + num_pos)
+  best = int(np.argmax(dices))
+  return float(dices[best]), float(thresholds[best])
+
+
+def _gaussian_window(size: int, sigma: float) -> np.ndarray:
+  if size < 3 or size % 2 == 0:
+    raise ValueError(f"SSIM window size must be odd and >= 3, got {size}")
+  x = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+  w = np.exp(-0.5 * (x / sigma)**2)
+  return w / w.sum()
+
+
+def ssim_map(a: np.ndarray, b: np.ndarray, *, window: int = 11, sigma: float = 1.5,
+             data_range: float = 1.0, k1: float = 0.01, k2: float = 0.03) -> np.ndarray:
+  """Per-pixel SSIM (Wang et al. 2004) of two `[H, W]` images with a Gaussian window.
+
+  Local statistics use the normalised Gaussian window (population moments, as in the paper);
+  borders are reflected so the map keeps the image's shape.
+  """
+  a = np.asarray(a, dtype=np.float64)
+  b = np.asarray(b, dtype=np.float64)
+  if a.shape != b.shape or a.ndim != 2:
+    raise ValueError(f"SSIM needs two [H, W] images of one shape, got {a.shape} and {b.shape}")
+  w = _gaussian_window(window, sigma)
+
+  def blur(x):
+    return ndimage.correlate1d(ndimage.correlate1d(x, w, axis=0, mode="reflect"), w, axis=1,
+                               mode="reflect")
+
+  c1 = (k1 * data_range)**2
+  c2 = (k2 * data_range)**2
+  mu_a, mu_b = blur(a), blur(b)
+  var_a = blur(a * a) - mu_a * mu_a
+  var_b = blur(b * b) - mu_b * mu_b
+  cov = blur(a * b) - mu_a * mu_b
+  num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
+  den = (mu_a * mu_a + mu_b * mu_b + c1) * (var_a + var_b + c2)
+  return num / den
+
+
+def ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, **kwargs) -> float:
+  """Mean SSIM of `[H, W]` images in [0, 1], over `mask` (bool [H, W]) when given.
+
+  The window still sees the pixels around the mask (the map is computed on the whole image),
+  so the value describes the reconstruction of the masked structure in its context. NaN for an
+  empty mask.
+  """
+  m = ssim_map(a, b, **kwargs)
+  if mask is None:
+    return float(m.mean())
+  mask = np.asarray(mask).astype(bool)
+  if mask.shape != m.shape:
+    raise ValueError(f"mask {mask.shape} does not match the images {m.shape}")
+  if not mask.any():
+    return math.nan
+  return float(m[mask].mean())
+
+
+def ranking_metrics(scores: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+  """Threshold-free metrics of a score: AUROC and AP, plus the class counts."""
+  scores, truth = _as_pair(scores, truth)
+  return {
+      "auroc": roc_auc(scores, truth),
+      "ap": average_precision(scores, truth),
+      "num_positive": float(truth.sum()),
+      "num_negative": float(truth.size - truth.sum()),
+  }
+
+
+def detection_metrics(scores: np.ndarray, pred: np.ndarray,
+                      truth: np.ndarray) -> dict[str, float]:
+  """Everything reported at patient or segment level: decision metrics and ranking metrics."""
+  out = binary_metrics(pred, truth)
+  out.update(ranking_metrics(scores, truth))
+  return out

@@ -1,0 +1,242 @@
+"""Tables, metrics JSON, figures and the one-page Markdown report of a `CohortResult`.
+
+Files written into an output directory (all atomically):
+  patients.csv      one row per patient: score, decision, peak segment / slice / row, truth.
+  segments.csv      one row per (patient, segment): score, decision, truth.
+  metrics.json      patient / segment / pixel metrics and the reconstruction SSIM (with truth).
+  figures/roc.png, figures/scores.png, figures/<subject>_slice.png, figures/<subject>_curve.png
+  report.md         summary, threshold rule, metrics, patient table, links to the figures.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from u2ad_jax import io_utils
+from u2ad_jax import labels as label_values
+from u2ad_jax.evaluation import analysis
+from u2ad_jax.evaluation import figures
+
+PATIENT_HEADER = ("subject_id", "patient_score", "flagged", "peak_segment", "peak_slice",
+                  "peak_row", "flagged_segments", "truth_has_lesion", "truth_segments")
+SEGMENT_HEADER = ("subject_id", "segment", "score", "flagged", "peak_slice", "peak_row", "truth")
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return "n/a"
+  if isinstance(value, (bool, np.bool_)):
+    return "yes" if value else "no"
+  if isinstance(value, (float, np.floating)):
+    return f"{float(value):.{digits}g}"
+  return str(value)
+
+
+def _peak_slice_index(result: analysis.CohortResult, slice_index: np.ndarray, subject: int,
+                      position: int) -> int:
+  return int(slice_index[result.scores[subject].positions[position]])
+
+
+def patient_rows(result: analysis.CohortResult, slice_index: np.ndarray) -> list[list[Any]]:
+  """Rows of patients.csv (see PATIENT_HEADER); truth columns empty without truth."""
+  rows = []
+  for i, s in enumerate(result.scores):
+    flagged_segments = [n for n, f in zip(label_values.SEGMENT_NAMES,
+                                          result.decisions.segment_flags[i]) if f]
+    truth_has, truth_segs = "", ""
+    if result.truth is not None:
+      truth_has = int(result.truth.patient[i])
+      truth_segs = ";".join(n for n, t in zip(label_values.SEGMENT_NAMES,
+                                              result.truth.segments[i]) if t)
+    rows.append([s.subject_id, f"{s.patient_score:.6g}", int(result.decisions.patient_flags[i]),
+                 label_values.SEGMENT_NAMES[s.peak_segment],
+                 _peak_slice_index(result, slice_index, i, s.peak_slice), s.peak_row,
+                 ";".join(flagged_segments), truth_has, truth_segs])
+  return rows
+
+
+def segment_rows(result: analysis.CohortResult, slice_index: np.ndarray) -> list[list[Any]]:
+  """Rows of segments.csv (see SEGMENT_HEADER)."""
+  rows = []
+  for i, s in enumerate(result.scores):
+    for k, name in enumerate(label_values.SEGMENT_NAMES):
+      truth = "" if result.truth is None else int(result.truth.segments[i, k])
+      rows.append([s.subject_id, name, f"{s.segment_scores[k]:.6g}",
+                   int(result.decisions.segment_flags[i, k]),
+                   _peak_slice_index(result, slice_index, i, int(s.segment_peak_slices[k])),
+                   int(s.segment_peak_rows[k]), truth])
+  return rows
+
+
+def write_tables(out_dir: str, result: analysis.CohortResult, slice_index: np.ndarray) -> None:
+  io_utils.write_csv(os.path.join(out_dir, "patients.csv"), patient_rows(result, slice_index),
+                     PATIENT_HEADER)
+  io_utils.write_csv(os.path.join(out_dir, "segments.csv"), segment_rows(result, slice_index),
+                     SEGMENT_HEADER)
+
+
+def threshold_summary(result: analysis.CohortResult) -> dict[str, Any]:
+  d = result.decisions
+  return {"value": d.threshold, "rule": d.rule.name, "k": d.rule.k, "pool": d.rule.pool,
+          "median": d.median, "sigma": d.sigma, "description": d.rule.describe()}
+
+
+def write_metrics(out_dir: str, result: analysis.CohortResult) -> None:
+  """metrics.json: the metrics (when truth exists), the threshold and the rung's provenance."""
+  if result.metrics is None:
+    return
+  payload = {"name": result.name, "threshold": threshold_summary(result),
+             "num_patients": len(result.scores), **result.metrics, "info": result.info}
+  io_utils.write_json(os.path.join(out_dir, "metrics.json"), payload)
+
+
+def write_figures(out_dir: str, result: analysis.CohortResult, images: np.ndarray,
+                  slice_index: np.ndarray, max_patients: int | None = None) -> dict[str, Any]:
+  """All figures; returns {'roc': rel path or None, 'scores': ..., 'patients': {id: (slice,
+  curve)}}. Slice panels are drawn for every flagged patient (at most `max_patients`)."""
+  fig_dir = os.path.join(out_dir, "figures")
+  out: dict[str, Any] = {"roc": None, "scores": "figures/scores.png", "patients": {}}
+  truth = result.truth
+  figures.score_distributions(
+      os.path.join(fig_dir, "scores.png"), result.patient_scores, result.segment_scores,
+      result.decisions.threshold,
+      patient_truth=None if truth is None else truth.patient,
+      segment_truth=None if truth is None else truth.segments,
+      title=f"{result.name}: scores (threshold dashed)")
+  if truth is not None and truth.patient.any() and not truth.patient.all():
+    figures.roc_plot(os.path.join(fig_dir, "roc.png"), [
+        ("patient level", {result.name: (result.patient_scores, truth.patient)}),
+        ("segment level", {result.name: (result.segment_scores, truth.segments)}),
+    ])
+    out["roc"] = "figures/roc.png"
+  flagged = [i for i in range(len(result.scores)) if result.decisions.patient_flags[i]]
+  if max_patients is not None:
+    flagged = flagged[:max_patients]
+  for i in flagged:
+    s = result.scores[i]
+    pos = int(s.positions[s.peak_slice])
+    slice_rel = f"figures/{s.subject_id}_slice.png"
+    curve_rel = f"figures/{s.subject_id}_curve.png"
+    figures.slice_panels(
+        os.path.join(out_dir, slice_rel), images[pos], result.postprocessed[pos], s.levels,
+        recon=None if result.recon is None else result.recon[pos],
+        eu=None if result.eu is None else result.eu[pos], peak_row=s.peak_row,
+        title=f"{s.subject_id} slice {int(slice_index[pos])}: score {s.patient_score:.3g} "
+              f"({label_values.SEGMENT_NAMES[s.peak_segment]})")
+    figures.curve_plot(
+        os.path.join(out_dir, curve_rel), s, result.decisions.threshold,
+        truth_segments=None if truth is None else truth.segments[i],
+        title=f"{s.subject_id}: anomaly curve along the cord"
+              + ("" if truth is None else " (orange: lesion segments)"))
+    out["patients"][s.subject_id] = (slice_rel, curve_rel)
+  return out
+
+
+def _metrics_table(m: dict[str, Any]) -> list[str]:
+  lines = ["| level | precision | recall | specificity | F1 | AUROC | AP |",
+           "|---|---|---|---|---|---|---|"]
+  for level in ("patient", "segment"):
+    v = m[level]
+    lines.append(f"| {level} | {_fmt(v['precision'])} | {_fmt(v['recall'])} | "
+                 f"{_fmt(v['specificity'])} | {_fmt(v['f1'])} | {_fmt(v['auroc'])} | "
+                 f"{_fmt(v['ap'])} |")
+  lines.append("")
+  p, q = m["pixel"], m["pixel_postprocessed"]
+  lines.append(f"Pixel level inside the scoring ROI (raw anomaly map): AUROC {_fmt(p['auroc'])}, "
+               f"AP {_fmt(p['ap'])}, best Dice {_fmt(p['best_dice'])}; postprocessed map: "
+               f"AUROC {_fmt(q['auroc'])}, AP {_fmt(q['ap'])}, best Dice {_fmt(q['best_dice'])}.")
+  if "reconstruction" in m:
+    lines.append(f"Reconstruction SSIM on normal cord: "
+                 f"{_fmt(m['reconstruction']['ssim_normal_cord'])}.")
+  lines.append(f"Truth from: {m['truth_source']}.")
+  return lines
+
+
+def markdown_report(result: analysis.CohortResult, slice_index: np.ndarray,
+                    figure_paths: dict[str, Any], header_lines: Sequence[str] = ()) -> str:
+  """The one-page report (Markdown)."""
+  d = result.decisions
+  lines = [f"# U2AD evaluation: {result.name}", ""]
+  lines += list(header_lines)
+  num_flagged = int(d.patient_flags.sum())
+  lines += [
+      f"- Patients: {len(result.scores)}; flagged: {num_flagged}; flagged segments: "
+      f"{int(d.segment_flags.sum())} of {d.segment_flags.size}.",
+      f"- Decision threshold: **{d.threshold:.4g}** = {d.rule.describe()} "
+      f"(median {d.median:.4g}, sigma {d.sigma:.4g}).",
+      "- Scores: anomaly map (|x - mean of K masked reconstructions| in the eroded cord, or the "
+      "rung's own map) -> percentile + connected-component postprocessing -> curve along the "
+      "cord (per-row reduction across the width, max over slices) -> segment score = max of the "
+      "curve between adjacent vertebral centroids; patient score = max over segments.",
+      "- Tables: [patients.csv](patients.csv), [segments.csv](segments.csv)"
+      + (", metrics: [metrics.json](metrics.json)" if result.metrics is not None else "") + ".",
+      "",
+  ]
+  if result.metrics is not None:
+    lines += ["## Metrics", ""] + _metrics_table(result.metrics) + [""]
+  lines += ["## Patients", "",
+            "| patient | score | flagged | flagged segments | peak | truth |",
+            "|---|---|---|---|---|---|"]
+  for row in patient_rows(result, slice_index):
+    sid, score, flagged, peak_seg, peak_slice, _, segs, truth_has, truth_segs = row
+    truth = "" if truth_has == "" else ("lesion " + (truth_segs or "?") if truth_has else "none")
+    lines.append(f"| {sid} | {score} | {'**yes**' if flagged else 'no'} | {segs or '-'} | "
+                 f"{peak_seg}, slice {peak_slice} | {truth or 'n/a'} |")
+  lines += ["", "## Figures", ""]
+  if figure_paths.get("roc"):
+    lines.append(f"![ROC]({figure_paths['roc']})")
+  lines.append(f"![scores]({figure_paths['scores']})")
+  lines.append("")
+  if figure_paths["patients"]:
+    lines.append("Flagged patients (slice with the highest score; anomaly curve):")
+    lines.append("")
+    for sid, (slice_rel, curve_rel) in figure_paths["patients"].items():
+      lines.append(f"- {sid}: [slice]({slice_rel}), [curve]({curve_rel})")
+  else:
+    lines.append("No patient exceeds the threshold.")
+  return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: str, result: analysis.CohortResult, images: np.ndarray,
+                 slice_index: np.ndarray, header_lines: Sequence[str] = ()) -> str:
+  """Tables, metrics, figures and report.md into `out_dir`; returns the report's path."""
+  os.makedirs(out_dir, exist_ok=True)
+  write_tables(out_dir, result, slice_index)
+  write_metrics(out_dir, result)
+  figure_paths = write_figures(out_dir, result, images, slice_index)
+  path = os.path.join(out_dir, "report.md")
+  io_utils.write_text(path, markdown_report(result, slice_index, figure_paths, header_lines))
+  return path
+
+
+def format_table(result: analysis.CohortResult) -> str:
+  """Plain-text patient / segment table for the terminal."""
+  names = label_values.SEGMENT_NAMES
+  head = f"{'patient':<10} {'score':>8} {'flag':>4}  " + " ".join(f"{n:>6}" for n in names)
+  head += "  truth" if result.truth is not None else ""
+  lines = [head, "-" * len(head)]
+  for i, s in enumerate(result.scores):
+    cells = []
+    for k in range(len(names)):
+      mark = "*" if result.decisions.segment_flags[i, k] else " "
+      cells.append(f"{s.segment_scores[k]:>5.3g}{mark}")
+    line = (f"{s.subject_id:<10} {s.patient_score:>8.4g} "
+            f"{'YES' if result.decisions.patient_flags[i] else 'no':>4}  " + " ".join(cells))
+    if result.truth is not None:
+      segs = [n for n, t in zip(names, result.truth.segments[i]) if t]
+      line += "  " + (",".join(segs) if segs else ("lesion" if result.truth.patient[i] else "-"))
+    lines.append(line)
+  lines.append(f"threshold {result.decisions.threshold:.4g} ({result.decisions.rule.describe()}); "
+               f"* = flagged segment")
+  m = result.metrics
+  if m is not None:
+    p, g = m["patient"], m["segment"]
+    lines.append(f"patient: F1 {_fmt(p['f1'], 3)} AUROC {_fmt(p['auroc'], 3)} "
+                 f"precision {_fmt(p['precision'], 3)} recall {_fmt(p['recall'], 3)} "
+                 f"specificity {_fmt(p['specificity'], 3)} | segment: F1 {_fmt(g['f1'], 3)} "
+                 f"AUROC {_fmt(g['auroc'], 3)}")
+  return "\n".join(lines)
