@@ -39,7 +39,15 @@ def run(argv: list[str] | None = None) -> None:
     sys.exit(2)
   module = importlib.import_module(COMMANDS[name][0])
   from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from u2ad_jax import errors  # pylint: disable=g-import-not-at-top
+
+  if any(a in ("-h", "--help", "-?", "--helpshort") for a in argv[2:]):
+    # absl's own --help describes the `__main__` module (this dispatcher) and exits 1; show
+    # the subcommand's docstring and its flags instead, and exit 0.
+    print((module.__doc__ or COMMANDS[name][1]).strip() + "\n")
+    print(flags.FLAGS.module_help(module))
+    sys.exit(0)
 
   def main(args):
     try:
