@@ -170,6 +170,18 @@ def test_no_recompile_on_second_call_with_same_shapes():
   forward(params, images * 0.5, make_plan(other_mask))  # new values, same shapes
 
 
+def test_vmap_over_mask_plans_matches_separate_calls():
+  # Monte-Carlo uncertainty vmaps the model over passes (different plans, same images).
+  model, params, images, mask = _mu_setup()
+  other = _random_mask(np.random.default_rng(11), model.num_patches)
+  plans = jax.tree.map(lambda *xs: jnp.stack(xs), make_plan(mask), make_plan(other))
+  stacked = jax.jit(jax.vmap(lambda pl: model.apply({"params": params}, images, pl)[0]))(plans)
+  for j, m in enumerate((mask, other)):
+    np.testing.assert_allclose(np.asarray(stacked[j]),
+                               np.asarray(_apply(model, params, images, make_plan(m))[0]),
+                               atol=2e-6, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------
 # Performance options compute the same function
 

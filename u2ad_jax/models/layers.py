@@ -17,6 +17,11 @@ dense formulation is limited by memory traffic and its backward pass by keeping 
 (example x head x query block) tiles small enough to stay in the L2 cache and stores only the
 output and the log-sum-exp for the backward pass, which recomputes the tile's probabilities
 (the FlashAttention recurrence, without the online softmax because a whole key row fits a tile).
+
+Measured on the 2-core CPU (paper encoder layer, batch 10, 929 tokens, forward + backward of the
+attention alone): dense 3.6 s, jax.nn.dot_product_attention 5.0 s, per-head remat 2.6 s,
+blockwise 0.5 s; forward only: 1.06 / 1.68 / 0.50 / 0.13-0.16 s. Noisy (shared machine) but the
+ranking held in every repeat. Whole paper-size train step at batch 10: see the model docstring.
 """
 
 from __future__ import annotations
@@ -100,9 +105,10 @@ def per_head_remat_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
 
 
 def _tile_forward(q_tile, k, v, bias):
-  """q_tile `[tq, Dh]`, k/v `[T, Dh]`, bias `[T]` -> (out `[tq, Dh]`, lse `[tq]` float32)."""
+  """q_tile `[tq, Dh]`, k/v `[T, Dh]`, bias `[T]` or None -> (out `[tq, Dh]`, lse `[tq]` f32)."""
   logits = jnp.einsum("qd,kd->qk", q_tile, k, preferred_element_type=jnp.float32)
-  logits = logits + bias[None, :]
+  if bias is not None:
+    logits = logits + bias[None, :]
   row_max = logits.max(axis=-1)
   unnormalised = jnp.exp(logits - row_max[:, None])
   row_sum = unnormalised.sum(axis=-1)
@@ -120,7 +126,9 @@ def _tile_backward(q_tile, k, v, bias, out_tile, lse_tile, dout_tile):
   times slower. The caller sums the shares over query blocks and transposes once.
   """
   f32 = jnp.float32
-  logits = jnp.einsum("qd,kd->qk", q_tile, k, preferred_element_type=f32) + bias[None, :]
+  logits = jnp.einsum("qd,kd->qk", q_tile, k, preferred_element_type=f32)
+  if bias is not None:
+    logits = logits + bias[None, :]
   probs = jnp.exp(logits - lse_tile[:, None])
   dprobs = jnp.einsum("qd,kd->qk", dout_tile, v, preferred_element_type=f32)
   # Softmax backward: dlogits = p * (dp - sum_k p dp), and sum_k p dp = <dout, out> per row.
@@ -150,22 +158,22 @@ def _pad_rows(x: jnp.ndarray, rows: int) -> jnp.ndarray:
 def _map_tiles(tile_fn, num_blocks, tile_rows, per_problem, per_query):
   """Runs `tile_fn` over every (problem g, query block i) tile with `lax.map`.
 
-  per_problem: arrays `[G, ...]` passed whole for problem g (keys, values, bias).
+  per_problem: arrays `[G, ...]` passed whole for problem g (keys, values, bias or None).
   per_query: arrays `[G, nq * tq, ...]` passed as the rows of block i.
   Returns the stacked tile outputs with a leading `G * nq` axis.
   """
   def body(tile_index):
     g, i = tile_index // num_blocks, tile_index % num_blocks
     rows = lambda x: jax.lax.dynamic_slice_in_dim(x[g], i * tile_rows, tile_rows, axis=0)
-    return tile_fn(*[rows(x) for x in per_query[:1]], *[x[g] for x in per_problem],
-                   *[rows(x) for x in per_query[1:]])
+    whole = [None if x is None else x[g] for x in per_problem]
+    return tile_fn(rows(per_query[0]), *whole, *[rows(x) for x in per_query[1:]])
   num_problems = per_problem[0].shape[0]
   return jax.lax.map(body, jnp.arange(num_problems * num_blocks, dtype=jnp.int32))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _blockwise_core(q, k, v, bias, block_size):
-  """q/k/v `[G, T, Dh]`, bias `[G, T]` -> out `[G, T, Dh]`."""
+  """q/k/v `[G, T, Dh]`, bias `[G, T]` or None (all keys valid) -> out `[G, T, Dh]`."""
   return _blockwise_core_fwd(q, k, v, bias, block_size)[0]
 
 
@@ -198,7 +206,7 @@ def _blockwise_core_bwd(block_size, residuals, dout):
   dv = dv_t.reshape(num_problems, num_blocks, head_dim, num_tokens).sum(axis=1)
   dk = jnp.swapaxes(dk, 1, 2).astype(k.dtype)
   dv = jnp.swapaxes(dv, 1, 2).astype(v.dtype)
-  return dq, dk, dv, jnp.zeros_like(bias)
+  return dq, dk, dv, None if bias is None else jnp.zeros_like(bias)
 
 
 _blockwise_core.defvjp(_blockwise_core_fwd, _blockwise_core_bwd)
@@ -214,9 +222,8 @@ def blockwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
   """
   b, t, h, dh = q.shape
   to_problems = lambda x: jnp.transpose(x, (0, 2, 1, 3)).reshape(b * h, t, dh)
-  if key_valid is None:
-    bias = jnp.zeros((b * h, t), jnp.float32)
-  else:
+  bias = None  # no key mask (decoder): skip the bias add altogether
+  if key_valid is not None:
     bias = jnp.broadcast_to(_key_bias(key_valid)[:, None, :], (b, h, t)).reshape(b * h, t)
   out = _blockwise_core(to_problems(q), to_problems(k), to_problems(v), bias, block_size)
   return jnp.transpose(out.reshape(b, h, t, dh), (0, 2, 1, 3))
@@ -266,7 +273,7 @@ def sincos_2d(dim: int, grid: tuple[int, int]) -> np.ndarray:
 
 # PyTorch / timm defaults of the original release: LayerNorm eps 1e-6, exact (erf) GELU,
 # xavier-uniform linear weights with zero biases.
-_dense_init = nn.initializers.xavier_uniform()
+dense_init = nn.initializers.xavier_uniform()
 LAYER_NORM_EPS = 1e-6
 
 
@@ -283,14 +290,14 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f"width {width} is not divisible by {self.num_heads} heads")
     head_dim = width // self.num_heads
     qkv = nn.DenseGeneral((3, self.num_heads, head_dim), dtype=self.dtype,
-                          kernel_init=_dense_init, name="qkv")(x)  # [B, T, 3, H, Dh]
+                          kernel_init=dense_init, name="qkv")(x)  # [B, T, 3, H, Dh]
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
     q, k, v = (checkpoint_name(a, n) for a, n in ((q, "attn_q"), (k, "attn_k"), (v, "attn_v")))
     out = get_attention_fn(self.attention)(q, k, v, key_valid)  # [B, T, H, Dh]
     if self.attention != "blockwise":  # blockwise names its own residual output
       out = checkpoint_name(out, "attn_out")
-    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, kernel_init=_dense_init,
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, kernel_init=dense_init,
                            name="proj")(out)
 
 
@@ -302,11 +309,11 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     width = x.shape[-1]
-    h = nn.Dense(int(width * self.mlp_ratio), dtype=self.dtype, kernel_init=_dense_init,
+    h = nn.Dense(int(width * self.mlp_ratio), dtype=self.dtype, kernel_init=dense_init,
                  name="fc1")(x)
     h = checkpoint_name(h, "mlp_hidden")
     h = nn.gelu(h, approximate=False)
-    return nn.Dense(width, dtype=self.dtype, kernel_init=_dense_init, name="fc2")(h)
+    return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name="fc2")(h)
 
 
 class TransformerBlock(nn.Module):
@@ -351,11 +358,14 @@ def remat_policy_by_name(name: str):
 class TransformerStack(nn.Module):
   """`depth` TransformerBlocks, optionally rematerialised and/or scanned. `[B, T, D]`.
 
-  remat: recompute each block's activations in the backward pass (saves memory, costs a
-    forward). remat_policy names a `jax.checkpoint_policies` member (e.g. 'nothing_saveable',
-    'dots_with_no_batch_dims_saveable').
+  remat: recompute block activations in the backward pass. remat_policy: 'recompute_elementwise'
+    (above; keeps attention results, recomputes only cheap elementwise work) or a
+    `jax.checkpoint_policies` member name such as 'nothing_saveable' (least memory; re-runs
+    the attention forward too).
   scan: one traced block applied with `nn.scan` (params stacked along a leading `depth` axis):
     compile time independent of depth. Param trees of scanned and unscanned stacks differ.
+    Measured on XLA CPU: remat only lowers peak memory when combined with scan; with unrolled
+    blocks the scheduler hoists the recomputation and the peak even grows slightly.
   """
   depth: int
   num_heads: int
