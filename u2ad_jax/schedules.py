@@ -76,7 +76,7 @@ def get_schedule(name: str, **params) -> ScheduleFn:
 # Validation helpers.
 
 
-def _stage_tuple(stages: Sequence[str] | str | None, what: str) -> tuple[str, ...]:
+def stage_tuple(stages: Sequence[str] | str | None, what: str) -> tuple[str, ...]:
   """Normalises a stage list; a string may hold comma-separated names (command-line friendly)."""
   if stages is None:
     return ()
@@ -127,8 +127,8 @@ def piecewise(*, w_eu: float = 1.0, tau: float = 1.0,
   """
   w_eu = _finite(w_eu, "w_eu")
   tau = _positive(tau, "tau")
-  eu_stages = _stage_tuple(eu_stages, "eu_stages")
-  au_stages = _stage_tuple(au_stages, "au_stages")
+  eu_stages = stage_tuple(eu_stages, "eu_stages")
+  au_stages = stage_tuple(au_stages, "au_stages")
 
   def schedule(stage: str, progress: float) -> Guidance:
     _check_position(stage, progress)
@@ -151,9 +151,9 @@ def _ramp(shape: Callable[[float], float], *, w_eu: float, w_eu_start: float, ta
   w_eu_start = _finite(w_eu_start, "w_eu_start")
   tau = _positive(tau, "tau")
   tau_start = tau if tau_start is None else _positive(tau_start, "tau_start")
-  eu_stages = _stage_tuple(eu_stages, "eu_stages")
-  au_stages = _stage_tuple(au_stages, "au_stages")
-  ramp_stages = eu_stages if ramp_stages is None else _stage_tuple(ramp_stages, "ramp_stages")
+  eu_stages = stage_tuple(eu_stages, "eu_stages")
+  au_stages = stage_tuple(au_stages, "au_stages")
+  ramp_stages = eu_stages if ramp_stages is None else stage_tuple(ramp_stages, "ramp_stages")
   # Training order, whatever order the config listed them in.
   ramp_stages = tuple(s for s in STAGES if s in ramp_stages)
   if ramp_lengths is None:

@@ -119,7 +119,7 @@ def make_schedule(config: Any) -> schedules.ScheduleFn:
     if "ramp_lengths" not in ramp:
       # Default: each ramp stage takes a share of the ramp proportional to its epochs.
       ramp_stages = ramp.get("ramp_stages", params.get("eu_stages", ()))
-      ramp_stages = schedules._stage_tuple(ramp_stages, "ramp_stages")  # pylint: disable=protected-access
+      ramp_stages = schedules.stage_tuple(ramp_stages, "ramp_stages")
       ordered = [s for s in STAGES if s in ramp_stages]
       lengths = [max(1, int(config.stage_epochs[s])) for s in ordered]
       if lengths:
