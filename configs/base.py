@@ -58,6 +58,11 @@ def make_config() -> ml_collections.ConfigDict:
   config.optim.b2 = 0.95
   config.optim.decay_every_epochs = 50  # step decay: lr x decay_factor every this many epochs
   config.optim.decay_factor = 0.1
+  # 'step' (the paper: lr x decay_factor every decay_every_epochs) or 'cosine' (lr -> lr x
+  # decay_factor over decay_every_epochs, then flat); either after a linear warmup of
+  # warmup_epochs (0 = none). The schedule restarts with the optimizer state (see `restart`).
+  config.optim.schedule = "step"
+  config.optim.warmup_epochs = 0.0
   # When a new optimizer state (Adam moments and schedule counter) starts: 'stage' = at every
   # stage; 'adaptation' = at pretrain -> adaptation only (adapt_eu_au continues adapt_eu's).
   config.optim.restart = "stage"

@@ -141,3 +141,32 @@ def test_per_device_masks_differ_and_follow_the_guidance(setup):
   masks_off = np.asarray(jax.pmap(body, axis_name=parallel.AXIS, in_axes=(0, None, None))(
       same, jax.random.key(1), step_lib.guidance_arrays(1.0, 1.0, False)))[:, 0]
   assert (masks_off & excluded).any()
+
+
+def _optim(**fields):
+  base = dict(lr=1.0, b1=0.9, b2=0.95, decay_every_epochs=4, decay_factor=0.1)
+  return __import__("types").SimpleNamespace(**{**base, **fields})
+
+
+def test_learning_rate_schedules():
+  """Step decay (the paper's, and the default when the new fields are absent), cosine decay to
+  lr * decay_factor, and the linear warmup that precedes either."""
+  step = state_lib.learning_rate_schedule(_optim(), steps_per_epoch=10)
+  assert [float(step(c)) for c in (0, 39, 40, 80)] == pytest.approx([1.0, 1.0, 0.1, 0.01])
+  cosine = state_lib.learning_rate_schedule(_optim(schedule="cosine"), steps_per_epoch=10)
+  assert [float(cosine(c)) for c in (0, 20, 40, 100)] == pytest.approx([1.0, 0.55, 0.1, 0.1])
+  warm = state_lib.learning_rate_schedule(_optim(schedule="cosine", warmup_epochs=1.0),
+                                          steps_per_epoch=10)
+  values = [float(warm(c)) for c in range(0, 60)]
+  assert values[0] == pytest.approx(1.0 / 11) and values[10] == pytest.approx(1.0)
+  assert all(a < b for a, b in zip(values[:10], values[1:11]))  # rising during the warmup
+  assert values[30] == pytest.approx(0.55) and values[50] == pytest.approx(0.1)
+  flat = state_lib.learning_rate_schedule(_optim(decay_every_epochs=0, warmup_epochs=0.5), 10)
+  assert float(flat(5)) == pytest.approx(1.0) and float(flat(1000)) == pytest.approx(1.0)
+  with pytest.raises(ValueError, match="schedule"):
+    state_lib.learning_rate_schedule(_optim(schedule="linear"), 10)
+  # The optimizer state's structure does not depend on the schedule (checkpoints restore).
+  params = {"w": np.zeros(3, np.float32)}
+  shapes = [jax.tree_util.tree_structure(state_lib.make_optimizer(o, 10).init(params))
+            for o in (_optim(), _optim(schedule="cosine", warmup_epochs=2.0))]
+  assert shapes[0] == shapes[1]

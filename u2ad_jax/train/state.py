@@ -39,23 +39,47 @@ class TrainState:
 
 
 def learning_rate_schedule(optim_cfg: Any, steps_per_epoch: int) -> optax.Schedule:
-  """Step decay: `lr * decay_factor ** floor(count / (decay_every_epochs * steps_per_epoch))`.
+  """The learning rate per optimizer step of a stage (the count restarts with the optimizer).
+
+  `optim_cfg.schedule` (absent = 'step'):
+    'step':   `lr * decay_factor ** floor(count / (decay_every_epochs * steps_per_epoch))`
+              (the paper's step decay; decay_every_epochs <= 0 = constant lr).
+    'cosine': cosine decay from `lr` to `lr * decay_factor` over `decay_every_epochs` epochs,
+              then constant at `lr * decay_factor` (decay_every_epochs <= 0 = constant lr).
+  `optim_cfg.warmup_epochs` (absent = 0): a linear warmup from 0 to `lr` over this many epochs
+  (fractional allowed) precedes either decay; the decay's epochs count from the end of the
+  warmup.
 
   Args:
-    optim_cfg: `config.optim` (lr, decay_every_epochs, decay_factor).
+    optim_cfg: `config.optim` (lr, decay_every_epochs, decay_factor[, schedule, warmup_epochs]).
     steps_per_epoch: optimizer steps per epoch of the stage's data (>= 1).
   """
   steps_per_epoch = max(1, int(steps_per_epoch))
+  lr = float(optim_cfg.lr)
+  kind = str(getattr(optim_cfg, "schedule", "step") or "step")
   every = int(optim_cfg.decay_every_epochs)
+  factor = float(optim_cfg.decay_factor)
+  if kind not in ("step", "cosine"):
+    raise ValueError(f"unknown optim.schedule {kind!r}; choose 'step' or 'cosine'")
   if every <= 0:  # no decay
-    return optax.constant_schedule(float(optim_cfg.lr))
-  return optax.exponential_decay(init_value=float(optim_cfg.lr),
-                                 transition_steps=every * steps_per_epoch,
-                                 decay_rate=float(optim_cfg.decay_factor), staircase=True)
+    decay = optax.constant_schedule(lr)
+  elif kind == "step":
+    decay = optax.exponential_decay(init_value=lr, transition_steps=every * steps_per_epoch,
+                                    decay_rate=factor, staircase=True)
+  else:
+    decay = optax.cosine_decay_schedule(init_value=lr, decay_steps=every * steps_per_epoch,
+                                        alpha=factor)
+  warmup_steps = int(round(float(getattr(optim_cfg, "warmup_epochs", 0.0) or 0.0) * steps_per_epoch))
+  if warmup_steps <= 0:
+    return decay
+  # Starts at lr / warmup_steps (not 0) so the first update is not wasted.
+  warmup = optax.linear_schedule(init_value=lr / (warmup_steps + 1), end_value=lr,
+                                 transition_steps=warmup_steps)
+  return optax.join_schedules([warmup, decay], boundaries=[warmup_steps])
 
 
 def make_optimizer(optim_cfg: Any, steps_per_epoch: int) -> optax.GradientTransformation:
-  """Adam(b1, b2) with the step-decay schedule.
+  """Adam(b1, b2) with `learning_rate_schedule` (step or cosine decay, optional warmup).
 
   `inject_hyperparams` records the learning rate applied at each update in the state
   (`opt_state.hyperparams['learning_rate']`), so the step can report it; the update itself is

@@ -182,7 +182,9 @@ def make_train_step(model: Any, optim_cfg: Any, steps_per_epoch: int, settings: 
   each step once.
   """
   optim = (float(optim_cfg.lr), float(optim_cfg.b1), float(optim_cfg.b2),
-           int(optim_cfg.decay_every_epochs), float(optim_cfg.decay_factor))
+           int(optim_cfg.decay_every_epochs), float(optim_cfg.decay_factor),
+           str(getattr(optim_cfg, "schedule", "step") or "step"),
+           float(getattr(optim_cfg, "warmup_epochs", 0.0) or 0.0))
   devices = tuple(jax.devices() if devices is None else devices)
   return _cached_train_step(model, optim, int(steps_per_epoch), settings, mode, devices)
 
@@ -190,9 +192,10 @@ def make_train_step(model: Any, optim_cfg: Any, steps_per_epoch: int, settings: 
 @functools.lru_cache(maxsize=16)
 def _cached_train_step(model, optim: tuple, steps_per_epoch: int, settings: StepSettings,
                        mode: str, devices: tuple) -> parallel.DataParallel:
-  lr, b1, b2, decay_every_epochs, decay_factor = optim
+  lr, b1, b2, decay_every_epochs, decay_factor, schedule, warmup_epochs = optim
   optim_cfg = types.SimpleNamespace(lr=lr, b1=b1, b2=b2, decay_every_epochs=decay_every_epochs,
-                                    decay_factor=decay_factor)
+                                    decay_factor=decay_factor, schedule=schedule,
+                                    warmup_epochs=warmup_epochs)
   optimizer = state_lib.make_optimizer(optim_cfg, steps_per_epoch)
   body = functools.partial(train_step, apply_fn=model.apply, optimizer=optimizer,
                            settings=settings)
