@@ -6,8 +6,8 @@ patches of an image get one random order and pass `j` masks the cyclic window of
 `m = masked_count(n, r)` positions starting at `j * m`. Over `P` passes the windows tile the
 positions `0 ... P*m - 1` modulo `n`, so every patch is masked `floor(P*m/n)` or `ceil(P*m/n)`
 times; `num_passes` picks the smallest `P` with `floor(P*m/n) >= K` for every ROI size. The
-passes are independent given the order, so they run as one vmapped call (over passes; the model
-itself is batched over images).
+passes are independent given the order, so they run as ONE model call over a batch of
+`passes x images` rows (optionally in sequential chunks of passes).
 
 Per pixel, over the passes where its patch was masked:
   mean = mean reconstruction, EU = variance of the reconstructions, AU = |x - mean|.
@@ -87,6 +87,30 @@ def num_passes(num_samples: int, ratio: float, num_patches: int, *, min_roi: int
   return int(needed.max())
 
 
+def mc_encoder_length(train_roi, patch_size: int, ratio: float, *, multiple: int = 64) -> int:
+  """Host side: a static `num_keep` (<= N) for `mc_uncertainty` on these images.
+
+  Every MC pass of an image with `n` ROI patches masks exactly `masked_count(n, ratio)` of them,
+  so no pass leaves more than `N - min_b masked_count(n_b)` patches visible; the encoder needs no
+  longer sequence (results equal those with `num_keep = N`). Encoder attention cost grows with
+  L^2: measured -14% CPU per image at the paper size for a 128-patch ROI (benchmarks/README.md).
+  The length is rounded up to a multiple of `multiple` (capped at N) so that batches with similar
+  ROI sizes share one compilation. A batch with an empty ROI (e.g. padding) gives N.
+
+  Args:
+    train_roi: `[B, H, W]` bool (numpy or jax) train ROIs of the images of ONE call.
+    patch_size: p.
+    ratio: masking ratio r.
+    multiple: rounding of L (1 = exact).
+  """
+  roi_patches = np.asarray(patches.patch_any(jnp.asarray(np.asarray(train_roi, bool)),
+                                             patch_size))
+  n_patches = roi_patches.shape[-1]
+  min_masked = int(_masked_counts_conservative(float(ratio), roi_patches.sum(-1)).min())
+  length = max(1, n_patches - min_masked)
+  return int(min(n_patches, -(-length // int(multiple)) * int(multiple)))
+
+
 def _mc_masks_single(key: jax.Array, roi: jnp.ndarray, ratio: float,
                      passes: int) -> jnp.ndarray:
   """One image: `[N]` bool ROI -> `[P, N]` bool cyclic-window masks."""
@@ -132,7 +156,9 @@ def mc_uncertainty(apply_fn: ApplyFn, params, key: jax.Array, images: jnp.ndarra
   (bind them with `functools.partial`, or use `make_mc_uncertainty_fn`).
 
   Args:
-    apply_fn: `apply_fn(params, images [B,H,W,1], plan: MaskPlan) -> (recon [B,H,W,1], edge, aux)`.
+    apply_fn: `apply_fn(params, images [B,H,W,1], plan: MaskPlan) -> (recon [B,H,W,1], edge, aux)`;
+      each image's output must depend on its own row only (true of the model): the passes are
+      run as extra rows of one batch of `P * B` (or `pass_chunk * B`) images.
     params: model parameters (closed over; not vmapped).
     key: PRNG key for the random patch order.
     images: `[B, H, W, 1]` float inputs (un-augmented).
@@ -141,8 +167,9 @@ def mc_uncertainty(apply_fn: ApplyFn, params, key: jax.Array, images: jnp.ndarra
     ratio: masking ratio r (static python float).
     num_samples: K, minimum reconstructions per ROI patch.
     num_keep: static encoder length for `make_plan` (default N).
-    pass_chunk: when set and < P, run the passes in sequential chunks of this many vmapped passes
-      (`lax.map`) to bound activation memory; results are identical.
+    pass_chunk: when set and < P, run the passes in sequential chunks (`lax.map`) of this many
+      passes (a model batch of `pass_chunk * B` rows) to bound activation memory; results are
+      identical up to float rounding.
     min_roi: smallest ROI size guaranteed K reconstructions (see `num_passes`).
 
   Returns:
@@ -164,13 +191,22 @@ def mc_uncertainty(apply_fn: ApplyFn, params, key: jax.Array, images: jnp.ndarra
   roi_patches = patches.patch_any(train_roi.astype(bool), patch_size)
   masks = mc_masks(key, roi_patches, ratio, passes)  # [P, B, N]
 
-  def one_pass(mask: jnp.ndarray) -> jnp.ndarray:
-    plan = masking.make_plan(mask, num_keep)
-    recon, _, _ = apply_fn(params, images, plan)
-    return recon[..., 0].astype(jnp.float32)  # [B, H, W]
+  def run_passes(pass_masks: jnp.ndarray) -> jnp.ndarray:
+    """`[c, B, N]` masks -> `[c, B, H, W]` float32 reconstructions, ONE model call.
+
+    The passes are folded into the model's batch axis (`c * B` rows, pass-major) instead of
+    `vmap`-ing the model over passes: a plain batch keeps the model's own loops (scan over
+    blocks, attention tiles) unbatched, and measured 1.2-1.3x faster per image on the 2-core CPU
+    at the paper size, with a third of the compile time (benchmarks/README.md).
+    """
+    c = pass_masks.shape[0]
+    plan = masking.make_plan(pass_masks.reshape(c * b, n_patches), num_keep)
+    tiled = jnp.broadcast_to(images[None], (c,) + images.shape).reshape((c * b, h, w, 1))
+    recon, _, _ = apply_fn(params, tiled, plan)
+    return recon[..., 0].astype(jnp.float32).reshape(c, b, h, w)
 
   if pass_chunk is None or int(pass_chunk) >= passes:
-    recons = jax.vmap(one_pass)(masks)
+    recons = run_passes(masks)
   else:
     chunk = int(pass_chunk)
     if chunk < 1:
@@ -179,7 +215,7 @@ def mc_uncertainty(apply_fn: ApplyFn, params, key: jax.Array, images: jnp.ndarra
     # Pad with repeats of the first passes; their outputs are dropped below.
     padded = jnp.concatenate([masks, masks[:num_chunks * chunk - passes]], axis=0)
     chunked = padded.reshape(num_chunks, chunk, b, n_patches)
-    recons = jax.lax.map(jax.vmap(one_pass), chunked)
+    recons = jax.lax.map(run_passes, chunked)
     recons = recons.reshape(num_chunks * chunk, b, h, w)[:passes]
 
   x = images[..., 0].astype(jnp.float32)
