@@ -120,8 +120,8 @@ def model_maps(model: Any, params: Any, config: Any, images: np.ndarray, train_r
       data.min_roi_patches, seed).
     images: `[S, H, W]` float32 in [0, 1].
     train_roi: `[S, H, W]` bool (the masked region).
-    batch_size: slices per jitted call; the last batch is padded (with empty ROIs) so the
-      function compiles once.
+    batch_size: slices per jitted call; slices are batched by ROI size (largest first) and the
+      last batch is padded with copies of a slice, so each encoder length compiles once.
     seed: PRNG seed of the MC patch orders (default config.seed + EVAL_SEED_OFFSET).
     progress: optional callback for one-line progress messages.
 
@@ -139,11 +139,20 @@ def model_maps(model: Any, params: Any, config: Any, images: np.ndarray, train_r
   def apply_fn(p, x, plan):
     return model.apply({"params": p}, x, plan)
 
-  fn = uncertainty.make_mc_uncertainty_fn(
-      apply_fn, patch_size=int(model.patch_size), ratio=float(config.masking.ratio),
-      num_samples=int(unc.get("num_samples", 10)),
-      pass_chunk=None if not pass_chunk else int(pass_chunk),
-      min_roi=max(1, int(data.get("min_roi_patches", 1))))
+  ratio = float(config.masking.ratio)
+  fns = {}
+
+  def mc_fn(num_keep):
+    # One compilation per encoder length; lengths are rounded (mc_encoder_length) so a cohort
+    # needs only a few.
+    if num_keep not in fns:
+      fns[num_keep] = uncertainty.make_mc_uncertainty_fn(
+          apply_fn, patch_size=int(model.patch_size), ratio=ratio,
+          num_samples=int(unc.get("num_samples", 10)), num_keep=num_keep,
+          pass_chunk=None if not pass_chunk else int(pass_chunk),
+          min_roi=max(1, int(data.get("min_roi_patches", 1))))
+    return fns[num_keep]
+
   if seed is None:
     seed = int(config.get("seed", 0)) + EVAL_SEED_OFFSET
   key = jax.random.key(int(seed))
@@ -152,16 +161,25 @@ def model_maps(model: Any, params: Any, config: Any, images: np.ndarray, train_r
   out = {name: np.zeros(images.shape, np.float32) for name in ("eu", "mean", "au")}
   start = time.monotonic()
   batch_size = max(1, min(int(batch_size), num))
+  # Batches of slices with similar ROI sizes: every MC pass of a batch then keeps at most
+  # N - min(masked) patches visible, so the encoder runs on a shorter sequence (attention is
+  # quadratic in it; results are identical to the full length, see uncertainty.mc_encoder_length).
+  roi_size = train_roi.reshape(num, -1).sum(axis=1)
+  order = np.argsort(-roi_size, kind="stable")
   for b, lo in enumerate(range(0, num, batch_size)):
-    hi = min(lo + batch_size, num)
-    x = np.zeros((batch_size,) + images.shape[1:], np.float32)
-    roi = np.zeros((batch_size,) + images.shape[1:], bool)
-    x[:hi - lo], roi[:hi - lo] = images[lo:hi], train_roi[lo:hi]
-    maps = fn(params, jax.random.fold_in(key, b), jnp.asarray(x[..., None]), jnp.asarray(roi))
+    rows = order[lo:lo + batch_size]
+    # The last batch is padded with copies of its last slice (outputs dropped), so shapes stay
+    # fixed and padding never lengthens the encoder sequence.
+    padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
+    x, roi = images[padded], train_roi[padded]
+    num_keep = uncertainty.mc_encoder_length(roi, int(model.patch_size), ratio)
+    maps = mc_fn(num_keep)(params, jax.random.fold_in(key, b), jnp.asarray(x[..., None]),
+                           jnp.asarray(roi))
     for name in out:
-      out[name][lo:hi] = np.asarray(maps[name])[:hi - lo]
+      out[name][rows] = np.asarray(maps[name])[:len(rows)]
     if progress is not None:
-      progress(f"MC maps {hi}/{num} slices ({time.monotonic() - start:.1f} s)")
+      done = min(lo + batch_size, num)
+      progress(f"MC maps {done}/{num} slices ({time.monotonic() - start:.1f} s)")
   return out
 
 
