@@ -115,6 +115,12 @@ def make_config() -> ml_collections.ConfigDict:
   config.evaluation.threshold = "mad"   # unsupervised decision threshold: median + k * MAD
   config.evaluation.mad_k = 3.0
   config.evaluation.curve_reduction = "sum"  # across the cord width: 'sum' | 'max'
+  # Anomaly map from the residual x - mean reconstruction (evaluation/anomaly.py):
+  # 'centered_positive' (hyperintense part after removing the subject's median cord residual),
+  # 'positive', or 'absolute' (|x - mean|, the method as written).
+  config.evaluation.residual = "centered_positive"
+  # K at evaluation (MC reconstructions per ROI patch); None = uncertainty.num_samples.
+  config.evaluation.num_samples = config_dict.placeholder(int)
 
   config.parallel = "pmap"              # 'pmap' (default) | 'shard_map'
   config.checkpoint = ml_collections.ConfigDict()

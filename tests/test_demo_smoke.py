@@ -17,8 +17,10 @@ import pytest
 
 from u2ad_jax import errors
 from u2ad_jax import labels as L
+from u2ad_jax.evaluation import anomaly
 from u2ad_jax.evaluation import evaluator
 from u2ad_jax.evaluation import workflow
+from u2ad_jax.train import checkpoint
 
 
 def test_smoke_demo_end_to_end(tmp_path):
@@ -72,6 +74,23 @@ def check_re_evaluation(demo, tmp_path):
   again = evaluator.evaluate_checkpoint(run, clinical, None, verbose=False)
   np.testing.assert_allclose(again.segment_scores, demo.u2ad.segment_scores, rtol=1e-5,
                              atol=1e-7)
+  # The default anomaly map is the centred positive residual of the mean reconstruction; an
+  # evaluation-time override switches to the method's |x - mean| without retraining.
+  cohort = evaluator.prepare_cohort(clinical, checkpoint.read_config(run).data,
+                                    progress=False).slice_set
+  absolute = evaluator.evaluate_checkpoint(
+      run, clinical, None, overrides=["evaluation.residual=absolute"], verbose=False)
+  np.testing.assert_allclose(absolute.recon, demo.u2ad.recon, atol=1e-6)
+  residual = cohort.images - demo.u2ad.recon
+  np.testing.assert_allclose(absolute.anomaly, np.where(cohort.score_roi, np.abs(residual), 0),
+                             atol=1e-6)
+  expected = anomaly.anomaly_maps(cohort.images, demo.u2ad.recon, cohort.score_roi,
+                                  cohort.subject_ids, "centered_positive")
+  np.testing.assert_allclose(demo.u2ad.anomaly, expected, atol=1e-6)
+  assert absolute.info["anomaly_map"].startswith("anomaly = |x - mean")
+  with pytest.raises(errors.UsageError, match="model"):
+    evaluator.evaluate_checkpoint(run, clinical, None, overrides=["model.variant=paper"],
+                                  verbose=False)
   with pytest.raises(errors.CheckpointError, match="no checkpoint at step 99999"):
     evaluator.evaluate_checkpoint(run, clinical, tmp_path / "out", step=99999, verbose=False)
   assert not (tmp_path / "out").exists()

@@ -45,3 +45,7 @@ class ConfigMismatchError(U2ADError):
 
 class NonFiniteLossError(U2ADError):
   """Training produced a non-finite loss; the last good checkpoint is kept."""
+
+
+class UsageError(U2ADError):
+  """A command-line value that cannot be used (the message names the flag and the value)."""

@@ -4,7 +4,9 @@ Restores a checkpoint read-only, computes Monte-Carlo anomaly maps for every sli
 scores the six segments C2-3 ... C7-T1 and every patient, decides with the unsupervised threshold
 (median + k robust sigma of the cohort's segment scores; no labels) and writes per-patient NIfTI
 maps and JSON sidecars, CSV tables, metrics (when the cohort has truth), figures and report.md.
-With `--intensity_out DIR` it also scores the cord-intensity rung on the same cohort.
+With `--intensity_out DIR` it also scores the cord-intensity rung on the same cohort. `--set
+section.key=value` changes the run's scoring settings (evaluation.*, postprocess.*) for this
+evaluation only, e.g. `--set evaluation.residual=absolute` for the method's |x - mean| map.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ _BATCH = flags.DEFINE_integer("batch_size", evaluator.DEFAULT_BATCH_SIZE,
                               "slices per Monte-Carlo call")
 _INTENSITY_OUT = flags.DEFINE_string("intensity_out", None,
                                      "also score the cord-intensity rung into this directory")
+_SET = flags.DEFINE_multi_string(
+    "set", [], "scoring override section.key=value of the run's evaluation / postprocess config, "
+    "e.g. --set evaluation.residual=absolute --set evaluation.num_samples=10 (repeatable)")
 _QUIET = flags.DEFINE_bool("quiet", False, "no progress messages")
 
 flags.mark_flags_as_required(["workdir", "data", "out"])
@@ -37,11 +42,13 @@ def main(argv):
   if _INTENSITY_OUT.value:
     # Load the cohort once for both rungs (with the run's data settings).
     from u2ad_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
-    config = checkpoint.read_config(_WORKDIR.value)
+    config = evaluator.apply_scoring_overrides(checkpoint.read_config(_WORKDIR.value),
+                                               _SET.value)
     prepared = evaluator.prepare_cohort(_DATA.value, config.data, progress=not _QUIET.value)
   result = evaluator.evaluate_checkpoint(_WORKDIR.value, _DATA.value, _OUT.value,
                                          step=_STEP.value, batch_size=_BATCH.value,
-                                         prepared=prepared, verbose=not _QUIET.value)
+                                         prepared=prepared, overrides=_SET.value,
+                                         verbose=not _QUIET.value)
   print(report.format_table(result))
   print(f"report: {_OUT.value}/report.md")
   if prepared is not None:

@@ -5,13 +5,15 @@ Order of work, chosen so that bad input fails BEFORE anything is computed or wri
    workdir / checkpoint raises CheckpointError naming the path.
 2. Load the cohort with `require_vertebrae=True` and find every subject's vertebral levels: a
    subject without the seven bodies C2 ... T1 raises LabelError naming its label file.
-3. Monte-Carlo maps (`uncertainty.mc_uncertainty`, jitted, batched over slices, K from the config):
-   EU, mean reconstruction and AU; the anomaly map is AU inside the scoring ROI.
+3. Monte-Carlo maps (`uncertainty.mc_uncertainty`, jitted, batched over slices; K =
+   config.evaluation.num_samples, else the training K): EU, mean reconstruction and AU; the
+   anomaly map is the residual x - mean as `config.evaluation.residual` says (`anomaly.py`:
+   by default its positive part after removing the subject's median cord residual).
 4. Scores, the unsupervised threshold and metrics (`analysis.analyse`, shared by every rung).
 5. Outputs are written into a staging directory beside `--out`, which replaces `--out` only once
    complete: an error at any point leaves no partial report.
 
-Per-subject outputs (subjects/<id>/): `<id>_anomaly.nii.gz` (AU inside the scoring ROI),
+Per-subject outputs (subjects/<id>/): `<id>_anomaly.nii.gz` (the anomaly map),
 `<id>_anomaly_postprocessed.nii.gz`, `<id>_eu.nii.gz`, `<id>_recon.nii.gz` (mean reconstruction,
 in the input's intensity units) on the input's own voxel grid with its affine and header, and
 `<id>_scores.json` (model, checkpoint step, threshold, scores, decisions, levels).
@@ -19,6 +21,7 @@ in the input's intensity units) on the input's own voxel grid with its affine an
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import os
@@ -26,7 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -34,6 +37,7 @@ from u2ad_jax import errors
 from u2ad_jax import io_utils
 from u2ad_jax import labels as label_values
 from u2ad_jax.evaluation import analysis
+from u2ad_jax.evaluation import anomaly as anomaly_lib
 from u2ad_jax.evaluation import postprocess as postprocess_lib
 from u2ad_jax.evaluation import report
 from u2ad_jax.evaluation import scoring
@@ -51,6 +55,8 @@ class EvalSettings:
   postprocess: postprocess_lib.PostprocessParams
   rule: thresholds.ThresholdRule
   reduction: str = "sum"
+  residual: str = anomaly_lib.DEFAULT_RESIDUAL
+  num_samples: int | None = None  # MC reconstructions per patch; None = the training K
 
   @classmethod
   def from_config(cls, config: Any) -> "EvalSettings":
@@ -61,7 +67,16 @@ class EvalSettings:
         rule=thresholds.ThresholdRule(
             name=str(rule_name), k=float(ev.get("mad_k", ev.get("threshold_k", 3.0))),
             pool=str(ev.get("threshold_pool", "segments"))),
-        reduction=str(ev.get("curve_reduction", ev.get("reduction", "sum"))))
+        reduction=str(ev.get("curve_reduction", ev.get("reduction", "sum"))),
+        residual=str(ev.get("residual", anomaly_lib.DEFAULT_RESIDUAL)),
+        num_samples=None if ev.get("num_samples") is None else int(ev["num_samples"]))
+
+  def __post_init__(self):
+    if self.residual not in anomaly_lib.RESIDUALS:
+      raise ValueError(f"config.evaluation.residual={self.residual!r}; expected one of "
+                       f"{anomaly_lib.RESIDUALS}")
+    if self.num_samples is not None and self.num_samples < 1:
+      raise ValueError(f"config.evaluation.num_samples must be >= 1, got {self.num_samples}")
 
 
 def _section(config: Any, name: str) -> dict[str, Any]:
@@ -72,6 +87,53 @@ def _section(config: Any, name: str) -> dict[str, Any]:
   if section is None:
     return {}
   return section.to_dict() if hasattr(section, "to_dict") else dict(section)
+
+
+# Config sections an evaluation may override without retraining (scoring only: the model and
+# its data geometry are fixed by the checkpoint).
+SCORING_KEYS = {
+    "evaluation": ("threshold", "mad_k", "threshold_pool", "curve_reduction", "residual",
+                   "num_samples"),
+    "postprocess": ("percentile", "min_size", "top_k"),
+}
+
+
+def apply_scoring_overrides(config: Any, overrides: Sequence[str]) -> Any:
+  """`config` with `section.key=value` overrides of its scoring sections applied (in place).
+
+  Values are Python literals (`3`, `2.5`, `None`, `'max'`) or bare strings (`positive`).
+
+  Raises:
+    UsageError: a malformed override, a setting outside SCORING_KEYS, or a bad value.
+  """
+  for item in overrides:
+    name, sep, text = item.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not key:
+      raise errors.UsageError(f"override {item!r}: expected section.key=value")
+    if section not in SCORING_KEYS:
+      raise errors.UsageError(f"override {item!r}: only {', '.join(SCORING_KEYS)} settings "
+                              "can change at evaluation (the rest is fixed by the checkpoint)")
+    if key not in SCORING_KEYS[section]:
+      raise errors.UsageError(f"override {item!r}: unknown {section} setting {key!r}; known: "
+                              f"{', '.join(SCORING_KEYS[section])}")
+    try:
+      value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+      value = text.strip()
+    if config.get(section) is None:
+      with config.unlocked():
+        config[section] = {}
+    try:
+      with config.unlocked():
+        config[section][key] = value
+    except (TypeError, ValueError) as e:
+      raise errors.UsageError(f"override {item!r}: {e}") from e
+  try:
+    EvalSettings.from_config(config)
+  except (TypeError, ValueError) as e:
+    raise errors.UsageError(f"overrides {list(overrides)}: {e}") from e
+  return config
 
 
 # ------------------------------------------------------------------------------ staging
@@ -110,6 +172,7 @@ def staged_directory(out_dir: str | os.PathLike) -> Iterator[str]:
 
 def model_maps(model: Any, params: Any, config: Any, images: np.ndarray, train_roi: np.ndarray,
                *, batch_size: int = DEFAULT_BATCH_SIZE, seed: int | None = None,
+               num_samples: int | None = None,
                progress: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
   """EU, mean reconstruction and AU of every slice with the model's final weights.
 
@@ -123,6 +186,7 @@ def model_maps(model: Any, params: Any, config: Any, images: np.ndarray, train_r
     batch_size: slices per jitted call; slices are batched by ROI size (largest first) and the
       last batch is padded with copies of a slice, so each encoder length compiles once.
     seed: PRNG seed of the MC patch orders (default config.seed + EVAL_SEED_OFFSET).
+    num_samples: K, reconstructions per ROI patch (default config.uncertainty.num_samples).
     progress: optional callback for one-line progress messages.
 
   Returns:
@@ -135,6 +199,8 @@ def model_maps(model: Any, params: Any, config: Any, images: np.ndarray, train_r
   unc = _section(config, "uncertainty")
   data = _section(config, "data")
   pass_chunk = unc.get("pass_chunk")
+  if num_samples is None:
+    num_samples = int(unc.get("num_samples", 10))
 
   def apply_fn(p, x, plan):
     return model.apply({"params": p}, x, plan)
@@ -148,7 +214,7 @@ def model_maps(model: Any, params: Any, config: Any, images: np.ndarray, train_r
     if num_keep not in fns:
       fns[num_keep] = uncertainty.make_mc_uncertainty_fn(
           apply_fn, patch_size=int(model.patch_size), ratio=ratio,
-          num_samples=int(unc.get("num_samples", 10)), num_keep=num_keep,
+          num_samples=int(num_samples), num_keep=num_keep,
           pass_chunk=None if not pass_chunk else int(pass_chunk),
           min_roi=max(1, int(data.get("min_roi_patches", 1))))
     return fns[num_keep]
@@ -243,9 +309,9 @@ def write_subject_outputs(out_dir: str, result: analysis.CohortResult, slice_set
         },
         "slices_scored": [int(v) for v in slice_index],
         "files": files,
-        "maps": "anomaly = |x - mean of K masked reconstructions| inside the eroded cord; "
-                "recon = mean reconstruction in the input's intensity units; voxels of slices "
-                "that were not scored are 0",
+        "maps": (provenance.get("anomaly_map", "anomaly = the rung's anomaly map") +
+                 "; recon = mean reconstruction in the input's intensity units; voxels of "
+                 "slices that were not scored are 0"),
     }
     if result.truth is not None:
       sidecar["truth"] = {
@@ -309,8 +375,12 @@ def evaluate_checkpoint(workdir: str | os.PathLike, data_dir: str | os.PathLike,
                         out_dir: str | os.PathLike | None, *, step: int | None = None,
                         batch_size: int = DEFAULT_BATCH_SIZE, name: str | None = None,
                         prepared: PreparedCohort | None = None,
+                        overrides: Sequence[str] = (),
                         verbose: bool = True) -> analysis.CohortResult:
   """Evaluates one checkpoint on one cohort; writes everything to `out_dir` (None: nothing).
+
+  `overrides` (`section.key=value`, see `apply_scoring_overrides`) change the scoring settings
+  recorded with the run, e.g. `evaluation.residual=absolute` or `evaluation.num_samples=10`.
 
   Raises:
     CheckpointError: missing / damaged workdir or checkpoint (nothing written).
@@ -326,6 +396,7 @@ def evaluate_checkpoint(workdir: str | os.PathLike, data_dir: str | os.PathLike,
     raise
   except Exception as e:  # anything else from a damaged workdir is still the workdir's fault
     raise errors.CheckpointError(workdir, f"cannot restore ({type(e).__name__}: {e})") from e
+  config = apply_scoring_overrides(config, overrides)
   if prepared is None:
     prepared = prepare_cohort(data_dir, config.data, progress=verbose)
   slice_set = prepared.slice_set
@@ -334,26 +405,32 @@ def evaluate_checkpoint(workdir: str | os.PathLike, data_dir: str | os.PathLike,
   if log:
     log(f"restored {workdir} step {restored_step}; {len(slice_set)} slices of "
         f"{len(slice_set.subjects)} subjects")
+  num_samples = settings.num_samples or int(
+      _section(config, "uncertainty").get("num_samples", 10))
   maps = model_maps(model, params, config, slice_set.images, slice_set.train_roi,
-                    batch_size=batch_size, progress=log)
+                    batch_size=batch_size, num_samples=num_samples, progress=log)
+  anomaly = anomaly_lib.anomaly_maps(slice_set.images, maps["mean"], slice_set.score_roi,
+                                     slice_set.subject_ids, settings.residual)
   name = name or os.path.basename(os.path.normpath(workdir))
   variant = _section(config, "model").get("variant")
   provenance = {
       "model": {"name": name, "workdir": os.path.abspath(workdir), "variant": variant,
                 "stages": _stages(config)},
       "checkpoint_step": restored_step,
-      "num_samples": int(_section(config, "uncertainty").get("num_samples", 10)),
+      "num_samples": num_samples,
+      "anomaly_map": anomaly_lib.describe(settings.residual),
       "cohort": os.path.abspath(prepared.root),
   }
   result = analysis.analyse(
       name, images=slice_set.images, labels=slice_set.labels, score_roi=slice_set.score_roi,
-      slice_subjects=slice_set.subject_ids, anomaly=maps["au"],
+      slice_subjects=slice_set.subject_ids, anomaly=anomaly,
       postprocess_params=settings.postprocess, rule=settings.rule, reduction=settings.reduction,
       participants=prepared.participants, levels=prepared.levels, eu=maps["eu"],
       recon=maps["mean"], info=provenance)
   if out_dir is not None:
     header = [f"- Model: `{name}` ({variant}), checkpoint step {restored_step}, "
-              f"K = {provenance['num_samples']} MC reconstructions per patch.",
+              f"K = {provenance['num_samples']} MC reconstructions per patch; "
+              f"{provenance['anomaly_map']}.",
               f"- Cohort: `{prepared.root}` ({len(slice_set)} slices)."]
     with staged_directory(out_dir) as staging:
       write_all(staging, result, slice_set, provenance, header)
@@ -371,7 +448,9 @@ def evaluate_intensity(prepared: PreparedCohort, settings: EvalSettings,
   maps = intensity_baseline.intensity_maps(s.images, s.score_roi, s.subject_ids)
   provenance = {"model": {"name": "intensity", "variant": None,
                           "description": "cord intensity / subject median cord intensity - 1"},
-                "checkpoint_step": None, "cohort": os.path.abspath(prepared.root)}
+                "checkpoint_step": None, "cohort": os.path.abspath(prepared.root),
+                "anomaly_map": "anomaly = max(x / the subject's median cord intensity - 1, 0) "
+                               "inside the eroded cord"}
   result = analysis.analyse(
       "intensity", images=s.images, labels=s.labels, score_roi=s.score_roi,
       slice_subjects=s.subject_ids, anomaly=maps, postprocess_params=settings.postprocess,

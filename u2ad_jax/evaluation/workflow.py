@@ -224,7 +224,8 @@ def run_demo(out_dir: str | os.PathLike, *, smoke: bool = False, config_spec: st
       f"cohort ({size.num_clinical} subjects, about half with T2 hyperintensities); model "
       f"`{config.model.variant}` at {config.data.image_size} px; stages "
       f"{', '.join(config.stages)} ({', '.join(str(config.stage_epochs[s]) for s in config.stages)}"
-      f" epochs); K = {config.uncertainty.num_samples}.",
+      f" epochs); K = {config.uncertainty.num_samples} in training, "
+      f"{config.evaluation.num_samples or config.uncertainty.num_samples} at evaluation.",
       "",
       "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ".",
       "",
