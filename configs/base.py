@@ -104,6 +104,9 @@ def make_config() -> ml_collections.ConfigDict:
   config.candidates.percentile = 90.0
   config.candidates.min_size = 2
   config.candidates.top_k = 3
+  # The AU map the candidates come from (u2ad_jax/anomaly.py): 'centered_positive' (hyperintense
+  # part of x - mean after removing the slice's median cord residual), 'positive', 'absolute'.
+  config.candidates.residual = "centered_positive"
 
   # Evaluation's own thresholding of the anomaly maps (candidates.threshold_components).
   config.postprocess = ml_collections.ConfigDict()
@@ -115,7 +118,7 @@ def make_config() -> ml_collections.ConfigDict:
   config.evaluation.threshold = "mad"   # unsupervised decision threshold: median + k * MAD
   config.evaluation.mad_k = 3.0
   config.evaluation.curve_reduction = "sum"  # across the cord width: 'sum' | 'max'
-  # Anomaly map from the residual x - mean reconstruction (evaluation/anomaly.py):
+  # Anomaly map from the residual x - mean reconstruction (u2ad_jax/anomaly.py):
   # 'centered_positive' (hyperintense part after removing the subject's median cord residual),
   # 'positive', or 'absolute' (|x - mean|, the method as written).
   config.evaluation.residual = "centered_positive"

@@ -1,4 +1,4 @@
-"""The anomaly map from the residual (evaluation/anomaly.py) and evaluation-time overrides."""
+"""The anomaly map from the residual (u2ad_jax/anomaly.py) and evaluation-time overrides."""
 
 import json
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from u2ad_jax import errors
-from u2ad_jax.evaluation import anomaly
+from u2ad_jax import anomaly
 from u2ad_jax.evaluation import evaluator
 
 
@@ -106,3 +106,13 @@ def test_scoring_overrides_change_the_settings():
 def test_bad_scoring_overrides_fail_clearly(override, message):
   with pytest.raises(errors.UsageError, match=message):
     evaluator.apply_scoring_overrides(_recorded_config(), [override])
+
+
+def test_distinct_ids_centre_each_slice_alone():
+  """Training candidates centre per slice: one id per slice."""
+  images, recon, roi, _ = _cohort()
+  recon[1] -= 0.05  # slice 1 of subject a is reconstructed darker than slice 0
+  per_slice = anomaly.subject_offsets(images - recon, roi, [0, 1, 2, 3])
+  np.testing.assert_allclose(per_slice, [0.1, 0.15, -0.05, -0.05], atol=1e-6)
+  out = anomaly.anomaly_maps(images, recon, roi, [0, 1, 2, 3], "centered_positive")
+  assert out[1, 4, 3] == pytest.approx(0.25) and out[0].max() < 1e-6

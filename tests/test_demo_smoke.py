@@ -17,7 +17,7 @@ import pytest
 
 from u2ad_jax import errors
 from u2ad_jax import labels as L
-from u2ad_jax.evaluation import anomaly
+from u2ad_jax import anomaly
 from u2ad_jax.evaluation import evaluator
 from u2ad_jax.evaluation import workflow
 from u2ad_jax.train import checkpoint

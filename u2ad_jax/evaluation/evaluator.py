@@ -7,7 +7,7 @@ Order of work, chosen so that bad input fails BEFORE anything is computed or wri
    subject without the seven bodies C2 ... T1 raises LabelError naming its label file.
 3. Monte-Carlo maps (`uncertainty.mc_uncertainty`, jitted, batched over slices; K =
    config.evaluation.num_samples, else the training K): EU, mean reconstruction and AU; the
-   anomaly map is the residual x - mean as `config.evaluation.residual` says (`anomaly.py`:
+   anomaly map is the residual x - mean as `config.evaluation.residual` says (`u2ad_jax/anomaly.py`:
    by default its positive part after removing the subject's median cord residual).
 4. Scores, the unsupervised threshold and metrics (`analysis.analyse`, shared by every rung).
 5. Outputs are written into a staging directory beside `--out`, which replaces `--out` only once
@@ -37,7 +37,7 @@ from u2ad_jax import errors
 from u2ad_jax import io_utils
 from u2ad_jax import labels as label_values
 from u2ad_jax.evaluation import analysis
-from u2ad_jax.evaluation import anomaly as anomaly_lib
+from u2ad_jax import anomaly as anomaly_lib
 from u2ad_jax.evaluation import postprocess as postprocess_lib
 from u2ad_jax.evaluation import report
 from u2ad_jax.evaluation import scoring

@@ -9,7 +9,8 @@ process ends with the maps of all slices. The host then keeps two per-patch arra
     of `masking.guided_mask`;
   exclude `[S, N]` bool: patches touching an AU anomaly candidate (`candidates.select_candidates`
     on the AU map restricted to the scoring ROI, then `candidate_patches`), never masked while AU
-    exclusion is on.
+    exclusion is on. The AU map is made from the residual x - mean reconstruction as
+    `config.candidates.residual` says (`u2ad_jax.anomaly`; 'absolute' = |x - mean|).
 
 Slice s uses the key `fold_in(key, s)`, so its maps depend only on (params, key, slice), not on
 the device count or chunking; the trainer derives `key` from (seed, stage, refresh epoch).
@@ -23,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from u2ad_jax import anomaly
 from u2ad_jax import candidates
 from u2ad_jax import patches
 from u2ad_jax import uncertainty
@@ -33,7 +35,7 @@ def _maps_body(params: Any, key: jax.Array, images: jax.Array, train_roi: jax.Ar
                slice_ids: jax.Array, *, apply_fn, patch_size: int, ratio: float,
                num_samples: int, pass_chunk: int | None, min_roi: int
                ) -> tuple[jax.Array, jax.Array]:
-  """Per device: `c` slices -> all devices' `(patch_eu [D*c, N], au [D*c, H, W])`."""
+  """Per device: `c` slices -> all devices' `(patch_eu [D*c, N], mean [D*c, H, W])`."""
   def model_fn(p, x, plan):
     return apply_fn({"params": p}, x, plan)
 
@@ -42,10 +44,10 @@ def _maps_body(params: Any, key: jax.Array, images: jax.Array, train_roi: jax.Ar
         model_fn, params, jax.random.fold_in(key, slice_id), image[None], roi[None],
         patch_size=patch_size, ratio=ratio, num_samples=num_samples, pass_chunk=pass_chunk,
         min_roi=min_roi)
-    return patches.patch_sum(out["eu"], patch_size)[0], out["au"][0]
+    return patches.patch_sum(out["eu"], patch_size)[0], out["mean"][0]
 
-  patch_eu, au = jax.vmap(one)(slice_ids, images, train_roi)
-  return parallel.gather_rows(patch_eu), parallel.gather_rows(au)
+  patch_eu, mean = jax.vmap(one)(slice_ids, images, train_roi)
+  return parallel.gather_rows(patch_eu), parallel.gather_rows(mean)
 
 
 @functools.lru_cache(maxsize=8)
@@ -76,6 +78,10 @@ class MapGenerator:
     self.candidate_args = dict(percentile=float(config.candidates.percentile),
                                min_size=int(config.candidates.min_size),
                                top_k=config.candidates.top_k)
+    self.residual = str(config.candidates.get("residual", "absolute"))
+    if self.residual not in anomaly.RESIDUALS:
+      raise ValueError(f"config.candidates.residual={self.residual!r}; expected one of "
+                       f"{anomaly.RESIDUALS}")
     pass_chunk = None if u.pass_chunk is None else int(u.pass_chunk)
     devices = tuple(jax.devices() if devices is None else devices)
     self.parallel = _cached_maps_fn(
@@ -106,13 +112,15 @@ class MapGenerator:
       shape = (dp.num_local_devices, self.per_device)
       images = slice_set.images[ids].reshape(shape + slice_set.images.shape[1:] + (1,))
       rois = slice_set.train_roi[ids].reshape(shape + slice_set.train_roi.shape[1:])
-      eu, au = dp(params, key, images, rois, ids.astype(np.int32).reshape(shape))
-      eu, au = parallel.to_host((eu, au))
-      ids_all = positions[start:start + chunk]
-      keep = min(chunk, num - start)
-      cands = candidates.select_candidates_batch(au[:keep], slice_set.score_roi[ids_all[:keep]],
-                                                 **self.candidate_args)
-      patch_eu.append(np.asarray(eu[:keep], np.float32))
+      eu, mean = dp(params, key, images, rois, ids.astype(np.int32).reshape(shape))
+      eu, mean = parallel.to_host((eu, mean))
+      rows = positions[start:start + min(chunk, num - start)]
+      score_roi = slice_set.score_roi[rows]
+      # Per-slice centring (each slice its own group): see u2ad_jax.anomaly.
+      au = anomaly.anomaly_maps(slice_set.images[rows], mean[:rows.size], score_roi, list(rows),
+                                self.residual)
+      cands = candidates.select_candidates_batch(au, score_roi, **self.candidate_args)
+      patch_eu.append(np.asarray(eu[:rows.size], np.float32))
       exclude.append(candidates.candidate_patches(cands, self.patch_size))
     return {"patch_eu": np.concatenate(patch_eu), "exclude": np.concatenate(exclude)}
 

@@ -1,7 +1,10 @@
 """The anomaly map: how much brighter each cord pixel is than the model expects.
 
 The method's map is the aleatoric map AU = |x - m| (m = mean of K masked reconstructions) inside
-the scoring ROI. `config.evaluation.residual` chooses how the residual r = x - m becomes the map:
+the scoring ROI. How the residual r = x - m becomes the map is a setting, both for the final
+anomaly map (`config.evaluation.residual`, centred per SUBJECT) and for the AU candidates that
+guide training (`config.candidates.residual`, centred per SLICE: the training maps are made a
+chunk of slices at a time, and the candidates are a per-image percentile anyway):
 
 - 'absolute'           |r|: the method as written (and the training-time AU map).
 - 'positive'           max(r, 0): only hyperintense deviations count.
@@ -27,22 +30,24 @@ from typing import Sequence
 
 import numpy as np
 
-from u2ad_jax.evaluation import scoring
-
 RESIDUALS = ("centered_positive", "positive", "absolute")
 DEFAULT_RESIDUAL = "centered_positive"
 
 
 def subject_offsets(residual: np.ndarray, score_roi: np.ndarray,
-                    subject_ids: Sequence[str]) -> np.ndarray:
+                    subject_ids: Sequence[object]) -> np.ndarray:
   """`[S]` float32: for each slice, the median residual over its SUBJECT's scoring-ROI pixels.
 
+  `subject_ids` may be any hashable per slice (distinct ids per slice centre each slice alone).
   A subject without scoring-ROI pixels gets 0 (its maps are 0 inside the empty ROI anyway).
   """
   residual = np.asarray(residual, dtype=np.float32)
   score_roi = np.asarray(score_roi, dtype=bool)
   offsets = np.zeros(residual.shape[0], dtype=np.float32)
-  for _, pos in scoring.subject_positions(subject_ids).items():
+  groups: dict[object, list[int]] = {}
+  for i, sid in enumerate(subject_ids):
+    groups.setdefault(sid, []).append(i)
+  for pos in groups.values():
     values = residual[pos][score_roi[pos]]
     if values.size:
       offsets[pos] = np.median(values)
@@ -50,7 +55,7 @@ def subject_offsets(residual: np.ndarray, score_roi: np.ndarray,
 
 
 def anomaly_maps(images: np.ndarray, recon: np.ndarray, score_roi: np.ndarray,
-                 subject_ids: Sequence[str], residual: str = DEFAULT_RESIDUAL) -> np.ndarray:
+                 subject_ids: Sequence[object], residual: str = DEFAULT_RESIDUAL) -> np.ndarray:
   """Anomaly maps of the cohort's slices.
 
   Args:
