@@ -118,6 +118,9 @@ def make_config() -> ml_collections.ConfigDict:
   config.evaluation.threshold = "mad"   # unsupervised decision threshold: median + k * MAD
   config.evaluation.mad_k = 3.0
   config.evaluation.curve_reduction = "sum"  # across the cord width: 'sum' | 'max'
+  # Then summed over this length of cord (mm; 0 = per row): lesion extent x intensity
+  # (evaluation/curves.py).
+  config.evaluation.curve_window_mm = 8.0
   # Anomaly map from the residual x - mean reconstruction (u2ad_jax/anomaly.py):
   # 'centered_positive' (hyperintense part after removing the subject's median cord residual),
   # 'positive', or 'absolute' (|x - mean|, the method as written).

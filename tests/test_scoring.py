@@ -90,6 +90,28 @@ def test_curve_reductions_and_segment_maxima():
     curves.anomaly_curve(maps, "mean")
 
 
+def test_curve_window_sums_along_the_cord():
+  maps = np.zeros((1, H, W))
+  maps[0, 60:64, 32] = 1.0                 # a 4-row lesion, 1 per row
+  maps[0, 100, 33] = 2.5                   # a single bright noise row
+  maps[0, 0, 33] = 1.0                     # at the top edge: rows above the image count 0
+  per_row = curves.anomaly_curve(maps)
+  windowed = curves.anomaly_curve(maps, "sum", window=5)
+  assert per_row[0].max() == pytest.approx(2.5)   # per row, the noise row wins
+  assert windowed[0, 61] == pytest.approx(4.0) and windowed[0, 62] == pytest.approx(4.0)
+  assert windowed[0, 100] == pytest.approx(2.5)   # with the window, the lesion wins
+  assert windowed[0, 0] == pytest.approx(1.0) and windowed[0, 2] == pytest.approx(1.0)
+  assert windowed[0, 3] == 0.0
+  np.testing.assert_allclose(windowed.sum(), per_row.sum() * 5 - 1.0 * 2)  # edge loses 2 rows
+  assert curves.window_rows(8.0, 200 / 128) == 5 and curves.window_rows(8.0, 200 / 256) == 11
+  assert curves.window_rows(0.0, 1.0) == 1 and curves.window_rows(2.0, 1.0) == 3
+  for bad in (0, 4):
+    with pytest.raises(ValueError, match="odd"):
+      curves.anomaly_curve(maps, "sum", window=bad)
+  with pytest.raises(ValueError):
+    curves.window_rows(-1.0, 1.0)
+
+
 def test_robust_threshold_rule():
   values = np.array([1.0, 2.0, 3.0, 4.0, 100.0])
   # median 3, MAD 1 -> sigma 1.4826.

@@ -170,7 +170,7 @@ def compute_metrics(result_scores: Sequence[scoring.SubjectScores],
 def analyse(name: str, *, images: np.ndarray, labels: np.ndarray, score_roi: np.ndarray,
             slice_subjects: Sequence[str], anomaly: np.ndarray,
             postprocess_params: postprocess_lib.PostprocessParams,
-            rule: thresholds.ThresholdRule, reduction: str = "sum",
+            rule: thresholds.ThresholdRule, reduction: str = "sum", curve_window: int = 1,
             participants: Mapping[str, Mapping[str, Any]] | None = None,
             levels: Mapping[str, levels_lib.VertebralLevels] | None = None,
             label_sources: Mapping[str, str] | None = None,
@@ -183,7 +183,8 @@ def analyse(name: str, *, images: np.ndarray, labels: np.ndarray, score_roi: np.
     images, labels, score_roi: `[S, H, W]` cohort slices (float32 in [0, 1], uint8, bool).
     slice_subjects: `S` subject id per slice.
     anomaly: `[S, H, W]` anomaly maps (restricted to the scoring ROI here).
-    postprocess_params, rule, reduction: postprocessing, threshold rule, curve reduction.
+    postprocess_params, rule, reduction, curve_window: postprocessing, threshold rule, curve
+      reduction across the width and window along the cord (rows, odd).
     participants: participants.tsv rows (truth) or None.
     levels: precomputed vertebral levels (computed here when None).
     label_sources: subject id -> label file, named in level errors.
@@ -194,7 +195,8 @@ def analyse(name: str, *, images: np.ndarray, labels: np.ndarray, score_roi: np.
   if levels is None:
     levels = scoring.cohort_levels(labels, score_roi, slice_subjects, label_sources)
   processed = postprocess_lib.postprocess(anomaly, score_roi, postprocess_params)
-  subject_scores = scoring.score_cohort(processed, slice_subjects, levels, reduction)
+  subject_scores = scoring.score_cohort(processed, slice_subjects, levels, reduction,
+                                        curve_window)
   subject_ids = [s.subject_id for s in subject_scores]
   decisions = thresholds.decide(scoring.patient_vector(subject_scores),
                                 scoring.segment_matrix(subject_scores), rule)

@@ -37,6 +37,7 @@ from u2ad_jax import errors
 from u2ad_jax import io_utils
 from u2ad_jax import labels as label_values
 from u2ad_jax.evaluation import analysis
+from u2ad_jax.evaluation import curves
 from u2ad_jax import anomaly as anomaly_lib
 from u2ad_jax.evaluation import postprocess as postprocess_lib
 from u2ad_jax.evaluation import report
@@ -56,6 +57,7 @@ class EvalSettings:
   rule: thresholds.ThresholdRule
   reduction: str = "sum"
   residual: str = anomaly_lib.DEFAULT_RESIDUAL
+  curve_window: int = 1           # rows (odd), from config.evaluation.curve_window_mm
   num_samples: int | None = None  # MC reconstructions per patch; None = the training K
 
   @classmethod
@@ -69,7 +71,16 @@ class EvalSettings:
             pool=str(ev.get("threshold_pool", "segments"))),
         reduction=str(ev.get("curve_reduction", ev.get("reduction", "sum"))),
         residual=str(ev.get("residual", anomaly_lib.DEFAULT_RESIDUAL)),
+        curve_window=curves.window_rows(float(ev.get("curve_window_mm") or 0.0),
+                                        _pixel_mm(config)),
         num_samples=None if ev.get("num_samples") is None else int(ev["num_samples"]))
+
+  def describe_curve(self) -> str:
+    """How the curve is made, for reports and sidecars."""
+    text = f"{self.reduction} across the cord width"
+    if self.curve_window > 1:
+      text += f", summed over {self.curve_window} rows along the cord"
+    return text
 
   def __post_init__(self):
     if self.residual not in anomaly_lib.RESIDUALS:
@@ -77,6 +88,12 @@ class EvalSettings:
                        f"{anomaly_lib.RESIDUALS}")
     if self.num_samples is not None and self.num_samples < 1:
       raise ValueError(f"config.evaluation.num_samples must be >= 1, got {self.num_samples}")
+
+
+def _pixel_mm(config: Any) -> float:
+  """Row spacing of the model frame in mm (field of view / image size)."""
+  data = _section(config, "data")
+  return float(data.get("fov_mm", 200.0)) / float(data.get("image_size", 256))
 
 
 def _section(config: Any, name: str) -> dict[str, Any]:
@@ -92,8 +109,8 @@ def _section(config: Any, name: str) -> dict[str, Any]:
 # Config sections an evaluation may override without retraining (scoring only: the model and
 # its data geometry are fixed by the checkpoint).
 SCORING_KEYS = {
-    "evaluation": ("threshold", "mad_k", "threshold_pool", "curve_reduction", "residual",
-                   "num_samples"),
+    "evaluation": ("threshold", "mad_k", "threshold_pool", "curve_reduction", "curve_window_mm",
+                   "residual", "num_samples"),
     "postprocess": ("percentile", "min_size", "top_k"),
 }
 
@@ -419,12 +436,14 @@ def evaluate_checkpoint(workdir: str | os.PathLike, data_dir: str | os.PathLike,
       "checkpoint_step": restored_step,
       "num_samples": num_samples,
       "anomaly_map": anomaly_lib.describe(settings.residual),
+      "curve": settings.describe_curve(),
       "cohort": os.path.abspath(prepared.root),
   }
   result = analysis.analyse(
       name, images=slice_set.images, labels=slice_set.labels, score_roi=slice_set.score_roi,
       slice_subjects=slice_set.subject_ids, anomaly=anomaly,
       postprocess_params=settings.postprocess, rule=settings.rule, reduction=settings.reduction,
+      curve_window=settings.curve_window,
       participants=prepared.participants, levels=prepared.levels, eu=maps["eu"],
       recon=maps["mean"], info=provenance)
   if out_dir is not None:
@@ -450,11 +469,13 @@ def evaluate_intensity(prepared: PreparedCohort, settings: EvalSettings,
                           "description": "cord intensity / subject median cord intensity - 1"},
                 "checkpoint_step": None, "cohort": os.path.abspath(prepared.root),
                 "anomaly_map": "anomaly = max(x / the subject's median cord intensity - 1, 0) "
-                               "inside the eroded cord"}
+                               "inside the eroded cord",
+                "curve": settings.describe_curve()}
   result = analysis.analyse(
       "intensity", images=s.images, labels=s.labels, score_roi=s.score_roi,
       slice_subjects=s.subject_ids, anomaly=maps, postprocess_params=settings.postprocess,
-      rule=settings.rule, reduction=settings.reduction, participants=prepared.participants,
+      rule=settings.rule, reduction=settings.reduction,
+      curve_window=settings.curve_window, participants=prepared.participants,
       levels=prepared.levels, info=provenance)
   if out_dir is not None:
     header = ["- Rung: cord-intensity threshold (no learning): anomaly = max(x / median cord "

@@ -59,10 +59,12 @@ class SubjectScores:
 
 
 def score_subject(subject_id: str, maps: np.ndarray, levels: levels_lib.VertebralLevels,
-                  positions: np.ndarray | None = None, reduction: str = "sum") -> SubjectScores:
-  """Scores of one subject from its postprocessed maps `[S_subj, H, W]` (>= 0)."""
+                  positions: np.ndarray | None = None, reduction: str = "sum",
+                  window: int = 1) -> SubjectScores:
+  """Scores of one subject from its postprocessed maps `[S_subj, H, W]` (>= 0); `reduction`
+  and `window` (rows) shape the curve (curves.anomaly_curve)."""
   maps = np.asarray(maps, dtype=np.float64)
-  slice_curves = curves.anomaly_curve(maps, reduction)
+  slice_curves = curves.anomaly_curve(maps, reduction, window)
   curve = slice_curves.max(axis=0)
   seg_scores, peak_rows = curves.segment_maxima(curve, levels)
   peak_slices = np.argmax(slice_curves[:, peak_rows], axis=0).astype(np.int64)
@@ -111,10 +113,10 @@ def cohort_levels(label_slices: np.ndarray, score_roi: np.ndarray, subject_ids: 
 
 def score_cohort(maps: np.ndarray, subject_ids: Sequence[str],
                  levels: Mapping[str, levels_lib.VertebralLevels],
-                 reduction: str = "sum") -> list[SubjectScores]:
+                 reduction: str = "sum", window: int = 1) -> list[SubjectScores]:
   """Scores of every subject from the cohort's postprocessed maps `[S, H, W]`."""
   return [
-      score_subject(sid, maps[pos], levels[sid], pos, reduction)
+      score_subject(sid, maps[pos], levels[sid], pos, reduction, window)
       for sid, pos in subject_positions(subject_ids).items()
   ]
 
