@@ -115,8 +115,11 @@ def make_config() -> ml_collections.ConfigDict:
   config.postprocess.top_k = config_dict.placeholder(int)  # None keeps every component
 
   config.evaluation = ml_collections.ConfigDict()
-  config.evaluation.threshold = "mad"   # unsupervised decision threshold: median + k * MAD
-  config.evaluation.mad_k = 3.0
+  # Unsupervised decision threshold: median + k * robust sigma of the pooled segment scores.
+  # k = 2.5 was chosen on development phantom cohorts (seeds 1-4, never the demo's seed 0):
+  # mean patient / segment F1 0.913 / 0.813 at k = 3, 0.927 / 0.844 at 2.5, 0.908 / 0.813 at 2.
+  config.evaluation.threshold = "mad"
+  config.evaluation.mad_k = 2.5
   config.evaluation.curve_reduction = "sum"  # across the cord width: 'sum' | 'max'
   # Then summed over this length of cord (mm; 0 = per row): lesion extent x intensity
   # (evaluation/curves.py).

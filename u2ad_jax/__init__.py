@@ -8,6 +8,7 @@ Layout (one concept per module):
   masking.py   ROI-restricted random / EU-guided masking, AU exclusion, the MaskPlan.
   losses.py    Sobel edge target, structure weight, masked ROI reconstruction loss.
   uncertainty.py  vmapped Monte-Carlo EU / AU maps with exact coverage.
+  anomaly.py      residual x - mean reconstruction -> anomaly / AU-candidate map (hyperintense part).
   candidates.py   host-side connected-component anomaly candidates (AU guidance, postprocessing).
   schedules.py    uncertainty-weighting schedules chosen by name from the config.
   train/       train state, pmapped / shard_mapped step, checkpoints, the stage driver.

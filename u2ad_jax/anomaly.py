@@ -6,7 +6,7 @@ anomaly map (`config.evaluation.residual`, centred per SUBJECT) and for the AU c
 guide training (`config.candidates.residual`, centred per SLICE: the training maps are made a
 chunk of slices at a time, and the candidates are a per-image percentile anyway):
 
-- 'absolute'           |r|: the method as written (and the training-time AU map).
+- 'absolute'           |r|: the method as written.
 - 'positive'           max(r, 0): only hyperintense deviations count.
 - 'centered_positive'  max(r - median_subject(r), 0), the median taken over the subject's
                        scoring-ROI pixels (all its slices). The default.

@@ -1,7 +1,8 @@
 """Anomaly maps inside the scoring ROI, and their postprocessing.
 
-The anomaly map of a slice is the aleatoric map AU = |x - mean of K masked reconstructions|
-restricted to the scoring ROI (cord, eroded once). Postprocessing is the AU-candidate operator of
+The anomaly map of a slice (`u2ad_jax.anomaly`: by default the hyperintense part of the residual
+x - mean of K masked reconstructions, centred per subject) is restricted to the scoring ROI (cord,
+eroded once). Postprocessing is the AU-candidate operator of
 `u2ad_jax.candidates` with the evaluation's own parameters (config.postprocess): keep the pixels
 at or above a percentile of the slice's non-zero values, group them into 8-connected components,
 drop components smaller than `min_size` and keep the `top_k` strongest (all when None). The
