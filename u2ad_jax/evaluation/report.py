@@ -168,7 +168,7 @@ def markdown_report(result: analysis.CohortResult, slice_index: np.ndarray,
       f"{int(d.segment_flags.sum())} of {d.segment_flags.size}.",
       f"- Decision threshold: **{d.threshold:.4g}** = {d.rule.describe()} "
       f"(median {d.median:.4g}, sigma {d.sigma:.4g}).",
-      "- Scores: anomaly map (" + result.info.get("anomaly_map", "the rung's own map") + ") -> "
+      "- Scores: " + result.info.get("anomaly_map", "anomaly = the rung's own map") + " -> "
       "percentile + connected-component postprocessing -> curve along the cord (" +
       result.info.get("curve", "per-row reduction across the width") + ", max over slices) -> "
       "segment score = max of the curve between adjacent vertebral centroids; patient score = "
