@@ -150,6 +150,28 @@ def _cohort(num_subjects=10, seed=0):
               slice_subjects=ids, anomaly=anomaly), participants
 
 
+def test_segment_truth_from_the_table_and_from_the_model_grid():
+  """participants.tsv may mark a segment the scored label maps do not reach; both are reported."""
+  data, participants = _cohort()
+  params = postprocess.PostprocessParams(90, 2, None)
+  same = analysis.analyse("x", postprocess_params=params, rule=thresholds.ThresholdRule(),
+                          participants=participants, **data)
+  assert same.metrics["segment"] == same.metrics["segment_model_grid"]
+  ill = next(sid for sid, row in participants.items() if row["has_lesion"])
+  seg = next(k for k, n in enumerate(L.SEGMENT_NAMES) if participants[ill][n])
+  extra = (seg + 1) if seg < 5 else (seg - 1)
+  participants[ill][L.SEGMENT_NAMES[extra]] = 1  # e.g. a lesion tip past a centroid
+  r = analysis.analyse("x", postprocess_params=params, rule=thresholds.ThresholdRule(),
+                       participants=participants, **data)
+  table, grid = r.metrics["segment"], r.metrics["segment_model_grid"]
+  assert table["num_positive"] == grid["num_positive"] + 1
+  assert table["fn"] == grid["fn"] + 1 and table["tp"] == grid["tp"]
+  assert grid == same.metrics["segment_model_grid"]
+  bare = analysis.analyse("x", postprocess_params=params, rule=thresholds.ThresholdRule(),
+                          participants=None, **data)
+  assert "segment_model_grid" not in bare.metrics  # truth already from the label maps
+
+
 def test_threshold_uses_no_labels():
   """Property: permuting the truth among patients changes the metrics, never the decisions."""
   data, participants = _cohort()

@@ -8,7 +8,10 @@ when truth is available, the metrics. Truth only enters the metrics, after the d
 Truth, in order of preference:
 - patient: `has_lesion` of participants.tsv; else whether any loaded slice carries label 6.
 - segment: the per-segment 0/1 columns (C2-3 ... C7-T1) of participants.tsv; else whether the
-  lesion label overlaps the segment's rows (levels.segment_truth_from_labels).
+  lesion label overlaps the segment's rows (levels.segment_truth_from_labels). When the table is
+  used, the metrics also report `segment_model_grid`: the same decisions against the label maps
+  as scored (the model grid, loaded slices only). The two differ where a lesion reaches past a
+  vertebral centroid by less than a model pixel, or only on slices that were not loaded.
 - pixel: label 6 inside the scoring ROI.
 """
 
@@ -150,8 +153,13 @@ def reconstruction_ssim(images: np.ndarray, recon: np.ndarray, labels: np.ndarra
 def compute_metrics(result_scores: Sequence[scoring.SubjectScores],
                     decisions: thresholds.Decisions, truth: Truth, *, anomaly: np.ndarray,
                     postprocessed: np.ndarray, images: np.ndarray, labels: np.ndarray,
-                    score_roi: np.ndarray, recon: np.ndarray | None) -> dict[str, Any]:
-  """The metrics JSON content (NaN -> None so the JSON is standard)."""
+                    score_roi: np.ndarray, recon: np.ndarray | None,
+                    grid_truth: Truth | None = None) -> dict[str, Any]:
+  """The metrics JSON content (NaN -> None so the JSON is standard).
+
+  `grid_truth`: label-map truth on the model grid, reported as `segment_model_grid` (see the
+  module docstring) when given.
+  """
   patient_scores = scoring.patient_vector(result_scores)
   segment_scores = scoring.segment_matrix(result_scores)
   out = {
@@ -162,6 +170,9 @@ def compute_metrics(result_scores: Sequence[scoring.SubjectScores],
       "pixel_postprocessed": pixel_metrics(postprocessed, labels, score_roi),
       "truth_source": truth.source,
   }
+  if grid_truth is not None:
+    out["segment_model_grid"] = metrics.detection_metrics(
+        segment_scores.ravel(), decisions.segment_flags.ravel(), grid_truth.segments.ravel())
   if recon is not None:
     out["reconstruction"] = reconstruction_ssim(images, recon, labels, score_roi)
   return _nan_to_none(out)
@@ -203,9 +214,12 @@ def analyse(name: str, *, images: np.ndarray, labels: np.ndarray, score_roi: np.
   truth = cohort_truth(subject_ids, labels, slice_subjects, levels, participants)
   result_metrics = None
   if truth is not None:
+    grid_truth = None
+    if "participants.tsv" in truth.source:
+      grid_truth = cohort_truth(subject_ids, labels, slice_subjects, levels, None)
     result_metrics = compute_metrics(subject_scores, decisions, truth, anomaly=anomaly,
                                      postprocessed=processed, images=images, labels=labels,
-                                     score_roi=score_roi, recon=recon)
+                                     score_roi=score_roi, recon=recon, grid_truth=grid_truth)
   return CohortResult(name=name, subject_ids=subject_ids, anomaly=anomaly, postprocessed=processed,
                       scores=subject_scores, decisions=decisions, truth=truth,
                       metrics=result_metrics, eu=eu, recon=recon, info=dict(info or {}))

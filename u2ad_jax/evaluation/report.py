@@ -144,6 +144,11 @@ def _metrics_table(m: dict[str, Any]) -> list[str]:
     lines.append(f"| {level} | {_fmt(v['precision'])} | {_fmt(v['recall'])} | "
                  f"{_fmt(v['specificity'])} | {_fmt(v['f1'])} | {_fmt(v['auroc'])} | "
                  f"{_fmt(v['ap'])} |")
+  if m.get("segment_model_grid"):
+    v = m["segment_model_grid"]
+    lines.append(f"| segment, truth from the label maps on the model grid | "
+                 f"{_fmt(v['precision'])} | {_fmt(v['recall'])} | {_fmt(v['specificity'])} | "
+                 f"{_fmt(v['f1'])} | {_fmt(v['auroc'])} | {_fmt(v['ap'])} |")
   lines.append("")
   p, q = m["pixel"], m["pixel_postprocessed"]
   lines.append(f"Pixel level inside the scoring ROI (raw anomaly map): AUROC {_fmt(p['auroc'])}, "
