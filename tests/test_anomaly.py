@@ -93,6 +93,10 @@ def test_scoring_overrides_change_the_settings():
   # A recorded config without the newer keys gets the defaults.
   default = evaluator.EvalSettings.from_config(_recorded_config())
   assert default.residual == anomaly.DEFAULT_RESIDUAL and default.num_samples is None
+  assert default.curve_window == 11  # 8 mm at the default 200 mm / 256 px
+  per_row = evaluator.apply_scoring_overrides(_recorded_config(),
+                                              ["evaluation.curve_window_mm=0"])
+  assert evaluator.EvalSettings.from_config(per_row).curve_window == 1
 
 
 @pytest.mark.parametrize("override, message", [
@@ -101,6 +105,7 @@ def test_scoring_overrides_change_the_settings():
     ("evaluation.residual=signed", "expected one of"),
     ("evaluation.num_samples=0", ">= 1"),
     ("postprocess.percentile=high", "percentile"),
+    ("evaluation.curve_window_mm=-4", "curve window"),
     ("percentile=95", "section.key=value"),
 ])
 def test_bad_scoring_overrides_fail_clearly(override, message):

@@ -48,6 +48,9 @@ from u2ad_jax.evaluation import thresholds
 # masks, reproducible from the config, independent of the training stream.
 EVAL_SEED_OFFSET = 7919
 DEFAULT_BATCH_SIZE = 8
+# Scoring settings missing from an older run's recorded config take today's defaults
+# (configs/base.py), like `evaluation.residual` does.
+DEFAULT_CURVE_WINDOW_MM = 8.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +74,8 @@ class EvalSettings:
             pool=str(ev.get("threshold_pool", "segments"))),
         reduction=str(ev.get("curve_reduction", ev.get("reduction", "sum"))),
         residual=str(ev.get("residual", anomaly_lib.DEFAULT_RESIDUAL)),
-        curve_window=curves.window_rows(float(ev.get("curve_window_mm") or 0.0),
-                                        _pixel_mm(config)),
+        curve_window=curves.window_rows(
+            float(ev.get("curve_window_mm", DEFAULT_CURVE_WINDOW_MM) or 0.0), _pixel_mm(config)),
         num_samples=None if ev.get("num_samples") is None else int(ev["num_samples"]))
 
   def describe_curve(self) -> str:
