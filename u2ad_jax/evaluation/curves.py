@@ -9,9 +9,11 @@ Why the window (project decision): a T2 hyperintensity extends along the cord ov
 while the noise of a normal cord is independent from row to row; summing over about a lesion's
 length (8 mm by default, less than a segment's ~15 mm) scores extent x intensity instead of one
 row's noise maximum. Without it, the per-row maximum over ~100 rows x all slices of a normal
-subject competes with the faint lesions. A subject's curve is the row-wise maximum
-over its slices (they share the row grid), so the segment maximum of the subject curve equals the
-maximum over slices of the per-slice segment maxima.
+subject competes with the faint lesions.
+
+A subject's curve is the row-wise maximum over its slices (they share the row grid), so the
+segment maximum of the subject curve equals the maximum over slices of the per-slice segment
+maxima.
 """
 
 from __future__ import annotations

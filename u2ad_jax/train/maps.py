@@ -78,6 +78,7 @@ class MapGenerator:
     self.candidate_args = dict(percentile=float(config.candidates.percentile),
                                min_size=int(config.candidates.min_size),
                                top_k=config.candidates.top_k)
+    # A config without the key predates the setting: keep its |x - mean| (exact resume).
     self.residual = str(config.candidates.get("residual", "absolute"))
     if self.residual not in anomaly.RESIDUALS:
       raise ValueError(f"config.candidates.residual={self.residual!r}; expected one of "
