@@ -53,3 +53,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
   error_lines = [l for l in result.stderr.splitlines() if "error:" in l]
   assert len(error_lines) == 1 and str(missing) in error_lines[0]
   assert not (tmp_path / "o").exists()
+
+
+def test_bad_config_override_fails_before_any_work(tmp_path):
+  """`u2ad demo --set` with a typo: one error line naming the key, nothing generated."""
+  out = tmp_path / "demo"
+  result = _run("demo", f"--out={out}", "--set", "stage_epochs.pretrian=3")
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  error_lines = [l for l in result.stderr.splitlines() if "error:" in l]
+  assert len(error_lines) == 1 and "stage_epochs.pretrian" in error_lines[0]
+  assert not out.exists()

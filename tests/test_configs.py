@@ -123,3 +123,20 @@ def test_invalid_training_settings_are_rejected():
   config.parallel = "xmap"
   with pytest.raises(ValueError, match="parallel"):
     trainer.validate_config(config)
+
+
+def test_set_overrides_nested_keys_and_refuse_typos():
+  config = config_lib.sibling(str(CONFIG_DIR / "base.py"), "cpu").get_config()
+  config_lib.apply_overrides(config, ["stage_epochs.pretrain=24", "optim.lr=1e-3",
+                                      "evaluation.residual=absolute", "guidance.params.tau=0.5",
+                                      "postprocess.top_k=3"])
+  assert config.stage_epochs.pretrain == 24 and config.optim.lr == pytest.approx(1e-3)
+  assert config.evaluation.residual == "absolute" and config.postprocess.top_k == 3
+  assert config.guidance.params.tau == pytest.approx(0.5)
+  for bad, message in [("stage_epochs.pretrian=3", "unknown setting 'stage_epochs.pretrian'"),
+                       ("nosuch.key=1", "unknown setting 'nosuch'"),
+                       ("optim.lr=fast", "optim.lr"),
+                       ("optim.lr", "key.path=value")]:
+    with pytest.raises(config_lib.errors.UsageError, match=message):
+      config_lib.apply_overrides(config, [bad])
+  assert config.optim.lr == pytest.approx(1e-3)  # a refused override changes nothing

@@ -20,6 +20,9 @@ _CONFIG = flags.DEFINE_string("config", None, "config file[:args] (default confi
 _METHODS = flags.DEFINE_list("methods", list(workflow.ABLATION_METHODS), "rungs to train")
 _SEED = flags.DEFINE_integer("seed", None, "override config.seed")
 _SMOKE = flags.DEFINE_bool("smoke", False, "use the smoke demo's tiny config")
+_SET = flags.DEFINE_multi_string(
+    "set", [], "config override key.path=value, e.g. --set stage_epochs.adapt_eu=12 "
+    "(repeatable; unknown keys fail)")
 
 flags.mark_flags_as_required(["out", "public", "clinical"])
 
@@ -31,6 +34,7 @@ def main(argv):
   logging.set_verbosity(logging.ERROR)
   config = workflow.smoke_config() if _SMOKE.value and _CONFIG.value is None else None
   workflow.run_ablation(_OUT.value, _PUBLIC.value, _CLINICAL.value, config_spec=_CONFIG.value,
-                        config=config, methods=_METHODS.value, seed=_SEED.value)
+                        config=config, methods=_METHODS.value, seed=_SEED.value,
+                        overrides=_SET.value)
   with open(f"{_OUT.value}/comparison.md", encoding="utf-8") as f:
     print(f.read())

@@ -21,7 +21,6 @@ in the input's intensity units) on the input's own voxel grid with its affine an
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
 import os
@@ -119,36 +118,15 @@ SCORING_KEYS = {
 
 
 def apply_scoring_overrides(config: Any, overrides: Sequence[str]) -> Any:
-  """`config` with `section.key=value` overrides of its scoring sections applied (in place).
-
-  Values are Python literals (`3`, `2.5`, `None`, `'max'`) or bare strings (`positive`).
+  """`config` with `section.key=value` overrides of its scoring settings (SCORING_KEYS) applied
+  in place (`config_lib.apply_overrides`), checked by building the EvalSettings.
 
   Raises:
     UsageError: a malformed override, a setting outside SCORING_KEYS, or a bad value.
   """
-  for item in overrides:
-    name, sep, text = item.partition("=")
-    section, dot, key = name.strip().partition(".")
-    if not sep or not dot or not key:
-      raise errors.UsageError(f"override {item!r}: expected section.key=value")
-    if section not in SCORING_KEYS:
-      raise errors.UsageError(f"override {item!r}: only {', '.join(SCORING_KEYS)} settings "
-                              "can change at evaluation (the rest is fixed by the checkpoint)")
-    if key not in SCORING_KEYS[section]:
-      raise errors.UsageError(f"override {item!r}: unknown {section} setting {key!r}; known: "
-                              f"{', '.join(SCORING_KEYS[section])}")
-    try:
-      value = ast.literal_eval(text.strip())
-    except (ValueError, SyntaxError):
-      value = text.strip()
-    if config.get(section) is None:
-      with config.unlocked():
-        config[section] = {}
-    try:
-      with config.unlocked():
-        config[section][key] = value
-    except (TypeError, ValueError) as e:
-      raise errors.UsageError(f"override {item!r}: {e}") from e
+  from u2ad_jax.train import config_lib  # pylint: disable=g-import-not-at-top
+
+  config_lib.apply_overrides(config, overrides, allowed=SCORING_KEYS)
   try:
     EvalSettings.from_config(config)
   except (TypeError, ValueError) as e:

@@ -165,16 +165,24 @@ def _prefix_links(markdown: str, prefix: str) -> str:
 
 
 def run_demo(out_dir: str | os.PathLike, *, smoke: bool = False, config_spec: str | None = None,
-             size: DemoSize | None = None, seed: int = 0, verbose: bool = True) -> DemoResult:
+             size: DemoSize | None = None, seed: int = 0, overrides: Sequence[str] = (),
+             verbose: bool = True) -> DemoResult:
   """The README's main command. See the module docstring.
+
+  `overrides`: `key.path=value` settings applied to the loaded config (`config_lib.
+  apply_overrides`), checked before any work.
 
   Layout of `out_dir`: data/{public,clinical}/ (cohorts), run/ (training workdir),
   evaluation/ (U2AD outputs), intensity/ (intensity rung outputs), comparison.{md,csv},
   report.md (the one-page summary, linking into evaluation/), timings.json.
   """
   from u2ad_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  from u2ad_jax.train import config_lib  # pylint: disable=g-import-not-at-top
   from u2ad_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
+  # The config first: a bad file or override fails before anything is generated.
+  config = smoke_config() if smoke and config_spec is None else load_config(config_spec)
+  config_lib.apply_overrides(config, overrides)
   out_dir = os.path.abspath(os.fspath(out_dir))
   os.makedirs(out_dir, exist_ok=True)
   size = size or (SMOKE_SIZE if smoke else DEMO_SIZE)
@@ -185,7 +193,6 @@ def run_demo(out_dir: str | os.PathLike, *, smoke: bool = False, config_spec: st
   public_dir, clinical_dir = make_cohorts(os.path.join(out_dir, "data"), size, seed, verbose)
   timings["data"] = time.monotonic() - t0
 
-  config = smoke_config() if smoke and config_spec is None else load_config(config_spec)
   config.seed = int(seed)
   config.data.public_dir = public_dir
   config.data.clinical_dir = clinical_dir
@@ -253,6 +260,7 @@ def run_demo(out_dir: str | os.PathLike, *, smoke: bool = False, config_spec: st
 def run_ablation(out_dir: str | os.PathLike, public_dir: str, clinical_dir: str, *,
                  config_spec: str | None = None, config: ml_collections.ConfigDict | None = None,
                  methods: Sequence[str] = ABLATION_METHODS, seed: int | None = None,
+                 overrides: Sequence[str] = (),
                  verbose: bool = True) -> dict[str, analysis.CohortResult]:
   """Trains and scores the ladder on one cohort; writes comparison.{md,csv} into `out_dir`.
 
@@ -269,6 +277,7 @@ def run_ablation(out_dir: str | os.PathLike, public_dir: str, clinical_dir: str,
   out_dir = os.path.abspath(os.fspath(out_dir))
   base = config if config is not None else load_config(config_spec)
   base = base.copy_and_resolve_references()
+  config_lib.apply_overrides(base, overrides)
   if seed is not None:
     base.seed = int(seed)
   base.data.public_dir = os.fspath(public_dir)

@@ -9,7 +9,9 @@ A config file defines `get_config(arg=None) -> ConfigDict`. `arg` is the text af
   runlocal                        shrink to a CPU smoke size ('mu' model, 32 px, 1 epoch, K 2),
                                   keeping the code path (all stages, map refreshes, checkpoints).
 
-Single values are changed with dotted flags (`--config.optim.lr=1e-3`).
+Single values are changed with dotted flags (`--config.optim.lr=1e-3`) in `u2ad train`, and with
+`--set optim.lr=1e-3` (`apply_overrides`) in the commands that load a config themselves
+(`u2ad demo`, `u2ad ablate`, and `u2ad evaluate` for the scoring settings).
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import ast
 import importlib.machinery
 import os
 import types
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import ml_collections
+
+from u2ad_jax import errors
 
 # Which stages use EU guidance / AU exclusion in each ablation (method.md section 7). All keep the
 # same three stages, so the ladder differs only in the masking.
@@ -32,6 +36,14 @@ ABLATIONS = {
 }
 SCHEDULES = ("piecewise", "linear", "cosine")
 COMMON_ARGS = dict(runlocal=False, ablation="eu_au", schedule="piecewise")
+
+
+def _literal(text: str) -> Any:
+  """A Python literal when `text` is one (`3`, `2.5`, `None`, `'max'`), else the bare text."""
+  try:
+    return ast.literal_eval(text.strip())
+  except (ValueError, SyntaxError):
+    return text.strip()
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -52,13 +64,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     key = key.strip()
     if key not in defaults:
       raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
-    if not sep:
-      value: Any = True
-    else:
-      try:
-        value = ast.literal_eval(text.strip())
-      except (ValueError, SyntaxError):
-        value = text.strip()
+    value: Any = _literal(text) if sep else True
     default = defaults[key]
     if default is not None and not isinstance(value, type(default)):
       if isinstance(default, float) and isinstance(value, int):
@@ -110,6 +116,61 @@ def set_runlocal(config: ml_collections.ConfigDict) -> None:
   config.uncertainty.slices_per_device = 2
   config.checkpoint.every_steps = 4
   config.log_every_steps = 1
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+  """`'a.b.c=value'` -> `(['a', 'b', 'c'], value)`; the value is a Python literal (`3`, `2.5`,
+  `None`, `(1, 2)`, `'max'`) or else the bare text. Raises UsageError when malformed."""
+  name, sep, text = item.partition("=")
+  path = [part.strip() for part in name.split(".")]
+  if not sep or not all(path):
+    raise errors.UsageError(f"override {item!r}: expected key.path=value")
+  return path, _literal(text)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str], *,
+                    allowed: Mapping[str, Sequence[str]] | None = None
+                    ) -> ml_collections.ConfigDict:
+  """Sets `key.path=value` overrides on `config` (in place) and returns it.
+
+  Without `allowed`, every key must already exist (a typo fails, as with `--config.x` flags).
+  With `allowed` ({section: keys}), only `section.key` overrides of those keys are accepted, and
+  a listed key missing from an older recorded config is added.
+
+  Raises:
+    UsageError: malformed, unknown or not allowed key, or a value of the wrong type.
+  """
+  for item in overrides:
+    path, value = parse_override(item)
+    if allowed is not None:
+      if len(path) != 2:
+        raise errors.UsageError(f"override {item!r}: expected section.key=value")
+      if path[0] not in allowed:
+        raise errors.UsageError(
+            f"override {item!r}: only {', '.join(allowed)} settings can change here (the rest "
+            "is fixed by the checkpoint)")
+      if path[1] not in allowed[path[0]]:
+        raise errors.UsageError(f"override {item!r}: unknown {path[0]} setting {path[1]!r}; "
+                                f"known: {', '.join(allowed[path[0]])}")
+    node = config
+    for depth, part in enumerate(path[:-1]):
+      child = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+      if child is None and allowed is not None:
+        with config.unlocked():
+          node[part] = ml_collections.ConfigDict()
+        child = node[part]
+      if not isinstance(child, ml_collections.ConfigDict):
+        raise errors.UsageError(f"override {item!r}: unknown setting "
+                                f"{'.'.join(path[:depth + 1])!r}")
+      node = child
+    if path[-1] not in node and allowed is None:
+      raise errors.UsageError(f"override {item!r}: unknown setting {'.'.join(path)!r}")
+    try:
+      with config.unlocked():
+        node[path[-1]] = value
+    except (TypeError, ValueError, AttributeError) as e:
+      raise errors.UsageError(f"override {item!r}: {e}") from e
+  return config
 
 
 def finalize(config: ml_collections.ConfigDict, args: ml_collections.ConfigDict
