@@ -192,3 +192,52 @@ def test_missing_and_corrupt_workdir_fail_cleanly(tmp_path):
   assert "config.json" in str(info.value)
   assert not out.exists()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "cohort"]
+
+
+def test_eval_devices_split_batches_evenly():
+  devices = ["d0", "d1", "d2", "d3"]
+  assert evaluator.eval_devices(8, devices) == devices
+  assert evaluator.eval_devices(6, devices) == devices[:3]
+  assert evaluator.eval_devices(5, devices) == devices[:1]
+  assert evaluator.eval_devices(2, devices) == devices[:2]
+  with pytest.raises(ValueError, match="no devices"):
+    evaluator.eval_devices(4, [])
+
+
+def test_model_maps_do_not_depend_on_the_device_count():
+  import pathlib
+
+  import jax
+
+  from u2ad_jax.train import config_lib
+  from u2ad_jax.train import state as state_lib
+  from u2ad_jax.train import toy_data
+
+  devices = jax.local_devices()
+  assert len(devices) == 4, "conftest asks for 4 CPU devices"
+  config_dir = pathlib.Path(__file__).resolve().parents[1] / "configs"
+  config = config_lib.sibling(str(config_dir / "base.py"), "base").get_config("runlocal")
+  model = state_lib.build_model(config)
+  params = state_lib.init_params(model, jax.random.key(0))
+  # 7 slices in batches of 4: the second batch is padded, so padding is exercised too.
+  slices = toy_data.toy_slice_set(7, config.data.image_size, seed=5)
+  messages = []
+  kwargs = dict(batch_size=4, num_samples=2)
+  one = evaluator.model_maps(model, params, config, slices.images, slices.train_roi,
+                             devices=devices[:1], **kwargs)
+  many = evaluator.model_maps(model, params, config, slices.images, slices.train_roi,
+                              devices=devices, progress=messages.append, **kwargs)
+  assert "on 4 device(s)" in messages[-1]
+  for name in ("eu", "mean", "au"):
+    np.testing.assert_allclose(many[name], one[name], rtol=1e-5, atol=1e-6, err_msg=name)
+  # Real maps, not copies of the input: reconstructions differ inside the ROI and vary over
+  # passes there; outside the train ROI's patches the input comes back exactly.
+  roi = slices.train_roi
+  assert (one["eu"][roi] > 0).mean() > 0.5
+  assert np.abs(one["mean"] - slices.images)[roi].mean() > 1e-3
+  patch = config.data.patch_size
+  h = slices.images.shape[1] // patch
+  roi_patches = roi.reshape(len(roi), h, patch, h, patch).any(axis=(2, 4))
+  outside = ~np.repeat(np.repeat(roi_patches, patch, axis=1), patch, axis=2)
+  np.testing.assert_array_equal(one["mean"][outside], slices.images[outside])
+  assert (one["eu"][outside] == 0).all()

@@ -255,3 +255,27 @@ def test_bfloat16_reconstructions_and_shape_errors():
   with pytest.raises(ValueError):
     uncertainty.mc_uncertainty(identity_model, {}, jax.random.key(0), images, roi[:2],
                                patch_size=P_SIZE, ratio=0.75, num_samples=2)
+
+
+def test_image_keys_match_the_split_key_for_any_subset_of_rows():
+  # What the evaluator's device split relies on: with per-image keys, an image's statistics
+  # depend on that image and its key only, not on which rows share its call.
+  images, roi = _batch(5)
+  params = {"scale": jnp.float32(1.1)}
+  key = jax.random.key(3)
+  kwargs = dict(patch_size=P_SIZE, ratio=0.75, num_samples=3)
+  full = uncertainty.mc_uncertainty(inpaint_model, params, key, images, roi, **kwargs)
+  keys = jax.random.split(key, images.shape[0])
+  same = uncertainty.mc_uncertainty(inpaint_model, params, None, images, roi, image_keys=keys,
+                                    **kwargs)
+  tail = uncertainty.mc_uncertainty(inpaint_model, params, None, images[2:], roi[2:],
+                                    image_keys=keys[2:], **kwargs)
+  for name in full:
+    np.testing.assert_array_equal(np.asarray(same[name]), np.asarray(full[name]))
+    np.testing.assert_allclose(np.asarray(tail[name]), np.asarray(full[name])[2:], atol=1e-6)
+  # Other keys for the same rows: other orders, other statistics.
+  shuffled = uncertainty.mc_uncertainty(inpaint_model, params, None, images[2:], roi[2:],
+                                        image_keys=keys[:2], **kwargs)
+  assert not np.array_equal(np.asarray(shuffled["eu"]), np.asarray(full["eu"])[2:])
+  with pytest.raises(ValueError, match="key"):
+    uncertainty.mc_uncertainty(inpaint_model, params, None, images, roi, **kwargs)

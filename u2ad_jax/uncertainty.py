@@ -124,15 +124,16 @@ def _mc_masks_single(key: jax.Array, roi: jnp.ndarray, ratio: float,
   return roi[None, :] & (offset < m)
 
 
-def mc_masks(key: jax.Array, roi_patches: jnp.ndarray, ratio: float,
-             passes: int) -> jnp.ndarray:
+def mc_masks(key: jax.Array | None, roi_patches: jnp.ndarray, ratio: float,
+             passes: int, *, image_keys: jax.Array | None = None) -> jnp.ndarray:
   """Exact-coverage masks for all MC passes.
 
   Args:
-    key: PRNG key, split into one key per image.
+    key: PRNG key, split into one key per image (ignored when `image_keys` is given).
     roi_patches: `[B, N]` bool.
     ratio: masking ratio r (python float or traced scalar).
     passes: static P (see `num_passes`).
+    image_keys: optional `[B]` per-image keys, used as they are.
 
   Returns:
     `[P, B, N]` bool. With `n` ROI patches and `m = masked_count(n, ratio)`, the image's ROI
@@ -140,16 +141,17 @@ def mc_masks(key: jax.Array, roi_patches: jnp.ndarray, ratio: float,
     every pass masks exactly `m` ROI patches (like training), non-ROI patches are never masked,
     and each ROI patch is masked `floor(P*m/n)` or `ceil(P*m/n)` times in total.
   """
-  keys = jax.random.split(key, roi_patches.shape[0])
+  keys = jax.random.split(key, roi_patches.shape[0]) if image_keys is None else image_keys
   per_image = jax.vmap(lambda k, r: _mc_masks_single(k, r, ratio, int(passes)))(
       keys, roi_patches.astype(bool))  # [B, P, N]
   return jnp.swapaxes(per_image, 0, 1)
 
 
-def mc_uncertainty(apply_fn: ApplyFn, params, key: jax.Array, images: jnp.ndarray,
+def mc_uncertainty(apply_fn: ApplyFn, params, key: jax.Array | None, images: jnp.ndarray,
                    train_roi: jnp.ndarray, *, patch_size: int, ratio: float,
                    num_samples: int, num_keep: int | None = None,
-                   pass_chunk: int | None = None, min_roi: int = 1) -> dict[str, jnp.ndarray]:
+                   pass_chunk: int | None = None, min_roi: int = 1,
+                   image_keys: jax.Array | None = None) -> dict[str, jnp.ndarray]:
   """EU, mean reconstruction and AU maps from P exact-coverage masked reconstructions.
 
   jit-friendly: everything except `params`, `key`, `images` and `train_roi` must be static
@@ -160,7 +162,8 @@ def mc_uncertainty(apply_fn: ApplyFn, params, key: jax.Array, images: jnp.ndarra
       each image's output must depend on its own row only (true of the model): the passes are
       run as extra rows of one batch of `P * B` (or `pass_chunk * B`) images.
     params: model parameters (closed over; not vmapped).
-    key: PRNG key for the random patch order.
+    key: PRNG key for the random patch orders, split into one key per image (`mc_masks`);
+      None when `image_keys` is given.
     images: `[B, H, W, 1]` float inputs (un-augmented).
     train_roi: `[B, H, W]` bool train ROI; its patches are the ones masked.
     patch_size: p.
@@ -171,6 +174,9 @@ def mc_uncertainty(apply_fn: ApplyFn, params, key: jax.Array, images: jnp.ndarra
       passes (a model batch of `pass_chunk * B` rows) to bound activation memory; results are
       identical up to float rounding.
     min_roi: smallest ROI size guaranteed K reconstructions (see `num_passes`).
+    image_keys: optional `[B]` per-image keys instead of splitting `key`: a batch split over
+      devices keeps the masks of its one-device run when each device gets its rows of
+      `jax.random.split(key, B)`.
 
   Returns:
     dict with
@@ -189,7 +195,9 @@ def mc_uncertainty(apply_fn: ApplyFn, params, key: jax.Array, images: jnp.ndarra
   n_patches = grid[0] * grid[1]
   passes = num_passes(num_samples, ratio, n_patches, min_roi=min_roi)
   roi_patches = patches.patch_any(train_roi.astype(bool), patch_size)
-  masks = mc_masks(key, roi_patches, ratio, passes)  # [P, B, N]
+  if key is None and image_keys is None:
+    raise ValueError("mc_uncertainty needs a key or per-image keys")
+  masks = mc_masks(key, roi_patches, ratio, passes, image_keys=image_keys)  # [P, B, N]
 
   def run_passes(pass_masks: jnp.ndarray) -> jnp.ndarray:
     """`[c, B, N]` masks -> `[c, B, H, W]` float32 reconstructions, ONE model call.

@@ -22,7 +22,8 @@ _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest
 _DATA = flags.DEFINE_string("data", None, "cohort directory (as written by `u2ad synth`)")
 _OUT = flags.DEFINE_string("out", None, "output directory (replaced only when complete)")
 _BATCH = flags.DEFINE_integer("batch_size", evaluator.DEFAULT_BATCH_SIZE,
-                              "slices per Monte-Carlo call")
+                              "slices per Monte-Carlo call, split over the local devices "
+                              "(use a multiple of the device count)")
 _INTENSITY_OUT = flags.DEFINE_string("intensity_out", None,
                                      "also score the cord-intensity rung into this directory")
 _SET = flags.DEFINE_multi_string(

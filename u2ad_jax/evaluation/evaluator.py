@@ -5,7 +5,8 @@ Order of work, chosen so that bad input fails BEFORE anything is computed or wri
    workdir / checkpoint raises CheckpointError naming the path.
 2. Load the cohort with `require_vertebrae=True` and find every subject's vertebral levels: a
    subject without the seven bodies C2 ... T1 raises LabelError naming its label file.
-3. Monte-Carlo maps (`uncertainty.mc_uncertainty`, jitted, batched over slices; K =
+3. Monte-Carlo maps (`uncertainty.mc_uncertainty`, jitted, batched over slices and each batch
+   split over the local devices with shard_map; K =
    config.evaluation.num_samples, else the training K): EU, mean reconstruction and AU; the
    anomaly map is the residual x - mean as `config.evaluation.residual` says (`u2ad_jax/anomaly.py`:
    by default its positive part after removing the subject's median cord residual).
@@ -168,9 +169,22 @@ def staged_directory(out_dir: str | os.PathLike) -> Iterator[str]:
 # ------------------------------------------------------------------------------ model maps
 
 
+def eval_devices(batch_size: int, devices: Sequence[Any] | None = None) -> list[Any]:
+  """The devices the slices of one MC batch are split over: the first `d` of `devices`
+  (default: this process's devices), `d` the largest count <= len(devices) dividing
+  `batch_size`, so every device gets the same number of slices."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  devices = list(jax.local_devices() if devices is None else devices)
+  if not devices:
+    raise ValueError("no devices to evaluate on")
+  usable = max(d for d in range(1, len(devices) + 1) if int(batch_size) % d == 0)
+  return devices[:usable]
+
+
 def model_maps(model: Any, params: Any, config: Any, images: np.ndarray, train_roi: np.ndarray,
                *, batch_size: int = DEFAULT_BATCH_SIZE, seed: int | None = None,
-               num_samples: int | None = None,
+               num_samples: int | None = None, devices: Sequence[Any] | None = None,
                progress: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
   """EU, mean reconstruction and AU of every slice with the model's final weights.
 
@@ -185,13 +199,16 @@ def model_maps(model: Any, params: Any, config: Any, images: np.ndarray, train_r
       last batch is padded with copies of a slice, so each encoder length compiles once.
     seed: PRNG seed of the MC patch orders (default config.seed + EVAL_SEED_OFFSET).
     num_samples: K, reconstructions per ROI patch (default config.uncertainty.num_samples).
+    devices: devices to split each batch over (default: every local device; see
+      `eval_devices`). Batch b draws its per-slice keys `split(fold_in(key, b), batch_size)`
+      before the split, so the maps do not depend on the device count (up to float rounding).
     progress: optional callback for one-line progress messages.
 
   Returns:
     dict of `[S, H, W]` float32 arrays 'eu', 'mean', 'au'.
   """
   import jax  # pylint: disable=g-import-not-at-top  (the intensity rung needs no jax)
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
   from u2ad_jax import uncertainty  # pylint: disable=g-import-not-at-top
 
   unc = _section(config, "uncertainty")
@@ -199,6 +216,12 @@ def model_maps(model: Any, params: Any, config: Any, images: np.ndarray, train_r
   pass_chunk = unc.get("pass_chunk")
   if num_samples is None:
     num_samples = int(unc.get("num_samples", 10))
+  num = images.shape[0]
+  batch_size = max(1, min(int(batch_size), num))
+  mesh = Mesh(np.array(eval_devices(batch_size, devices)), ("batch",))
+  num_devices = mesh.devices.size
+  replicated = NamedSharding(mesh, PartitionSpec())
+  split = NamedSharding(mesh, PartitionSpec("batch"))
 
   def apply_fn(p, x, plan):
     return model.apply({"params": p}, x, plan)
@@ -208,23 +231,26 @@ def model_maps(model: Any, params: Any, config: Any, images: np.ndarray, train_r
 
   def mc_fn(num_keep):
     # One compilation per encoder length; lengths are rounded (mc_encoder_length) so a cohort
-    # needs only a few.
+    # needs only a few. Each device runs its rows of the batch: the MC passes of an image
+    # depend on that image and its key only.
     if num_keep not in fns:
-      fns[num_keep] = uncertainty.make_mc_uncertainty_fn(
-          apply_fn, patch_size=int(model.patch_size), ratio=ratio,
-          num_samples=int(num_samples), num_keep=num_keep,
-          pass_chunk=None if not pass_chunk else int(pass_chunk),
-          min_roi=max(1, int(data.get("min_roi_patches", 1))))
+      def per_device(p, x, roi, keys):
+        return uncertainty.mc_uncertainty(
+            apply_fn, p, None, x, roi, patch_size=int(model.patch_size), ratio=ratio,
+            num_samples=int(num_samples), num_keep=num_keep,
+            pass_chunk=None if not pass_chunk else int(pass_chunk),
+            min_roi=max(1, int(data.get("min_roi_patches", 1))), image_keys=keys)
+      fns[num_keep] = jax.jit(jax.shard_map(
+          per_device, mesh=mesh, in_specs=(PartitionSpec(),) + (PartitionSpec("batch"),) * 3,
+          out_specs=PartitionSpec("batch")))
     return fns[num_keep]
 
   if seed is None:
     seed = int(config.get("seed", 0)) + EVAL_SEED_OFFSET
   key = jax.random.key(int(seed))
-  params = jax.device_put(params)
-  num = images.shape[0]
+  params = jax.device_put(params, replicated)
   out = {name: np.zeros(images.shape, np.float32) for name in ("eu", "mean", "au")}
   start = time.monotonic()
-  batch_size = max(1, min(int(batch_size), num))
   # Batches of slices with similar ROI sizes: every MC pass of a batch then keeps at most
   # N - min(masked) patches visible, so the encoder runs on a shorter sequence (attention is
   # quadratic in it; results are identical to the full length, see uncertainty.mc_encoder_length).
@@ -237,13 +263,15 @@ def model_maps(model: Any, params: Any, config: Any, images: np.ndarray, train_r
     padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
     x, roi = images[padded], train_roi[padded]
     num_keep = uncertainty.mc_encoder_length(roi, int(model.patch_size), ratio)
-    maps = mc_fn(num_keep)(params, jax.random.fold_in(key, b), jnp.asarray(x[..., None]),
-                           jnp.asarray(roi))
+    keys = jax.random.split(jax.random.fold_in(key, b), batch_size)
+    maps = mc_fn(num_keep)(params, jax.device_put(x[..., None], split),
+                           jax.device_put(roi, split), jax.device_put(keys, split))
     for name in out:
       out[name][rows] = np.asarray(maps[name])[:len(rows)]
     if progress is not None:
       done = min(lo + batch_size, num)
-      progress(f"MC maps {done}/{num} slices ({time.monotonic() - start:.1f} s)")
+      progress(f"MC maps {done}/{num} slices on {num_devices} device(s) "
+               f"({time.monotonic() - start:.1f} s)")
   return out
 
 
