@@ -44,7 +44,8 @@ from u2ad_jax import patches as patch_lib
 from u2ad_jax.masking import MaskPlan
 from u2ad_jax.models import layers
 
-# Sizes in one place. "mu": unit tests. "cpu": demo size, 128 px / 256 tokens, 0.57 M params,
+# Sizes in one place. "mu": unit tests. "cpu": demo size, 128 px / 256 tokens (configs/cpu.py runs
+# it at 256 px with 16-px patches: the same 256 tokens), 0.57 M params,
 # 1.2 GFLOP per training image; measured ~46 images/s (batch 32) on the 2-core reference CPU, so a
 # demo trains thousands of images per minute. "paper": the released code's configuration
 # (method.md section 3): 2.8 M params, 41 GFLOP per training image with ~930 encoder tokens.
