@@ -21,8 +21,9 @@ def get_config(arg=None):
   config.model.variant = "cpu"
   # The paper's 256-px grid (0.78 mm pixels; the scoring ROI's one-pixel erosion removes 0.78 mm
   # like the paper's) with 16-px patches, so the encoder sees the same 256 tokens as 128 px with
-  # 8-px patches and costs about the same. At 128 px (1.56 mm) small lesions lose most of their
-  # pixels to resampling and erosion; chosen by a rule fixed before the comparison (README).
+  # 8-px patches and costs about the same. At 128 px (1.56 mm) a small lesion keeps only a few
+  # pixels and the erosion removes twice the paper's margin (a lesion on the cord edge can vanish).
+  # Chosen by a rule fixed before the comparison (README "Results").
   config.data.image_size = 256
   config.data.patch_size = 16
   config.data.min_roi_patches = 4

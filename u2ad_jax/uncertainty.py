@@ -154,8 +154,8 @@ def mc_uncertainty(apply_fn: ApplyFn, params, key: jax.Array | None, images: jnp
                    image_keys: jax.Array | None = None) -> dict[str, jnp.ndarray]:
   """EU, mean reconstruction and AU maps from P exact-coverage masked reconstructions.
 
-  jit-friendly: everything except `params`, `key`, `images` and `train_roi` must be static
-  (bind them with `functools.partial`, or use `make_mc_uncertainty_fn`).
+  jit-friendly: everything except `params`, `key`, `images`, `train_roi` and `image_keys` must be
+  static (bind them with `functools.partial`, or use `make_mc_uncertainty_fn`).
 
   Args:
     apply_fn: `apply_fn(params, images [B,H,W,1], plan: MaskPlan) -> (recon [B,H,W,1], edge, aux)`;
