@@ -33,12 +33,12 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from u2ad_jax import anomaly as anomaly_lib
 from u2ad_jax import errors
 from u2ad_jax import io_utils
 from u2ad_jax import labels as label_values
 from u2ad_jax.evaluation import analysis
 from u2ad_jax.evaluation import curves
-from u2ad_jax import anomaly as anomaly_lib
 from u2ad_jax.evaluation import postprocess as postprocess_lib
 from u2ad_jax.evaluation import report
 from u2ad_jax.evaluation import scoring
