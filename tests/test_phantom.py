@@ -359,7 +359,7 @@ def test_synth_command_writes_and_summarises(tmp_path):
                          "--profile", "public", "--seed", "1", "--slices", "3", "--lesion-fraction", "0.5"],
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
-  assert "[2/2] sub-002 public" in proc.stdout
+  assert "[2/2] sub-002 public" in proc.stderr  # progress on stderr, the summary on stdout
   assert "s per slice" in proc.stdout and "subjects: 2 (1 with lesions" in proc.stdout
   for sid in ("sub-001", "sub-002"):
     assert nib.load(out / sid / "anat" / f"{sid}_T2w.nii.gz").shape[0] == 3

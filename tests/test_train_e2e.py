@@ -48,7 +48,7 @@ def test_train_command_end_to_end(tmp_path, cohorts):
   run = _train(workdir, public, clinical)
   assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
   assert "finished at step" in run.stdout
-  assert "steps/s ETA" in run.stdout  # the progress line
+  assert "steps/s ETA" in run.stderr  # the progress line (stderr: progress is not a result)
 
   records = metrics_log.MetricsLog(workdir).read()
   steps = [r for r in records if "event" not in r]

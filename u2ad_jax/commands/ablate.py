@@ -4,6 +4,8 @@ Trains the comparison ladder on one cohort and seed: one shared pretraining run 
 cohort, then the adaptation of each rung (baseline = random masking, eu, au, eu_au = U2AD) on the
 clinical cohort, each evaluated by the same scoring code, plus the cord-intensity rung. Writes
 DIR/comparison.md and DIR/comparison.csv (and every rung's full evaluation in DIR/<rung>/).
+An existing DIR must be an earlier `u2ad ablate` output and needs `--overwrite` (its runs resume);
+DIR may not be, lie inside or contain either cohort.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from absl import logging
 from u2ad_jax.evaluation import workflow
 
 _OUT = flags.DEFINE_string("out", None, "output directory")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "reuse / replace --out when it holds an "
+                               "earlier u2ad ablate output")
 _PUBLIC = flags.DEFINE_string("public", None, "healthy public cohort (pretraining)")
 _CLINICAL = flags.DEFINE_string("clinical", None, "clinical cohort (adaptation and evaluation)")
 _CONFIG = flags.DEFINE_string("config", None, "config file[:args] (default configs/cpu.py)")
@@ -28,13 +32,12 @@ flags.mark_flags_as_required(["out", "public", "clinical"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments: {argv[1:]}")
+  del argv  # stray arguments are refused by the dispatcher
   # Library logs (checkpoint I/O, read-only notices) would bury the progress lines.
   logging.set_verbosity(logging.ERROR)
   config = workflow.smoke_config() if _SMOKE.value and _CONFIG.value is None else None
   workflow.run_ablation(_OUT.value, _PUBLIC.value, _CLINICAL.value, config_spec=_CONFIG.value,
                         config=config, methods=_METHODS.value, seed=_SEED.value,
-                        overrides=_SET.value)
+                        overrides=_SET.value, overwrite=_OVERWRITE.value)
   with open(f"{_OUT.value}/comparison.md", encoding="utf-8") as f:
     print(f.read())

@@ -7,7 +7,8 @@ rung) on the clinical cohort, writes DIR/report.md and prints the patient / segm
 `--smoke` runs the same path at test size (5 patients, a tiny model) in about a minute.
 `--config FILE[:args]` picks another config (default configs/cpu.py) and `--set key.path=value`
 changes single settings (e.g. `--set stage_epochs.pretrain=24`).
-Re-running with the same DIR reuses the cohorts and resumes / reuses the training run.
+Re-running with the same DIR needs `--overwrite` (DIR must hold an earlier demo): it reuses the
+cohorts that match, resumes / reuses the training run and replaces the evaluations.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from u2ad_jax.evaluation import report
 from u2ad_jax.evaluation import workflow
 
 _OUT = flags.DEFINE_string("out", None, "output directory")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "reuse / replace --out when it holds an "
+                               "earlier u2ad demo output")
 _SMOKE = flags.DEFINE_bool("smoke", False, "test-size run: 5 patients, tiny model, 1-2 epochs")
 _CONFIG = flags.DEFINE_string("config", None, "config file[:args] (default configs/cpu.py; "
                                               "--smoke uses its own tiny config)")
@@ -33,8 +36,7 @@ flags.mark_flag_as_required("out")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments: {argv[1:]}")
+  del argv  # stray arguments are refused by the dispatcher
   # Library logs (checkpoint I/O, read-only notices) would bury the progress lines.
   logging.set_verbosity(logging.ERROR)
   default = workflow.SMOKE_SIZE if _SMOKE.value else workflow.DEMO_SIZE
@@ -42,7 +44,8 @@ def main(argv):
       num_public=_PUBLIC.value if _PUBLIC.value is not None else default.num_public,
       num_clinical=_CLINICAL.value if _CLINICAL.value is not None else default.num_clinical)
   result = workflow.run_demo(_OUT.value, smoke=_SMOKE.value, config_spec=_CONFIG.value,
-                             size=size, seed=_SEED.value, overrides=_SET.value)
+                             size=size, seed=_SEED.value, overrides=_SET.value,
+                             overwrite=_OVERWRITE.value)
   print(report.format_table(result.u2ad))
   print("intensity rung: " + report.format_table(result.intensity).splitlines()[-1])
   print(f"report: {result.report_path}")

@@ -7,6 +7,8 @@ maps and JSON sidecars, CSV tables, metrics (when the cohort has truth), figures
 With `--intensity_out DIR` it also scores the cord-intensity rung on the same cohort. `--set
 section.key=value` changes the run's scoring settings (evaluation.*, postprocess.*) for this
 evaluation only, e.g. `--set evaluation.residual=absolute` for the method's |x - mean| map.
+An output directory must be missing, empty or (with --overwrite) an earlier `u2ad evaluate`
+output, and may not be, lie inside or contain the workdir or the cohort.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 from absl import flags
 from absl import logging
 
+from u2ad_jax import output_guard
 from u2ad_jax.evaluation import evaluator
 from u2ad_jax.evaluation import report
 
@@ -21,6 +24,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (config.json +
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
 _DATA = flags.DEFINE_string("data", None, "cohort directory (as written by `u2ad synth`)")
 _OUT = flags.DEFINE_string("out", None, "output directory (replaced only when complete)")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace --out / --intensity_out when they "
+                               "hold an earlier u2ad evaluate output")
 _BATCH = flags.DEFINE_integer("batch_size", evaluator.DEFAULT_BATCH_SIZE,
                               "slices per Monte-Carlo call, split over the local devices "
                               "(use a multiple of the device count)")
@@ -35,12 +40,18 @@ flags.mark_flags_as_required(["workdir", "data", "out"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments: {argv[1:]}")
+  del argv  # stray arguments are refused by the dispatcher
   # Library logs (checkpoint I/O, read-only notices) would bury the progress lines.
   logging.set_verbosity(logging.ERROR)
+  # Both outputs are checked before any work (evaluate_checkpoint checks --out again).
+  protected = {"--workdir": _WORKDIR.value, "--data": _DATA.value}
+  output_guard.check_output_dir(_OUT.value, "evaluate", overwrite=_OVERWRITE.value,
+                                protected=protected)
   prepared = None
   if _INTENSITY_OUT.value:
+    output_guard.check_output_dir(_INTENSITY_OUT.value, "evaluate", overwrite=_OVERWRITE.value,
+                                  protected={**protected, "--out": _OUT.value},
+                                  flag="--intensity_out")
     # Load the cohort once for both rungs (with the run's data settings).
     from u2ad_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
     config = evaluator.apply_scoring_overrides(checkpoint.read_config(_WORKDIR.value),
@@ -49,11 +60,12 @@ def main(argv):
   result = evaluator.evaluate_checkpoint(_WORKDIR.value, _DATA.value, _OUT.value,
                                          step=_STEP.value, batch_size=_BATCH.value,
                                          prepared=prepared, overrides=_SET.value,
-                                         verbose=not _QUIET.value)
+                                         overwrite=_OVERWRITE.value, verbose=not _QUIET.value)
   print(report.format_table(result))
   print(f"report: {_OUT.value}/report.md")
   if prepared is not None:
     intensity = evaluator.evaluate_intensity(prepared, evaluator.EvalSettings.from_config(config),
-                                             _INTENSITY_OUT.value)
+                                             _INTENSITY_OUT.value,
+                                             overwrite=_OVERWRITE.value)
     print("intensity rung: " + report.format_table(intensity).splitlines()[-1])
     print(f"intensity rung report: {_INTENSITY_OUT.value}/report.md")

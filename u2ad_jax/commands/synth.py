@@ -1,25 +1,32 @@
 """`u2ad synth`: write a synthetic cervical-spine cohort (NIfTI, BIDS-like) and summarise it.
 
   u2ad synth --out DIR --subjects N --profile {public,clinical} --seed S [--lesion-fraction F]
+      [--overwrite]
 
-Prints one progress line per subject and, at the end, the cohort summary: subjects, slices,
-lesion subjects and lesions by grade and by segment, and the generation speed (seconds per slice).
+Prints one progress line per subject (stderr) and, at the end, the cohort summary (stdout):
+subjects, slices, lesion subjects and lesions by grade and by segment, and the generation speed.
+DIR must be missing, empty or (with --overwrite) a cohort written by `u2ad synth`; the cohort is
+written into a staging directory beside DIR and swapped in when complete, so DIR always holds the
+old cohort or the new one, never a mix.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import sys
 import time
 
 from absl import flags
 
 from u2ad_jax import errors
 from u2ad_jax import labels
+from u2ad_jax import output_guard
 from u2ad_jax.data import phantom
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "cohort root directory to write (created)")
+flags.DEFINE_bool("overwrite", False, "replace DIR when it holds a cohort written by u2ad synth")
 flags.DEFINE_integer("subjects", 8, "number of subjects", lower_bound=1)
 flags.DEFINE_enum("profile", "clinical", sorted(phantom.PROFILES), "scanner profile")
 flags.DEFINE_integer("seed", 0, "cohort seed (same seed -> identical files)")
@@ -55,13 +62,10 @@ def summarize(subjects: list[phantom.Subject], seconds: float) -> str:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise errors.U2ADError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # stray arguments are refused by the dispatcher
   if not FLAGS.out:
-    raise errors.U2ADError("--out is required")
-  out = os.path.abspath(FLAGS.out)
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise errors.InputError(out, "exists and is not a directory")
+    raise errors.UsageError("--out is required")
+  out = output_guard.check_output_dir(FLAGS.out, "synth", overwrite=FLAGS.overwrite)
   subjects: list[phantom.Subject] = []
   total = FLAGS.subjects
 
@@ -72,11 +76,13 @@ def main(argv: list[str]) -> None:
             else "no lesion")
     compressed = ";".join(truth["compressed_levels"]) or "none"
     print(f"[{index + 1}/{total}] {subject.subject_id} {subject.profile}: {what}; compressed {compressed}; "
-          f"{subject.num_slices} slices in {seconds:.2f} s", flush=True)
+          f"{subject.num_slices} slices in {seconds:.2f} s", file=sys.stderr, flush=True)
 
   start = time.perf_counter()
-  tsv = phantom.write_cohort(out, total, FLAGS.profile, FLAGS.seed, FLAGS.lesion_fraction,
-                             num_slices=FLAGS.slices, progress=progress)
+  with output_guard.staged_directory(out, "synth") as staging:
+    phantom.write_cohort(staging, total, FLAGS.profile, FLAGS.seed, FLAGS.lesion_fraction,
+                         num_slices=FLAGS.slices, progress=progress)
   seconds = time.perf_counter() - start
-  print(f"wrote {FLAGS.profile} cohort to {out} (participants: {tsv})")
+  print(f"wrote {FLAGS.profile} cohort to {out} (participants: "
+        f"{os.path.join(out, 'participants.tsv')})")
   print(summarize(subjects, seconds))

@@ -2,6 +2,7 @@
 
   u2ad train --config configs/paper.py[:ablation=eu,schedule=linear] --workdir runs/x \
       --config.data.public_dir=PUBLIC --config.data.clinical_dir=CLINICAL [--config.k=v ...]
+      [--set key.path=value ...]
 
 Re-running the same command resumes from the workdir's latest checkpoint. `--init_from RUN`
 starts from another run's parameters (e.g. `--config.stages="('adapt_eu','adapt_eu_au')"` after
@@ -10,6 +11,9 @@ a pretraining run). Multi-host: `--distributed` (SLURM / TPU auto-detection) or 
 """
 
 from __future__ import annotations
+
+import os
+import sys
 
 from absl import flags
 from absl import logging
@@ -30,12 +34,33 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (implies --distributed)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's rank")
+_SET = flags.DEFINE_multi_string(
+    "set", [], "config override key.path=value, e.g. --set optim.lr=1e-3 (repeatable; the same "
+    "as --config.optim.lr=1e-3; unknown keys fail before any work)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _loaded_config():
+  """The parsed --config. ml_collections defers a file that failed to load (missing, or raising
+  on import) to the first use of the config; this turns that into one line naming the file."""
+  filename = config_flags.get_config_filename(flags.FLAGS["config"])
+  if not os.path.isfile(filename):
+    raise errors.InputError(filename, "config file not found")
+  config = _CONFIG.value
+  try:
+    config.get("stages")
+  except OSError as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    raise errors.InputError(filename, f"config file failed to load ({lines[-1]})") from e
+  return config
+
+
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise errors.U2ADError(f"unexpected arguments {argv[1:]}")
+  del argv  # stray arguments are refused by the dispatcher
+  from u2ad_jax.train import config_lib  # pylint: disable=g-import-not-at-top
+
+  # Config mistakes fail here, before jax or any file: `--set` typos name the key.
+  config = config_lib.apply_overrides(_loaded_config(), _SET.value)
   # Orbax logs every save at INFO; the progress lines are what the user reads.
   logging.set_verbosity(logging.WARNING)
   # Imported here: jax must not start before distributed initialisation.
@@ -44,13 +69,12 @@ def main(argv: list[str]) -> None:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from u2ad_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
-  config = _CONFIG.value
   try:
     trainer.validate_config(config)
   except ValueError as e:
     raise errors.U2ADError(f"bad config: {e}") from e
-  print(f"[train] {distributed.describe()}", flush=True)
+  print(f"[train] {distributed.describe()}", file=sys.stderr, flush=True)
   result = trainer.train(config, _WORKDIR.value, init_from=_INIT_FROM.value)
   state = "stopped early" if result.stopped else "finished"
   print(f"[train] {state} at step {result.step}; checkpoints and metrics in {result.workdir}",
-        flush=True)
+        flush=True)  # the result: stdout

@@ -116,6 +116,27 @@ def read_participants(root: PathLike) -> dict[str, dict[str, Any]]:
   return table
 
 
+def check_participants(root: PathLike, subject_ids: Sequence[str],
+                       participants: dict[str, dict[str, Any]]) -> None:
+  """A cohort's folders and its participants.tsv must list the same subjects (when the table
+  exists): a table left from another cohort would otherwise score some subjects without truth
+  or pair truth with the wrong images.
+
+  Raises:
+    InputError: naming participants.tsv and the first subject found in one but not the other.
+  """
+  if not participants:
+    return
+  path = os.path.join(os.fspath(root), "participants.tsv")
+  folders, listed = set(subject_ids), set(participants)
+  for sid in sorted(folders - listed):
+    raise errors.InputError(path, f"{sid} has a folder but no row ({len(folders - listed)} "
+                                  "subject(s) missing from the table)")
+  for sid in sorted(listed - folders):
+    raise errors.InputError(path, f"{sid} is listed but has no {sid}/anat/{sid}_T2w image "
+                                  f"({len(listed - folders)} listed subject(s) without one)")
+
+
 def load_cohort(root: PathLike, data_cfg: Any, *, subjects: Sequence[str] | None = None,
                 require_vertebrae: bool = False, progress: bool = True, skip_bad: bool = False):
   """Discovers and loads a cohort into one `preprocess.SliceSet`; see `preprocess.load_cohort`

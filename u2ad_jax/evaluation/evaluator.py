@@ -25,17 +25,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shutil
 import sys
-import tempfile
 import time
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from u2ad_jax import anomaly as anomaly_lib
 from u2ad_jax import errors
 from u2ad_jax import io_utils
+from u2ad_jax import output_guard
 from u2ad_jax import labels as label_values
 from u2ad_jax.evaluation import analysis
 from u2ad_jax.evaluation import curves
@@ -48,9 +47,6 @@ from u2ad_jax.evaluation import thresholds
 # masks, reproducible from the config, independent of the training stream.
 EVAL_SEED_OFFSET = 7919
 DEFAULT_BATCH_SIZE = 8
-# Scoring settings missing from an older run's recorded config take today's defaults
-# (configs/base.py), like `evaluation.residual` does.
-DEFAULT_CURVE_WINDOW_MM = 8.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,17 +61,22 @@ class EvalSettings:
 
   @classmethod
   def from_config(cls, config: Any) -> "EvalSettings":
-    ev = _section(config, "evaluation")
-    rule_name = ev.get("threshold_rule", ev.get("threshold", "mad"))
+    """Reads the settings; a key missing from an older run's recorded config takes today's
+    default from configs/base.py (the one source of defaults).
+
+    Raises:
+      ValueError: a key these sections do not define (e.g. a misspelt or retired name).
+    """
+    ev = _with_defaults(config, "evaluation")
     return cls(
-        postprocess=postprocess_lib.PostprocessParams.from_config(_section(config, "postprocess")),
-        rule=thresholds.ThresholdRule(
-            name=str(rule_name), k=float(ev.get("mad_k", ev.get("threshold_k", 3.0))),
-            pool=str(ev.get("threshold_pool", "segments"))),
-        reduction=str(ev.get("curve_reduction", ev.get("reduction", "sum"))),
-        residual=str(ev.get("residual", anomaly_lib.DEFAULT_RESIDUAL)),
-        curve_window=curves.window_rows(
-            float(ev.get("curve_window_mm", DEFAULT_CURVE_WINDOW_MM) or 0.0), _pixel_mm(config)),
+        postprocess=postprocess_lib.PostprocessParams.from_config(
+            _with_defaults(config, "postprocess")),
+        rule=thresholds.ThresholdRule(name=str(ev["threshold"]), k=float(ev["mad_k"]),
+                                      **({"pool": str(ev["threshold_pool"])}
+                                         if ev.get("threshold_pool") is not None else {})),
+        reduction=str(ev["curve_reduction"]),
+        residual=str(ev["residual"]),
+        curve_window=curves.window_rows(float(ev["curve_window_mm"] or 0.0), _pixel_mm(config)),
         num_samples=None if ev.get("num_samples") is None else int(ev["num_samples"]))
 
   def describe_curve(self) -> str:
@@ -97,6 +98,18 @@ def _pixel_mm(config: Any) -> float:
   """Row spacing of the model frame in mm (field of view / image size)."""
   data = _section(config, "data")
   return float(data.get("fov_mm", 200.0)) / float(data.get("image_size", 256))
+
+
+def _with_defaults(config: Any, name: str) -> dict[str, Any]:
+  """Scoring section `name` of `config` over configs/base.py's defaults; unknown keys fail."""
+  from u2ad_jax import config_files  # pylint: disable=g-import-not-at-top
+
+  recorded = _section(config, name)
+  known = set(SCORING_KEYS[name])
+  unknown = sorted(set(recorded) - known)
+  if unknown:
+    raise ValueError(f"config.{name} has unknown setting(s) {unknown}; known: {sorted(known)}")
+  return {**config_files.default_section(name), **recorded}
 
 
 def _section(config: Any, name: str) -> dict[str, Any]:
@@ -138,32 +151,11 @@ def apply_scoring_overrides(config: Any, overrides: Sequence[str]) -> Any:
 # ------------------------------------------------------------------------------ staging
 
 
-@contextlib.contextmanager
-def staged_directory(out_dir: str | os.PathLike) -> Iterator[str]:
-  """Yields an empty staging directory beside `out_dir`; on success it replaces `out_dir`.
-
-  On an exception the staging directory is removed and `out_dir` (if it existed) is untouched,
-  so a failed run never leaves a partial report behind.
-  """
-  out_dir = os.path.abspath(os.fspath(out_dir))
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise errors.InputError(out_dir, "output path exists and is not a directory")
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.staging-")
-  try:
-    yield staging
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-  old = None
-  if os.path.exists(out_dir):
-    old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.old-")
-    os.rmdir(old)
-    os.replace(out_dir, old)
-  os.replace(staging, out_dir)
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
+def staged_directory(out_dir: str | os.PathLike,
+                     command: str = "evaluate") -> contextlib.AbstractContextManager[str]:
+  """`output_guard.staged_directory`: a staging directory beside `out_dir` that replaces it only
+  when complete, and only when `out_dir` is missing, empty or a previous `command` output."""
+  return output_guard.staged_directory(out_dir, command)
 
 
 # ------------------------------------------------------------------------------ model maps
@@ -390,10 +382,12 @@ def prepare_cohort(data_dir: str | os.PathLike, data_config: Any,
   root = os.fspath(data_dir)
   files = cohort.list_subjects(root)
   label_files = {f.subject_id: f.label for f in files}
+  participants = cohort.read_participants(root)
+  cohort.check_participants(root, list(label_files), participants)
   slice_set = preprocess.load_cohort(root, data_config, require_vertebrae=True, progress=progress)
   levels = scoring.cohort_levels(slice_set.labels, slice_set.score_roi, slice_set.subject_ids,
                                  label_files)
-  return PreparedCohort(root=root, slice_set=slice_set, participants=cohort.read_participants(root),
+  return PreparedCohort(root=root, slice_set=slice_set, participants=participants,
                         levels=levels, label_files=label_files)
 
 
@@ -401,14 +395,18 @@ def evaluate_checkpoint(workdir: str | os.PathLike, data_dir: str | os.PathLike,
                         out_dir: str | os.PathLike | None, *, step: int | None = None,
                         batch_size: int = DEFAULT_BATCH_SIZE, name: str | None = None,
                         prepared: PreparedCohort | None = None,
-                        overrides: Sequence[str] = (),
+                        overrides: Sequence[str] = (), overwrite: bool = False,
                         verbose: bool = True) -> analysis.CohortResult:
   """Evaluates one checkpoint on one cohort; writes everything to `out_dir` (None: nothing).
 
   `overrides` (`section.key=value`, see `apply_scoring_overrides`) change the scoring settings
   recorded with the run, e.g. `evaluation.residual=absolute` or `evaluation.num_samples=10`.
+  `out_dir` follows `output_guard.check_output_dir` (checked before any work): it may not be,
+  lie inside or contain the workdir or the cohort, and an existing non-empty `out_dir` is
+  replaced only when it is a previous evaluation and `overwrite` is set.
 
   Raises:
+    UsageError / InputError: an output directory that may not be written (nothing written).
     CheckpointError: missing / damaged workdir or checkpoint (nothing written).
     LabelError and other InputErrors: bad cohort, e.g. no vertebral labels (nothing written).
   """
@@ -416,11 +414,14 @@ def evaluate_checkpoint(workdir: str | os.PathLike, data_dir: str | os.PathLike,
 
   log = (lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True)) if verbose else None
   workdir = os.fspath(workdir)
+  if out_dir is not None:
+    output_guard.check_output_dir(out_dir, "evaluate", overwrite=overwrite,
+                                  protected={"--workdir": workdir, "--data": data_dir})
   try:
     model, params, config, restored_step = checkpoint.restore_for_eval(workdir, step)
-  except errors.U2ADError:
-    raise
-  except Exception as e:  # anything else from a damaged workdir is still the workdir's fault
+  except (OSError, ValueError, KeyError) as e:
+    # Unreadable files and malformed contents are the workdir's fault; anything else is a bug
+    # and keeps its traceback.
     raise errors.CheckpointError(workdir, f"cannot restore ({type(e).__name__}: {e})") from e
   config = apply_scoring_overrides(config, overrides)
   if prepared is None:
@@ -468,10 +469,15 @@ def evaluate_checkpoint(workdir: str | os.PathLike, data_dir: str | os.PathLike,
 
 
 def evaluate_intensity(prepared: PreparedCohort, settings: EvalSettings,
-                       out_dir: str | os.PathLike | None = None) -> analysis.CohortResult:
-  """The cord-intensity rung through the same scoring code (and outputs, when `out_dir`)."""
+                       out_dir: str | os.PathLike | None = None, *,
+                       overwrite: bool = False) -> analysis.CohortResult:
+  """The cord-intensity rung through the same scoring code (and outputs, when `out_dir`; the
+  same output rule as `evaluate_checkpoint`)."""
   from u2ad_jax.evaluation import intensity_baseline  # pylint: disable=g-import-not-at-top
 
+  if out_dir is not None:
+    output_guard.check_output_dir(out_dir, "evaluate", overwrite=overwrite,
+                                  protected={"--data": prepared.root})
   s = prepared.slice_set
   maps = intensity_baseline.intensity_maps(s.images, s.score_roi, s.subject_ids)
   provenance = {"model": {"name": "intensity", "variant": None,

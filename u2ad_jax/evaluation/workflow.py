@@ -25,14 +25,12 @@ import ml_collections
 
 from u2ad_jax import errors
 from u2ad_jax import io_utils
+from u2ad_jax import output_guard
 from u2ad_jax.evaluation import analysis
 from u2ad_jax.evaluation import evaluator
 from u2ad_jax.evaluation import ladder
 from u2ad_jax.evaluation import report
 
-# configs/ sits beside the package in a source checkout (`pip install -e .`).
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "configs")
 DEMO_CONFIG = "cpu.py"
 ADAPT_STAGES = ("adapt_eu", "adapt_eu_au")
 ABLATION_METHODS = ("baseline", "eu", "au", "eu_au")
@@ -58,22 +56,15 @@ def _log(text: str) -> None:
 
 
 def load_config(spec: str | None) -> ml_collections.ConfigDict:
-  """`path/to/config.py[:arg]` -> ConfigDict. A bare file name is looked up in configs/ too.
+  """`path/to/config.py[:args]` -> ConfigDict (`config_files.load`: a bare file name is looked up
+  in the checkout's configs/ and in the installed package). Default: the demo's configs/cpu.py.
 
   Raises:
-    InputError: the config file does not exist.
+    InputError: the config file does not exist.  UsageError: bad `:args`.
   """
-  from u2ad_jax.train import config_lib  # pylint: disable=g-import-not-at-top
+  from u2ad_jax import config_files  # pylint: disable=g-import-not-at-top
 
-  spec = spec or DEMO_CONFIG
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path) and os.path.isfile(os.path.join(CONFIGS_DIR, path)):
-    path = os.path.join(CONFIGS_DIR, path)
-  if not os.path.isfile(path):
-    raise errors.InputError(path, f"config file not found (looked in the working directory and "
-                                  f"{CONFIGS_DIR})")
-  module = config_lib.sibling(os.path.abspath(path), os.path.splitext(os.path.basename(path))[0])
-  return module.get_config(arg or None)
+  return config_files.load(spec or DEMO_CONFIG)
 
 
 def smoke_config() -> ml_collections.ConfigDict:
@@ -104,7 +95,9 @@ def make_cohorts(data_dir: str, size: DemoSize, seed: int,
   """Writes (or reuses) the public and clinical phantom cohorts; returns their directories.
 
   A cohort directory is reused when its participants.tsv lists the requested number of subjects
-  and its generation record matches (profile, seed); generation is deterministic per seed.
+  and its generation record matches (profile, seed); generation is deterministic per seed. A
+  cohort is (re)written through a staged swap, as `u2ad synth` does, so its folders and
+  participants.tsv always agree.
   """
   from u2ad_jax.data import phantom  # pylint: disable=g-import-not-at-top
 
@@ -121,9 +114,10 @@ def make_cohorts(data_dir: str, size: DemoSize, seed: int,
           dirs.append(root)
           continue
     t0 = time.monotonic()
-    phantom.write_cohort(root, num, profile, seed + offset, lesion_fraction=lesion_fraction,
-                         num_slices=size.num_slices)
-    io_utils.write_json(record_path, record)
+    with output_guard.staged_directory(root, "synth") as staging:
+      phantom.write_cohort(staging, num, profile, seed + offset, lesion_fraction=lesion_fraction,
+                           num_slices=size.num_slices)
+      io_utils.write_json(os.path.join(staging, "u2ad_demo_cohort.json"), record)
     if verbose:
       _log(f"wrote the {profile} cohort ({num} subjects) in {time.monotonic() - t0:.1f} s: {root}")
     dirs.append(root)
@@ -166,7 +160,7 @@ def _prefix_links(markdown: str, prefix: str) -> str:
 
 def run_demo(out_dir: str | os.PathLike, *, smoke: bool = False, config_spec: str | None = None,
              size: DemoSize | None = None, seed: int = 0, overrides: Sequence[str] = (),
-             verbose: bool = True) -> DemoResult:
+             overwrite: bool = False, verbose: bool = True) -> DemoResult:
   """The README's main command. See the module docstring.
 
   `overrides`: `key.path=value` settings applied to the loaded config (`config_lib.
@@ -183,8 +177,11 @@ def run_demo(out_dir: str | os.PathLike, *, smoke: bool = False, config_spec: st
   # The config first: a bad file or override fails before anything is generated.
   config = smoke_config() if smoke and config_spec is None else load_config(config_spec)
   config_lib.apply_overrides(config, overrides)
-  out_dir = os.path.abspath(os.fspath(out_dir))
+  # `output_guard`: a non-empty out_dir must be an earlier demo's, and replacing it needs
+  # `overwrite`; its cohorts are then reused when they match and its run resumes.
+  out_dir = output_guard.check_output_dir(out_dir, "demo", overwrite=overwrite)
   os.makedirs(out_dir, exist_ok=True)
+  output_guard.write_marker(out_dir, "demo")
   size = size or (SMOKE_SIZE if smoke else DEMO_SIZE)
   timings: dict[str, float] = {}
   start = time.monotonic()
@@ -213,10 +210,13 @@ def run_demo(out_dir: str | os.PathLike, *, smoke: bool = False, config_spec: st
   timings.update(_stage_seconds(workdir))
 
   t0 = time.monotonic()
+  # The sub-outputs below lie in this demo's own directory: replacing them is overwriting its own.
   u2ad = evaluator.evaluate_checkpoint(workdir, clinical_dir, os.path.join(out_dir, "evaluation"),
-                                       name="U2AD (eu_au)", prepared=prepared, verbose=verbose)
+                                       name="U2AD (eu_au)", prepared=prepared, overwrite=True,
+                                       verbose=verbose)
   settings = evaluator.EvalSettings.from_config(config)
-  intensity = evaluator.evaluate_intensity(prepared, settings, os.path.join(out_dir, "intensity"))
+  intensity = evaluator.evaluate_intensity(prepared, settings, os.path.join(out_dir, "intensity"),
+                                           overwrite=True)
   timings["evaluate"] = time.monotonic() - t0
   ladder.write_comparison(out_dir, {"intensity": intensity, "eu_au": u2ad},
                           [f"Demo cohort: `{clinical_dir}`."])
@@ -260,7 +260,7 @@ def run_demo(out_dir: str | os.PathLike, *, smoke: bool = False, config_spec: st
 def run_ablation(out_dir: str | os.PathLike, public_dir: str, clinical_dir: str, *,
                  config_spec: str | None = None, config: ml_collections.ConfigDict | None = None,
                  methods: Sequence[str] = ABLATION_METHODS, seed: int | None = None,
-                 overrides: Sequence[str] = (),
+                 overrides: Sequence[str] = (), overwrite: bool = False,
                  verbose: bool = True) -> dict[str, analysis.CohortResult]:
   """Trains and scores the ladder on one cohort; writes comparison.{md,csv} into `out_dir`.
 
@@ -273,11 +273,14 @@ def run_ablation(out_dir: str | os.PathLike, public_dir: str, clinical_dir: str,
 
   unknown = [m for m in methods if m not in config_lib.ABLATIONS]
   if unknown:
-    raise ValueError(f"unknown ablation methods {unknown}; choose from {sorted(config_lib.ABLATIONS)}")
-  out_dir = os.path.abspath(os.fspath(out_dir))
+    raise errors.UsageError(f"unknown ablation methods {unknown}; choose from "
+                            f"{sorted(config_lib.ABLATIONS)}")
   base = config if config is not None else load_config(config_spec)
   base = base.copy_and_resolve_references()
   config_lib.apply_overrides(base, overrides)
+  out_dir = output_guard.check_output_dir(
+      out_dir, "ablate", overwrite=overwrite,
+      protected={"--public": public_dir, "--clinical": clinical_dir})
   if seed is not None:
     base.seed = int(seed)
   base.data.public_dir = os.fspath(public_dir)
@@ -286,6 +289,8 @@ def run_ablation(out_dir: str | os.PathLike, public_dir: str, clinical_dir: str,
   prepared = evaluator.prepare_cohort(clinical_dir, base.data, progress=False)
   public = preprocess.load_cohort(public_dir, base.data, progress=False)
   slice_sets = {"public_dir": public, "clinical_dir": prepared.slice_set}
+  os.makedirs(out_dir, exist_ok=True)
+  output_guard.write_marker(out_dir, "ablate")
 
   pretrain_dir = os.path.join(out_dir, "runs", "pretrain")
   if "pretrain" in base.stages:
@@ -300,8 +305,8 @@ def run_ablation(out_dir: str | os.PathLike, public_dir: str, clinical_dir: str,
 
   results: dict[str, analysis.CohortResult] = {}
   settings = evaluator.EvalSettings.from_config(base)
-  results["intensity"] = evaluator.evaluate_intensity(prepared, settings,
-                                                      os.path.join(out_dir, "intensity"))
+  results["intensity"] = evaluator.evaluate_intensity(
+      prepared, settings, os.path.join(out_dir, "intensity"), overwrite=True)
   for method in methods:
     cfg = base.copy_and_resolve_references()
     config_lib.set_ablation(cfg, method)
@@ -312,7 +317,7 @@ def run_ablation(out_dir: str | os.PathLike, public_dir: str, clinical_dir: str,
     train_seconds = time.monotonic() - t0
     results[method] = evaluator.evaluate_checkpoint(
         workdir, clinical_dir, os.path.join(out_dir, method), name=method, prepared=prepared,
-        verbose=verbose)
+        overwrite=True, verbose=verbose)
     results[method].info["train_seconds"] = train_seconds
     if verbose:
       _log(f"{method}: adaptation {train_seconds:.0f} s; " + report.format_table(

@@ -1,7 +1,9 @@
 """Console progress: one line every `log_every_steps` with loss terms, norms, speed and ETA.
 
 Plain lines (no carriage returns) so the output reads the same in a terminal, a SLURM log and
-a CI log. Only process 0 prints.
+a CI log, on stderr (progress is not a result). Only process 0 prints. A figure that is not
+known yet (the speed and ETA of the first, compiling step) or not reported (a norm the step does
+not compute) is left out of the line rather than printed as `nan`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class Progress:
     done_steps: steps already done when this (possibly resumed) run starts the stage.
     every: print every this many steps (and at the last step).
     enabled: False silences it (non-zero processes, tests).
-    stream: where to print (default stdout).
+    stream: where to print (default stderr).
   """
 
   def __init__(self, stage: str, total_steps: int, done_steps: int = 0, every: int = 10,
@@ -46,7 +48,7 @@ class Progress:
     self.done = int(done_steps)
     self.every = max(1, int(every))
     self.enabled = enabled
-    self.stream = stream or sys.stdout
+    self.stream = stream or sys.stderr
     self._t0: float | None = None
     self._steps_since_t0 = 0
     self._last_time: float | None = None
@@ -75,11 +77,18 @@ class Progress:
     speed = {"steps_per_sec": rate, "eta_sec": eta}
     if self.enabled and (self.done % self.every == 0 or self.done >= self.total):
       terms = " ".join(f"{k} {float(metrics[k]):.4g}" for k in ("image", "edge") if k in metrics)
-      line = (f"ep {epoch + 1}/{epochs} step {global_step} |{_bar(self.done / self.total)}| "
-              f"{100.0 * self.done / self.total:5.1f}% loss {float(metrics['loss']):.5g} "
-              f"({terms}) |g| {float(metrics.get('grad_norm', float('nan'))):.3g} "
-              f"|w| {float(metrics.get('param_norm', float('nan'))):.4g} "
-              f"lr {float(metrics.get('lr', float('nan'))):.3g} "
-              f"{rate:.2f} steps/s ETA {format_duration(eta)}")
+      parts = [f"ep {epoch + 1}/{epochs} step {global_step} |{_bar(self.done / self.total)}| "
+               f"{100.0 * self.done / self.total:5.1f}% loss {float(metrics['loss']):.5g}"
+               + (f" ({terms})" if terms else "")]
+      for label, key, fmt in (("|g|", "grad_norm", ".3g"), ("|w|", "param_norm", ".4g"),
+                              ("lr", "lr", ".3g")):
+        value = float(metrics.get(key, float("nan")))
+        if value == value:
+          parts.append(f"{label} {value:{fmt}}")
+      if rate == rate:
+        parts.append(f"{rate:.2f} steps/s ETA {format_duration(eta)}")
+      else:
+        parts.append("(first step: compiling; speed from the next)")
+      line = " ".join(parts)
       self.message(line)
     return speed
