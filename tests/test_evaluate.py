@@ -120,6 +120,10 @@ def test_maps_overlay_the_input(tmp_path):
   sidecar = json.load(open(os.path.join(out, "subjects", "sub-001", "sub-001_scores.json")))
   assert sidecar["patient"]["peak_slice_index"] == marker[0]
   assert sidecar["patient"]["peak_row"] == marker[1]
+  # The peak's position in the INPUT file's voxel indices (stored P, I, R: not the model grid).
+  source_peak = tuple(int(v) for v in np.unravel_index(np.argmax(source), source.shape))
+  assert tuple(sidecar["patient"]["peak_voxel"]) == source_peak
+  assert source_peak != (marker[0], marker[1], marker[2])
   assert set(sidecar["segments"]) == set(L.SEGMENT_NAMES)
 
 
@@ -149,6 +153,19 @@ def test_report_and_tables(tmp_path):
     assert (out / link).is_file(), link
   lines = (out / "patients.csv").read_text().strip().split("\n")
   assert len(lines) == 5 and lines[0].startswith("subject_id,patient_score,flagged")
+  # Peak positions are voxels of the input NIfTI: inside its stored shape, and the lesion
+  # patient's peak voxel is a lesion voxel of its label file.
+  import csv  # pylint: disable=g-import-not-at-top
+  rows = list(csv.DictReader((out / "patients.csv").open()))
+  for row in rows:
+    label = np.asarray(nib.load(os.path.join(
+        root, "derivatives", "labels", row["subject_id"], "anat",
+        f"{row['subject_id']}_T2w_label.nii.gz")).dataobj)
+    ijk = tuple(int(row[k]) for k in ("peak_i", "peak_j", "peak_k"))
+    assert all(0 <= v < n for v, n in zip(ijk, label.shape))
+    assert row["model_row"] != ""
+    if row["subject_id"] == "sub-002":  # has the lesion
+      assert label[ijk] == L.LESION, (ijk, label[ijk])
   assert len((out / "segments.csv").read_text().strip().split("\n")) == 1 + 4 * 6
   metrics = json.loads((out / "metrics.json").read_text())
   assert set(metrics) >= {"patient", "segment", "pixel", "threshold"}
@@ -163,11 +180,19 @@ def test_staged_directory_leaves_nothing_on_error(tmp_path):
       open(os.path.join(staging, "report.md"), "w").write("partial")
       raise RuntimeError("boom")
   assert list(tmp_path.iterdir()) == []
+  # A directory the command did not write is never replaced, even by the swap itself.
   out.mkdir()
   (out / "old.txt").write_text("previous run")
+  with pytest.raises(errors.InputError, match="not a previous output"):
+    with evaluator.staged_directory(out) as staging:
+      open(os.path.join(staging, "report.md"), "w").write("new")
+  assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+  (out / "old.txt").unlink()
   with evaluator.staged_directory(out) as staging:
     open(os.path.join(staging, "report.md"), "w").write("new")
-  assert sorted(p.name for p in out.iterdir()) == ["report.md"]
+  with evaluator.staged_directory(out) as staging:  # its own previous output: replaced
+    open(os.path.join(staging, "report2.md"), "w").write("newer")
+  assert sorted(p.name for p in out.iterdir()) == [".u2ad-output.json", "report2.md"]
   assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 

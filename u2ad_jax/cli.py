@@ -107,7 +107,8 @@ def _run(argv: list[str]) -> None:
     except (AttributeError, KeyError) as e:
       # ml_collections' `--config.a.b=v` parser raises these for a key the config lacks.
       dotted = [a.split("=", 1)[0] for a in args[1:] if a.startswith("--config.")]
-      detail = str(e).replace("\\n", " ").replace("\\'", "'").strip("'\" ")
+      detail = str(e).replace("\\n", "; ").replace("\\'", "'")
+      detail = detail[1:-1] if detail[:1] == detail[-1:] == "'" else detail
       _fail(name, f"{', '.join(dotted) or '--config.*'}: unknown config setting ({detail})")
     except errors.U2ADError as e:
       _fail(name, str(e))

@@ -282,6 +282,7 @@ def write_subject_outputs(out_dir: str, result: analysis.CohortResult, slice_set
   from u2ad_jax.data import preprocess  # pylint: disable=g-import-not-at-top
 
   written = {}
+  voxels = peak_positions(result, slice_set)
   for i, s in enumerate(result.scores):
     sid = s.subject_id
     subject_dir = os.path.join(out_dir, "subjects", sid)
@@ -309,12 +310,14 @@ def write_subject_outputs(out_dir: str, result: analysis.CohortResult, slice_set
             "score": s.patient_score,
             "flagged": bool(result.decisions.patient_flags[i]),
             "peak_segment": label_values.SEGMENT_NAMES[s.peak_segment],
+            "peak_voxel": voxels[sid]["patient"],
             "peak_slice_index": int(slice_set.slice_index[pos[s.peak_slice]]),
             "peak_row": s.peak_row,
         },
         "segments": {
             name: {"score": float(s.segment_scores[k]),
                    "flagged": bool(result.decisions.segment_flags[i, k]),
+                   "peak_voxel": voxels[sid]["segments"][k],
                    "peak_slice_index": int(slice_set.slice_index[pos[s.segment_peak_slices[k]]]),
                    "peak_row": int(s.segment_peak_rows[k])}
             for k, name in enumerate(label_values.SEGMENT_NAMES)},
@@ -323,7 +326,8 @@ def write_subject_outputs(out_dir: str, result: analysis.CohortResult, slice_set
                                                            s.levels.centroid_rows)},
             "reference_slice_index": int(slice_set.slice_index[pos[s.levels.reference_slice]]),
             "frame": "model slice frame: rows superior -> inferior, columns anterior -> "
-                     "posterior, slice index = canonical RAS x index",
+                     "posterior, slice index = canonical RAS x index; peak_voxel = (i, j, k) "
+                     "of the input NIfTI's stored grid",
         },
         "slices_scored": [int(v) for v in slice_index],
         "files": files,
@@ -345,6 +349,61 @@ def write_subject_outputs(out_dir: str, result: analysis.CohortResult, slice_set
   return written
 
 
+def model_to_voxel(geometry: Any, slice_index: int, row: int, column: int) -> tuple[int, int, int]:
+  """Model-frame pixel (row, column) of the slice at canonical x `slice_index` -> the nearest
+  voxel `(i, j, k)` of the INPUT file's stored grid (`preprocess.SliceGeometry`: model pixel
+  (r, c) is grid index m_y = S-1-c, m_z = S-1-r at canonical voxel `scale * m + offset`; the
+  canonical axes are the stored ones permuted and flipped, `geometry.orientation.ornt`)."""
+  s = int(geometry.image_size)
+  canonical_shape = geometry.orientation.canonical_shape
+  sy, sz = geometry.scale
+  oy, oz = geometry.offset
+  canonical = (int(slice_index),
+               int(round(sy * (s - 1 - int(column)) + oy)),
+               int(round(sz * (s - 1 - int(row)) + oz)))
+  canonical = tuple(min(max(v, 0), n - 1) for v, n in zip(canonical, canonical_shape))
+  ornt = np.asarray(geometry.orientation.ornt)
+  stored = []
+  for axis, (target, flip) in enumerate(ornt):
+    v = canonical[int(target)]
+    stored.append(int(geometry.orientation.shape[axis]) - 1 - v if flip < 0 else v)
+  return stored[0], stored[1], stored[2]
+
+
+def peak_positions(result: analysis.CohortResult, slice_set: Any) -> dict[str, dict[str, Any]]:
+  """Where each patient's and each segment's peak lies, in the INPUT NIfTI's voxel indices.
+
+  The curves sum across the cord width, so a peak is a (slice, row); its column is the row's
+  maximum of the postprocessed map (else the raw anomaly map, else the middle of the scoring
+  ROI on that row). Returns {subject: {"patient": (i, j, k) | None, "segments": [(i, j, k) |
+  None] * 6}}; None where the subject has no input geometry (e.g. `.npy` slices).
+  """
+  out = {}
+  for s in result.scores:
+    geometry = slice_set.geometries.get(s.subject_id) if slice_set.geometries else None
+
+    def voxel(position: int, row: int) -> tuple[int, int, int] | None:
+      if geometry is None:
+        return None
+      pos = int(s.positions[position])
+      column = None
+      for maps in (result.postprocessed, result.anomaly):
+        line = np.asarray(maps[pos][row])
+        if line.max() > 0:
+          column = int(np.argmax(line))
+          break
+      if column is None:
+        roi_columns = np.flatnonzero(slice_set.score_roi[pos][row])
+        column = int(roi_columns.mean()) if roi_columns.size else slice_set.images.shape[-1] // 2
+      return model_to_voxel(geometry, int(slice_set.slice_index[pos]), row, column)
+
+    out[s.subject_id] = {
+        "patient": voxel(s.peak_slice, s.peak_row),
+        "segments": [voxel(int(s.segment_peak_slices[k]), int(s.segment_peak_rows[k]))
+                     for k in range(len(label_values.SEGMENT_NAMES))]}
+  return out
+
+
 def write_all(out_dir: str, result: analysis.CohortResult, slice_set: Any,
               provenance: Mapping[str, Any], header_lines: list[str]) -> str:
   """Report, tables, metrics, figures and per-subject files into `out_dir` (a staging dir)."""
@@ -357,7 +416,8 @@ def write_all(out_dir: str, result: analysis.CohortResult, slice_set: Any,
       "patients": {s.subject_id: {"score": s.patient_score,
                                   "flagged": bool(result.decisions.patient_flags[i])}
                    for i, s in enumerate(result.scores)}})
-  return report.write_report(out_dir, result, slice_set.images, slice_set.slice_index, lines)
+  return report.write_report(out_dir, result, slice_set.images, slice_set.slice_index, lines,
+                             voxels=peak_positions(result, slice_set))
 
 
 # ------------------------------------------------------------------------------ the command

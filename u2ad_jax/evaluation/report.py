@@ -1,8 +1,9 @@
 """Tables, metrics JSON, figures and the one-page Markdown report of a `CohortResult`.
 
 Files written into an output directory (all atomically):
-  patients.csv      one row per patient: score, decision, peak segment / slice / row, truth.
-  segments.csv      one row per (patient, segment): score, decision, truth.
+  patients.csv      one row per patient: score, decision, peak segment, the peak's voxel (i, j, k)
+                    in the input NIfTI and its model-grid slice / row, truth.
+  segments.csv      one row per (patient, segment): score, decision, peak voxel, truth.
   metrics.json      patient / segment / pixel metrics and the reconstruction SSIM (with truth).
   figures/roc.png, figures/scores.png, figures/<subject>_slice.png, figures/<subject>_curve.png
   report.md         summary, threshold rule, metrics, patient table, links to the figures.
@@ -21,9 +22,15 @@ from u2ad_jax import labels as label_values
 from u2ad_jax.evaluation import analysis
 from u2ad_jax.evaluation import figures
 
-PATIENT_HEADER = ("subject_id", "patient_score", "flagged", "peak_segment", "peak_slice",
-                  "peak_row", "flagged_segments", "truth_has_lesion", "truth_segments")
-SEGMENT_HEADER = ("subject_id", "segment", "score", "flagged", "peak_slice", "peak_row", "truth")
+# peak_i / peak_j / peak_k: the peak's voxel in the INPUT NIfTI as stored (empty for inputs
+# without a NIfTI geometry); model_slice / model_row: the same peak on the model grid (canonical
+# RAS x index of the slice, row of the resampled model slice).
+PATIENT_HEADER = ("subject_id", "patient_score", "flagged", "peak_segment", "peak_i", "peak_j",
+                  "peak_k", "model_slice", "model_row", "flagged_segments", "truth_has_lesion",
+                  "truth_segments")
+SEGMENT_HEADER = ("subject_id", "segment", "score", "flagged", "peak_i", "peak_j", "peak_k",
+                  "model_slice", "model_row", "truth")
+Voxels = dict[str, dict[str, Any]]
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -41,8 +48,18 @@ def _peak_slice_index(result: analysis.CohortResult, slice_index: np.ndarray, su
   return int(slice_index[result.scores[subject].positions[position]])
 
 
-def patient_rows(result: analysis.CohortResult, slice_index: np.ndarray) -> list[list[Any]]:
-  """Rows of patients.csv (see PATIENT_HEADER); truth columns empty without truth."""
+def _ijk(voxels: Voxels | None, subject_id: str, segment: int | None) -> list[Any]:
+  """The peak voxel (i, j, k) as three cells ('' when unknown)."""
+  entry = (voxels or {}).get(subject_id)
+  value = None if entry is None else (entry["patient"] if segment is None
+                                      else entry["segments"][segment])
+  return ["", "", ""] if value is None else [int(v) for v in value]
+
+
+def patient_rows(result: analysis.CohortResult, slice_index: np.ndarray,
+                 voxels: Voxels | None = None) -> list[list[Any]]:
+  """Rows of patients.csv (see PATIENT_HEADER); truth columns empty without truth.
+  `voxels`: `evaluator.peak_positions` (peak voxels of the input NIfTI)."""
   rows = []
   for i, s in enumerate(result.scores):
     flagged_segments = [n for n, f in zip(label_values.SEGMENT_NAMES,
@@ -54,29 +71,32 @@ def patient_rows(result: analysis.CohortResult, slice_index: np.ndarray) -> list
                                               result.truth.segments[i]) if t)
     rows.append([s.subject_id, f"{s.patient_score:.6g}", int(result.decisions.patient_flags[i]),
                  label_values.SEGMENT_NAMES[s.peak_segment],
+                 *_ijk(voxels, s.subject_id, None),
                  _peak_slice_index(result, slice_index, i, s.peak_slice), s.peak_row,
                  ";".join(flagged_segments), truth_has, truth_segs])
   return rows
 
 
-def segment_rows(result: analysis.CohortResult, slice_index: np.ndarray) -> list[list[Any]]:
+def segment_rows(result: analysis.CohortResult, slice_index: np.ndarray,
+                 voxels: Voxels | None = None) -> list[list[Any]]:
   """Rows of segments.csv (see SEGMENT_HEADER)."""
   rows = []
   for i, s in enumerate(result.scores):
     for k, name in enumerate(label_values.SEGMENT_NAMES):
       truth = "" if result.truth is None else int(result.truth.segments[i, k])
       rows.append([s.subject_id, name, f"{s.segment_scores[k]:.6g}",
-                   int(result.decisions.segment_flags[i, k]),
+                   int(result.decisions.segment_flags[i, k]), *_ijk(voxels, s.subject_id, k),
                    _peak_slice_index(result, slice_index, i, int(s.segment_peak_slices[k])),
                    int(s.segment_peak_rows[k]), truth])
   return rows
 
 
-def write_tables(out_dir: str, result: analysis.CohortResult, slice_index: np.ndarray) -> None:
-  io_utils.write_csv(os.path.join(out_dir, "patients.csv"), patient_rows(result, slice_index),
-                     PATIENT_HEADER)
-  io_utils.write_csv(os.path.join(out_dir, "segments.csv"), segment_rows(result, slice_index),
-                     SEGMENT_HEADER)
+def write_tables(out_dir: str, result: analysis.CohortResult, slice_index: np.ndarray,
+                 voxels: Voxels | None = None) -> None:
+  io_utils.write_csv(os.path.join(out_dir, "patients.csv"),
+                     patient_rows(result, slice_index, voxels), PATIENT_HEADER)
+  io_utils.write_csv(os.path.join(out_dir, "segments.csv"),
+                     segment_rows(result, slice_index, voxels), SEGMENT_HEADER)
 
 
 def threshold_summary(result: analysis.CohortResult) -> dict[str, Any]:
@@ -188,7 +208,7 @@ def markdown_report(result: analysis.CohortResult, slice_index: np.ndarray,
             "| patient | score | flagged | flagged segments | peak | truth |",
             "|---|---|---|---|---|---|"]
   for row in patient_rows(result, slice_index):
-    sid, score, flagged, peak_seg, peak_slice, _, segs, truth_has, truth_segs = row
+    sid, score, flagged, peak_seg, _, _, _, peak_slice, _, segs, truth_has, truth_segs = row
     truth = "" if truth_has == "" else ("lesion " + (truth_segs or "?") if truth_has else "none")
     lines.append(f"| {sid} | {score} | {'**yes**' if flagged else 'no'} | {segs or '-'} | "
                  f"{peak_seg}, slice {peak_slice} | {truth or 'n/a'} |")
@@ -208,10 +228,12 @@ def markdown_report(result: analysis.CohortResult, slice_index: np.ndarray,
 
 
 def write_report(out_dir: str, result: analysis.CohortResult, images: np.ndarray,
-                 slice_index: np.ndarray, header_lines: Sequence[str] = ()) -> str:
-  """Tables, metrics, figures and report.md into `out_dir`; returns the report's path."""
+                 slice_index: np.ndarray, header_lines: Sequence[str] = (), *,
+                 voxels: Voxels | None = None) -> str:
+  """Tables, metrics, figures and report.md into `out_dir`; returns the report's path.
+  `voxels`: peak voxels of the input NIfTI (`evaluator.peak_positions`) for the tables."""
   os.makedirs(out_dir, exist_ok=True)
-  write_tables(out_dir, result, slice_index)
+  write_tables(out_dir, result, slice_index, voxels)
   write_metrics(out_dir, result)
   figure_paths = write_figures(out_dir, result, images, slice_index)
   path = os.path.join(out_dir, "report.md")
