@@ -26,6 +26,7 @@ from u2ad_jax.train import checkpoint
 def test_smoke_demo_end_to_end(tmp_path):
   demo = workflow.run_demo(tmp_path / "demo", smoke=True, verbose=False)
   check_report(demo)
+  check_output_rule(demo)
   check_re_evaluation(demo, tmp_path / "reeval")
   check_corrupt_checkpoint(demo, tmp_path / "corrupt")
   check_cohort_without_vertebral_labels(demo, tmp_path / "novertebrae")
@@ -65,6 +66,26 @@ def check_report(demo):
   assert sidecar["checkpoint_step"] == demo.u2ad.info["checkpoint_step"]
   assert sidecar["threshold"]["value"] == pytest.approx(demo.u2ad.decisions.threshold)
   assert set(sidecar["segments"]) == set(L.SEGMENT_NAMES)
+
+
+def check_output_rule(demo):
+  """A second demo into the same directory needs --overwrite; nothing is touched without it."""
+  from u2ad_jax import output_guard
+  assert output_guard.read_marker(demo.out_dir)["command"] == "demo"
+  assert output_guard.read_marker(os.path.join(demo.out_dir, "evaluation"))["command"] == "evaluate"
+  assert output_guard.read_marker(os.path.join(demo.out_dir, "data", "clinical"))["command"] == "synth"
+  before = sorted(os.listdir(demo.out_dir))
+  with pytest.raises(errors.InputError, match="pass --overwrite"):
+    workflow.run_demo(demo.out_dir, smoke=True, verbose=False)
+  assert sorted(os.listdir(demo.out_dir)) == before
+  # Positions in the tables are voxels of the input NIfTI.
+  ev = os.path.join(demo.out_dir, "evaluation")
+  for row in csv.DictReader(open(os.path.join(ev, "patients.csv"))):
+    sid = row["subject_id"]
+    shape = nib.load(os.path.join(demo.out_dir, "data", "clinical", sid, "anat",
+                                  f"{sid}_T2w.nii.gz")).shape
+    ijk = [int(row[k]) for k in ("peak_i", "peak_j", "peak_k")]
+    assert all(0 <= v < n for v, n in zip(ijk, shape)), (ijk, shape)
 
 
 def check_re_evaluation(demo, tmp_path):

@@ -266,3 +266,19 @@ def test_model_maps_do_not_depend_on_the_device_count():
   outside = ~np.repeat(np.repeat(roi_patches, patch, axis=1), patch, axis=2)
   np.testing.assert_array_equal(one["mean"][outside], slices.images[outside])
   assert (one["eu"][outside] == 0).all()
+
+
+def test_eval_settings_take_missing_keys_from_base_and_refuse_aliases():
+  """An older recorded config without `mad_k` gets configs/base.py's k (2.5), not a second
+  literal; retired alias keys (`threshold_k`, `reduction`, ...) fail instead of being read."""
+  from u2ad_jax import config_files
+  base_k = config_files.default_section("evaluation")["mad_k"]
+  recorded = ml_collections.ConfigDict({"evaluation": {"threshold": "mad"}, "postprocess": {}})
+  settings = evaluator.EvalSettings.from_config(recorded)
+  assert settings.rule.k == base_k == 2.5
+  assert settings.postprocess.percentile == config_files.default_section(
+      "postprocess")["percentile"]
+  for alias in ("threshold_k", "reduction", "threshold_rule"):
+    old = ml_collections.ConfigDict({"evaluation": {alias: 3.0}})
+    with pytest.raises(ValueError, match=f"unknown setting.*{alias}"):
+      evaluator.EvalSettings.from_config(old)
