@@ -43,7 +43,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _loaded_config():
   """The parsed --config. ml_collections defers a file that failed to load (missing, or raising
   on import) to the first use of the config; this turns that into one line naming the file."""
-  filename = config_flags.get_config_filename(flags.FLAGS["config"])
+  # The flag's text is `FILE[:args]`; the args were parsed already.
+  filename = config_flags.get_config_filename(flags.FLAGS["config"]).partition(":")[0]
   if not os.path.isfile(filename):
     raise errors.InputError(filename, "config file not found")
   config = _CONFIG.value
