@@ -237,6 +237,12 @@ class _Start:
   message: str = ""
 
 
+def _short(text: str, limit: int = 200) -> str:
+  """First line of an error, cut to `limit` characters (TensorStore appends its whole spec)."""
+  line = str(text).splitlines()[0] if str(text) else ""
+  return line if len(line) <= limit else line[:limit] + " ..."
+
+
 def _warn(text: str) -> None:
   print(f"[train] WARNING: {text}", file=sys.stderr, flush=True)
 
@@ -266,7 +272,7 @@ def _find_start(config: Any, workdir: str, model: Any, init_from: str | os.PathL
           start = _restore_start(config, workdir, ckpts, step, template)
         except errors.CheckpointError as e:
           failures.append(e)
-          _warn(f"checkpoint step {step} cannot be restored ({e.problem}); "
+          _warn(f"checkpoint step {step} cannot be restored ({_short(e.problem)}); "
                 + ("trying the previous one" if step != steps[-1] else "it was the last one"))
           continue
         start.damaged = tuple(steps[:len(failures)])
@@ -281,7 +287,7 @@ def _find_start(config: Any, workdir: str, model: Any, init_from: str | os.PathL
         raise errors.CheckpointError(
             ckpts.step_dir(steps[0]),
             f"no complete checkpoint to resume from: step(s) {steps} all fail to restore (newest: "
-            f"{failures[0].problem}); move {directory} away to start afresh, or use a new "
+            f"{_short(failures[0].problem)}); move {directory} away to start afresh, or use a new "
             "--workdir")
   position = _Position(0, 0, 0)
   if init_from:
@@ -440,6 +446,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
 def _write_failure(ckpts: checkpoint.Checkpoints, error: OSError) -> str:
   """One line for a failed checkpoint write, naming the newest checkpoint that is complete."""
+  try:
+    ckpts.wait()  # an earlier asynchronous save may still be committing
+  except OSError:
+    pass  # the failure being reported
   ckpts.manager.reload()
   latest = ckpts.latest_step()
   kept = (f"the last complete checkpoint is step {latest}; free space and run the same command "
