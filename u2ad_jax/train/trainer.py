@@ -247,9 +247,10 @@ def _warn(text: str) -> None:
   print(f"[train] WARNING: {text}", file=sys.stderr, flush=True)
 
 
-def _find_start(config: Any, workdir: str, model: Any, init_from: str | os.PathLike | None,
-                root: jax.Array) -> _Start:
-  """The newest complete checkpoint of `workdir`, else `init_from`, else fresh parameters.
+def _find_start(config: Any, workdir: str, model: Any,
+                init_from: str | os.PathLike | None) -> _Start:
+  """The newest complete checkpoint of `workdir`, else `init_from`, else fresh parameters
+  (`params` None: drawn by the caller once the data is checked).
 
   Read-only. A checkpoint that cannot be restored (truncated, corrupted, half-deleted) is skipped
   with a warning in favour of the previous one; a checkpoint of another model or of stages this
@@ -295,7 +296,7 @@ def _find_start(config: Any, workdir: str, model: Any, init_from: str | os.PathL
     checkpoint.check_compatible(other_config, config, os.fspath(init_from))
     return _Start(position, params=params,
                   message=f"initialising from {init_from} (step {other_step}, parameters only)")
-  return _Start(position, params=state_lib.init_params(model, jax.random.fold_in(root, _INIT_TAG)))
+  return _Start(position)  # fresh parameters, drawn once every input has been checked
 
 
 def _restore_start(config: Any, workdir: str, ckpts: checkpoint.Checkpoints, step: int,
@@ -425,9 +426,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   if os.path.exists(checkpoint.config_path(workdir)):
     checkpoint.check_compatible(checkpoint.read_config(workdir), config, workdir)
   model = state_lib.build_model(config)
-  root = jax.random.key(int(config.seed))
-  start = _find_start(config, workdir, model, init_from, root)
+  start = _find_start(config, workdir, model, init_from)
   cohorts = _load_inputs(config, workdir, start, slice_sets, verbose)
+  if start.host_state is None and start.params is None:
+    start.params = state_lib.init_params(
+        model, jax.random.fold_in(jax.random.key(int(config.seed)), _INIT_TAG))
   # ---- every input is checked; from here on the workdir is written.
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
