@@ -13,8 +13,8 @@ Every scenario is seeded and compares against an uninterrupted run:
 - a NaN batch: NonFiniteLossError, the last good checkpoint kept.
 """
 
+import concurrent.futures
 import errno
-import json
 import os
 import pathlib
 import shutil
@@ -115,23 +115,17 @@ def test_kill_plan_is_seeded_and_reaches_inside_saves():
   assert sum(p.startswith("save") for p, _ in plan) >= 3, plan
 
 
-def test_sigkill_at_random_points_resumes_bit_identical(tmp_path, cli_env):
-  reference_dir = tmp_path / "reference"
-  run = _cli_train(cli_env, reference_dir)
-  assert run.returncode == 0, run.stderr[-3000:]
-  _, reference, _, reference_step = checkpoint.restore_for_eval(reference_dir)
-  assert reference_step == TOTAL_STEPS
-
-  workdir = tmp_path / "killed"
+def _kill_chain(cli_env, workdir, kills):
+  """Runs `u2ad train` into `workdir` once per kill (each resuming the previous one), then once
+  to the end. Returns (kills survived, kills that left a half-written checkpoint)."""
   survived, mid_write = 0, 0
-  for point, step in kill_plan():
+  for point, step in kills:
     run = _cli_train(cli_env, workdir, f"kill@{point}:{step}")
     assert run.returncode == -9, (point, step, run.returncode, run.stderr[-3000:])
-    leftovers = [p.name for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
-    if point == "save_inflight" and leftovers:
+    names = [p.name for p in (workdir / "checkpoints").iterdir()]
+    if point == "save_inflight" and any("tmp" in name for name in names):
       mid_write += 1  # killed with the checkpoint half written
-    complete = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
-                      if p.name.isdigit())
+    complete = [int(name) for name in names if name.isdigit()]
     if point == "save_done":
       assert step in complete
     elif point == "save_begin":
@@ -140,14 +134,35 @@ def test_sigkill_at_random_points_resumes_bit_identical(tmp_path, cli_env):
   final = _cli_train(cli_env, workdir)
   assert final.returncode == 0, final.stderr[-3000:]
   assert f"finished at step {TOTAL_STEPS}" in final.stdout
-  _, params, _, step = checkpoint.restore_for_eval(workdir)
-  assert step == TOTAL_STEPS
-  assert _leaves_equal(params, reference)  # bit-identical
-  assert _step_losses(workdir) == _step_losses(reference_dir)
-  assert not [p for p in (workdir / "checkpoints").iterdir() if not p.name.isdigit()]
+  return survived, mid_write
+
+
+def test_sigkill_at_random_points_resumes_bit_identical(tmp_path, cli_env):
+  # The reference run and two kill chains (alternate kills of the seeded plan) run side by side:
+  # a run is mostly single-threaded start-up and tracing, so this halves the wall time.
+  plan = kill_plan()
+  chains = {tmp_path / "killed_a": plan[0::2], tmp_path / "killed_b": plan[1::2]}
+  reference_dir = tmp_path / "reference"
+  with concurrent.futures.ThreadPoolExecutor(len(chains) + 1) as pool:
+    reference_run = pool.submit(_cli_train, cli_env, reference_dir)
+    results = [pool.submit(_kill_chain, cli_env, workdir, kills)
+               for workdir, kills in chains.items()]
+    run = reference_run.result()
+    counts = [r.result() for r in results]
+  assert run.returncode == 0, run.stderr[-3000:]
+  _, reference, _, reference_step = checkpoint.restore_for_eval(reference_dir)
+  assert reference_step == TOTAL_STEPS
+  for workdir in chains:
+    _, params, _, step = checkpoint.restore_for_eval(workdir)
+    assert step == TOTAL_STEPS
+    assert _leaves_equal(params, reference)  # bit-identical
+    assert _step_losses(workdir) == _step_losses(reference_dir)
+    assert not [p for p in (workdir / "checkpoints").iterdir() if not p.name.isdigit()]
+  survived, mid_write = sum(c[0] for c in counts), sum(c[1] for c in counts)
   print(f"kills survived / tried: {survived} / {NUM_KILLS} ({mid_write} during a write)")
   assert survived == NUM_KILLS and mid_write >= 1
 
+  workdir = tmp_path / "killed_a"
   # No complete checkpoint left: one line naming it, no traceback, nothing changed.
   for path in (workdir / "checkpoints").rglob("*"):
     if path.is_file():

@@ -17,8 +17,11 @@ at the start of every stage (`config.optim.restart='stage'`, default) or only wh
 adaptation from pretraining (`'adaptation'`: adapt_eu_au then continues adapt_eu's schedule).
 The global step keeps counting across stages.
 
-Resume order (big_vision): the workdir's own latest checkpoint, then `init_from` (another run's
-parameters only, e.g. a pretraining run for an adaptation-only run), then fresh parameters. A
+Resume order (big_vision): the workdir's own newest complete checkpoint (a damaged newer one is
+skipped with a warning and moved to `checkpoints_damaged/`), then `init_from` (another run's
+parameters only, e.g. a pretraining run for an adaptation-only run), then fresh parameters. All
+of it, and every cohort the remaining stages train on, is checked before the workdir is created
+or written, so a bad input costs seconds and leaves nothing behind. A
 checkpoint stores the position `(stage, epoch, batch)` of the next batch; the data of epoch e is a
 pure function of (seed, stage, e), the masks of step s of (seed, s), and the maps in use are saved
 with the checkpoint, so a resumed run continues EXACTLY as the uninterrupted run would have.
