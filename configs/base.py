@@ -12,6 +12,7 @@ schedule=piecewise|linear|cosine, runlocal.
 import ml_collections
 from ml_collections import config_dict
 
+from u2ad_jax import anomaly
 from u2ad_jax.train import config_lib
 
 
@@ -103,16 +104,17 @@ def make_config() -> ml_collections.ConfigDict:
   config.candidates = ml_collections.ConfigDict()
   config.candidates.percentile = 90.0
   config.candidates.min_size = 2
-  config.candidates.top_k = 3
+  config.candidates.top_k = 3          # a count >= 1, or None = every component (0 is rejected)
   # The AU map the candidates come from (u2ad_jax/anomaly.py): 'centered_positive' (hyperintense
   # part of x - mean after removing the slice's median cord residual), 'positive', 'absolute'.
-  config.candidates.residual = "centered_positive"
+  # Required: the trainer has no fallback of its own.
+  config.candidates.residual = anomaly.DEFAULT_RESIDUAL
 
   # Evaluation's own thresholding of the anomaly maps (candidates.threshold_components).
   config.postprocess = ml_collections.ConfigDict()
   config.postprocess.percentile = 90.0
   config.postprocess.min_size = 2
-  config.postprocess.top_k = config_dict.placeholder(int)  # None keeps every component
+  config.postprocess.top_k = config_dict.placeholder(int)  # None keeps every component; 0 rejected
 
   config.evaluation = ml_collections.ConfigDict()
   # Unsupervised decision threshold: median + k * robust sigma of the pooled segment scores.
@@ -127,7 +129,7 @@ def make_config() -> ml_collections.ConfigDict:
   # Anomaly map from the residual x - mean reconstruction (u2ad_jax/anomaly.py):
   # 'centered_positive' (hyperintense part after removing the subject's median cord residual),
   # 'positive', or 'absolute' (|x - mean|, the method as written).
-  config.evaluation.residual = "centered_positive"
+  config.evaluation.residual = anomaly.DEFAULT_RESIDUAL
   # K at evaluation (MC reconstructions per ROI patch); None = uncertainty.num_samples.
   config.evaluation.num_samples = config_dict.placeholder(int)
 

@@ -53,7 +53,9 @@ def test_min_size_and_top_k_ordering_by_mean_times_total():
   np.testing.assert_array_equal(pick(2), m["Y"] | m["X"])
   np.testing.assert_array_equal(pick(3), m["Y"] | m["X"] | m["Z"])
   np.testing.assert_array_equal(pick(None), m["Y"] | m["X"] | m["Z"])
-  assert not pick(0).any()
+  # 0 has no meaning (neither "none" nor "all"): rejected, here and in postprocessing.
+  with pytest.raises(ValueError, match="top_k must be a count >= 1, or None"):
+    pick(0)
   # min_size = 1 lets the bright single pixel in, and it ranks first (50 * 50).
   single = candidates.select_candidates(values, roi, percentile=0, min_size=1, top_k=1)
   np.testing.assert_array_equal(single, m["S"])
@@ -130,10 +132,28 @@ def test_batch_helper_and_candidate_patches():
 
 def test_invalid_parameters_raise():
   values, roi, _ = _blobs()
-  for kwargs in [dict(percentile=101), dict(percentile=-1), dict(min_size=0), dict(top_k=-1)]:
+  for kwargs in [dict(percentile=101), dict(percentile=-1), dict(percentile=float("nan")),
+                 dict(min_size=0), dict(top_k=-1), dict(top_k=0), dict(top_k=1.5),
+                 dict(top_k=True)]:
     with pytest.raises(ValueError):
       candidates.select_candidates(values, roi, **kwargs)
   with pytest.raises(ValueError):
     candidates.select_candidates(values, roi[:8])
   with pytest.raises(ValueError):
     candidates.candidate_patches(np.zeros((1, 10, 10), bool), 4)
+
+
+def test_top_k_has_one_meaning_in_candidates_and_postprocessing():
+  from u2ad_jax import errors
+  from u2ad_jax.evaluation import postprocess
+  values, roi, m = _blobs()
+  cfg = {"percentile": 0.0, "min_size": 2, "top_k": None}
+  params = postprocess.PostprocessParams.from_config(cfg)
+  kept = postprocess.postprocess(values[None], roi[None], params)[0] > 0
+  np.testing.assert_array_equal(
+      kept, candidates.select_candidates(values, roi, percentile=0, min_size=2, top_k=None))
+  np.testing.assert_array_equal(kept, m["Y"] | m["X"] | m["Z"])
+  assert postprocess.PostprocessParams.from_config(dict(cfg, top_k=2)).top_k == 2
+  for bad in (0, -1):
+    with pytest.raises(errors.ConfigValueError, match=r"config\.postprocess: top_k must be"):
+      postprocess.PostprocessParams.from_config(dict(cfg, top_k=bad))

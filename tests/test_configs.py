@@ -6,6 +6,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from u2ad_jax import errors
 from u2ad_jax import schedules
 from u2ad_jax.models import vit_mae
 from u2ad_jax.train import config_lib
@@ -123,6 +124,44 @@ def test_invalid_training_settings_are_rejected():
   config.parallel = "xmap"
   with pytest.raises(ValueError, match="parallel"):
     trainer.validate_config(config)
+
+
+@pytest.mark.parametrize("flag, key", [
+    ("--config.guidance.params.w_eu=-1.0", "config.guidance.params.w_eu"),
+    ("--config.guidance.params.w_eu=nan", "config.guidance.params.w_eu"),
+    ("--config.guidance.params.w_eu=inf", "config.guidance.params.w_eu"),
+    ("--config.guidance.params.tau=0.0", "config.guidance.params.tau"),
+    ("--config.guidance.params.tau=-0.5", "config.guidance.params.tau"),
+    ("--config.guidance.params.tau=nan", "config.guidance.params.tau"),
+    ("--config.guidance.ramp.w_eu_start=-0.1", "config.guidance.ramp.w_eu_start"),
+    ("--config.guidance.ramp.tau_start=0.0", "config.guidance.ramp.tau_start"),
+    ("--config.candidates.top_k=0", "config.candidates: top_k"),
+    ("--config.candidates.percentile=101", "config.candidates: percentile"),
+    ("--config.postprocess.top_k=0", "config.postprocess: top_k"),
+    ("--config.postprocess.min_size=0", "config.postprocess: min_size"),
+])
+def test_bad_guidance_and_component_settings_fail_at_config_time(flag, key):
+  # Through the same flags as `u2ad train`, with a ramp schedule so the ramp keys are read too.
+  config = _parse("--config", str(CONFIG_DIR / "cpu.py") + ":schedule=linear", flag)
+  with pytest.raises(errors.ConfigValueError) as e:
+    trainer.validate_config(config)
+  message = str(e.value)
+  assert key in message and "\n" not in message, message
+  assert isinstance(e.value, ValueError)  # callers that catch config ValueErrors still do
+
+
+def test_candidates_residual_has_one_default_and_no_silent_fallback():
+  from u2ad_jax import anomaly
+  config = _parse("--config", str(CONFIG_DIR / "cpu.py"))
+  assert config.candidates.residual == anomaly.DEFAULT_RESIDUAL == config.evaluation.residual
+  trainer.validate_config(config)
+  with config.unlocked():
+    del config.candidates["residual"]
+  with pytest.raises(errors.ConfigValueError, match=r"config\.candidates\.residual must be one"):
+    trainer.validate_config(config)
+  from u2ad_jax.train import maps
+  with pytest.raises(ValueError, match="candidates.residual"):
+    maps.MapGenerator(state_lib.build_model(config), config, "pmap")
 
 
 def test_set_overrides_nested_keys_and_refuse_typos():

@@ -99,6 +99,17 @@ def test_validation_errors():
     schedules.get_schedule("piecewise", eu_stages=("adapt",))
   with pytest.raises(ValueError, match="tau"):
     schedules.get_schedule("linear", tau=0.0)
+  # A negative weight would invert EU guidance (mask the patches the model is sure about).
+  for name in ("piecewise", "linear", "cosine"):
+    with pytest.raises(ValueError, match="w_eu must be a finite number >= 0"):
+      schedules.get_schedule(name, w_eu=-1.0)
+    with pytest.raises(ValueError, match="w_eu must be a finite number >= 0"):
+      schedules.get_schedule(name, w_eu=float("nan"))
+    with pytest.raises(ValueError, match="tau must be a finite positive number"):
+      schedules.get_schedule(name, tau=float("inf"))
+  with pytest.raises(ValueError, match="w_eu_start"):
+    schedules.get_schedule("cosine", w_eu_start=-0.5)
+  assert schedules.get_schedule("piecewise", w_eu=0.0)("adapt_eu", 0.0).w_eu == 0.0
   with pytest.raises(ValueError, match="ramp_lengths"):
     schedules.get_schedule("cosine", ramp_lengths=(1.0,))
   sched = schedules.get_schedule("linear")

@@ -87,3 +87,86 @@ def test_train_command_reports_bad_input_in_one_line(tmp_path):
   assert run.returncode == 2
   assert "missing: config.data.public_dir: no such directory" in run.stderr
   assert "Traceback" not in run.stderr
+
+
+# ------------------------------------------------------------------ checked before any compute
+
+
+def _runlocal_config(public, clinical):
+  from u2ad_jax.train import config_lib
+  config = config_lib.sibling(str(REPO / "configs" / "base.py"), "base").get_config("runlocal")
+  config.data.public_dir = str(public)
+  config.data.clinical_dir = str(clinical)
+  return config
+
+
+def _with_label_value(source, target, value):
+  """A copy of cohort `source` whose last subject's label map holds one voxel of `value`."""
+  import shutil
+  import nibabel as nib
+  shutil.copytree(source, target)
+  label_file = sorted(target.rglob("*_T2w_label.nii.gz"))[-1]
+  label = nib.load(str(label_file))
+  data = np.asarray(label.dataobj).copy()
+  data.flat[0] = value
+  nib.save(nib.Nifti1Image(data, label.affine, label.header), str(label_file))
+  return label_file
+
+
+def test_bad_clinical_cohort_stops_before_pretraining_and_writes_nothing(tmp_path, cohorts,
+                                                                         monkeypatch):
+  from u2ad_jax import errors
+  from u2ad_jax.train import trainer
+  public, clinical = cohorts
+  label_file = _with_label_value(clinical, tmp_path / "clinical9", 9)
+  # Any compute would go through the model; it must not even be initialised.
+  monkeypatch.setattr(trainer.state_lib, "init_params", lambda *a, **k: pytest.fail("computed"))
+  workdir = tmp_path / "run"
+  with pytest.raises(errors.LabelError) as e:
+    trainer.train(_runlocal_config(public, tmp_path / "clinical9"), workdir, verbose=False)
+  assert str(label_file) in str(e.value)
+  assert not workdir.exists()
+  # A bad public_dir: nothing written either (no config.json, no empty checkpoints/).
+  with pytest.raises(errors.InputError, match="public_dir: no such directory"):
+    trainer.train(_runlocal_config(tmp_path / "missing", clinical), workdir, verbose=False)
+  assert not workdir.exists()
+  # An --init_from that is not a run: refused up front as well.
+  config = _runlocal_config(public, clinical)
+  config.stages = ("adapt_eu", "adapt_eu_au")
+  with pytest.raises(errors.CheckpointError, match="not a u2ad training workdir"):
+    trainer.train(config, workdir, init_from=tmp_path / "nowhere", verbose=False)
+  assert not workdir.exists()
+
+
+def test_train_refuses_a_workdir_that_is_not_a_u2ad_run(tmp_path, cohorts):
+  from u2ad_jax import errors
+  from u2ad_jax.train import trainer
+  from u2ad_jax.train import workdir as workdir_lib
+  public, clinical = cohorts
+  foreign = tmp_path / "notes"
+  foreign.mkdir()
+  (foreign / "notes.txt").write_text("mine")
+  with pytest.raises(errors.WorkdirError, match="not a u2ad training run"):
+    trainer.train(_runlocal_config(public, clinical), foreign, verbose=False)
+  assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+  assert (foreign / "notes.txt").read_text() == "mine"
+  # A cohort is not a run either; a file is refused; missing / empty directories are new runs.
+  with pytest.raises(errors.WorkdirError):
+    workdir_lib.check_train_workdir(public)
+  with pytest.raises(errors.WorkdirError, match="not a directory"):
+    workdir_lib.check_train_workdir(foreign / "notes.txt")
+  (tmp_path / "empty").mkdir()
+  assert workdir_lib.check_train_workdir(tmp_path / "empty") is False
+  assert workdir_lib.check_train_workdir(tmp_path / "new") is False
+  # A run of an earlier version (config.json + checkpoints/, no marker) is still resumed ...
+  old = tmp_path / "old_run"
+  old.mkdir()
+  (old / "config.json").write_text(_runlocal_config(public, clinical).to_json())
+  (old / "checkpoints").mkdir()
+  assert workdir_lib.check_train_workdir(old) is True
+  # ... but not once something foreign sits beside it.
+  (old / "notes.txt").write_text("mine")
+  with pytest.raises(errors.WorkdirError):
+    workdir_lib.check_train_workdir(old)
+  workdir_lib.mark(old)
+  assert workdir_lib.check_train_workdir(old) is True

@@ -7,6 +7,11 @@ One operator serves two purposes with different parameters:
 - Postprocessing of anomaly maps (section 8): the same thresholding, its own parameters, usually
   keeping every component (`threshold_components(..., top_k=None)`).
 
+`top_k` has one meaning everywhere (here, `config.candidates.top_k`, `config.postprocess.top_k`):
+a positive count keeps the strongest `top_k` components and `None` keeps all of them. 0 and
+negative values are rejected: "keep none" would silently switch AU guidance or postprocessing off,
+and "0 = all" surprises anyone who reads it as a count.
+
 Everything here is numpy / scipy.ndimage and runs on the host when the maps are regenerated; the
 result enters the jitted train step as a per-patch boolean.
 """
@@ -20,13 +25,14 @@ from scipy import ndimage
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
-def _check_params(percentile: float, min_size: int, top_k: int | None) -> None:
-  if not 0.0 <= float(percentile) <= 100.0:
+def check_params(percentile: float, min_size: int, top_k: int | None) -> None:
+  """Raises ValueError (naming the parameter) for settings `kept_components` cannot use."""
+  if not 0.0 <= float(percentile) <= 100.0:  # NaN fails this too
     raise ValueError(f"percentile must be in [0, 100], got {percentile}")
   if int(min_size) < 1:
     raise ValueError(f"min_size must be >= 1, got {min_size}")
-  if top_k is not None and int(top_k) < 0:
-    raise ValueError(f"top_k must be >= 0 or None, got {top_k}")
+  if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or int(top_k) < 1):
+    raise ValueError(f"top_k must be a count >= 1, or None to keep every component; got {top_k!r}")
 
 
 def kept_components(value_map: np.ndarray, roi: np.ndarray, percentile: float = 90.0,
@@ -39,11 +45,11 @@ def kept_components(value_map: np.ndarray, roi: np.ndarray, percentile: float = 
      selects something).
   3. 8-connected components of the foreground; drop those with fewer than `min_size` pixels.
   4. Rank by mean value x total value (= total^2 / size, large bright blobs first; ties keep the
-     scan order of scipy's labelling) and keep the first `top_k` (`None` keeps all).
+     scan order of scipy's labelling) and keep the first `top_k` (>= 1; `None` keeps all).
 
   A map with no positive value inside the ROI selects nothing.
   """
-  _check_params(percentile, min_size, top_k)
+  check_params(percentile, min_size, top_k)
   values = np.asarray(value_map, dtype=np.float64)
   roi = np.asarray(roi, dtype=bool)
   if values.ndim != 2 or values.shape != roi.shape:

@@ -49,3 +49,18 @@ class NonFiniteLossError(U2ADError):
 
 class UsageError(U2ADError):
   """A command-line value that cannot be used (the message names the flag and the value)."""
+
+
+class WorkdirError(InputError):
+  """A training workdir that is not a u2ad run (refused, so nothing of the user's is touched)."""
+
+
+class CheckpointWriteError(U2ADError):
+  """A checkpoint could not be written (e.g. the disk is full); the last complete one is kept."""
+
+
+class ConfigValueError(U2ADError, ValueError):
+  """A config value that cannot be used; the message names the key (e.g. config.guidance.params.w_eu).
+
+  Also a ValueError, so callers that already treat config ValueErrors as bad config keep working.
+  """

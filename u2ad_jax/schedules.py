@@ -96,10 +96,12 @@ def _positive(value: float, what: str) -> float:
   return value
 
 
-def _finite(value: float, what: str) -> float:
+def _weight(value: float, what: str) -> float:
+  """A guidance weight: finite and >= 0 (a negative w_eu inverts EU guidance, masking the
+  patches the model is SURE about: the original release's defect, never a setting)."""
   value = float(value)
-  if not math.isfinite(value):
-    raise ValueError(f"{what} must be finite, got {value}")
+  if not (math.isfinite(value) and value >= 0):
+    raise ValueError(f"{what} must be a finite number >= 0, got {value}")
   return value
 
 
@@ -125,7 +127,7 @@ def piecewise(*, w_eu: float = 1.0, tau: float = 1.0,
 
   Outside `eu_stages` the weight is 0 (random masking); `tau` is reported unchanged.
   """
-  w_eu = _finite(w_eu, "w_eu")
+  w_eu = _weight(w_eu, "w_eu")
   tau = _positive(tau, "tau")
   eu_stages = stage_tuple(eu_stages, "eu_stages")
   au_stages = stage_tuple(au_stages, "au_stages")
@@ -147,8 +149,8 @@ def _ramp(shape: Callable[[float], float], *, w_eu: float, w_eu_start: float, ta
   maps `t` to the interpolation weight. Before the ramp stages the start values hold, after them
   the end values. Outside `eu_stages`, w_eu = 0.
   """
-  w_eu = _finite(w_eu, "w_eu")
-  w_eu_start = _finite(w_eu_start, "w_eu_start")
+  w_eu = _weight(w_eu, "w_eu")
+  w_eu_start = _weight(w_eu_start, "w_eu_start")
   tau = _positive(tau, "tau")
   tau_start = tau if tau_start is None else _positive(tau_start, "tau_start")
   eu_stages = stage_tuple(eu_stages, "eu_stages")

@@ -5,7 +5,8 @@ x - mean of K masked reconstructions, centred per subject) is restricted to the 
 eroded once). Postprocessing is the AU-candidate operator of
 `u2ad_jax.candidates` with the evaluation's own parameters (config.postprocess): keep the pixels
 at or above a percentile of the slice's non-zero values, group them into 8-connected components,
-drop components smaller than `min_size` and keep the `top_k` strongest (all when None). The
+drop components smaller than `min_size` and keep the `top_k` strongest (all when None; 0 is
+rejected, as everywhere `top_k` is read: `u2ad_jax.candidates`). The
 postprocessed map holds the anomaly values inside the kept components and 0 elsewhere.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from u2ad_jax import candidates
+from u2ad_jax import errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,14 +30,24 @@ class PostprocessParams:
 
   @classmethod
   def from_config(cls, cfg: Any | None) -> "PostprocessParams":
-    """From `config.postprocess` (missing fields keep their defaults; top_k 0 / None = all)."""
+    """From `config.postprocess` (missing fields keep the defaults above, which are those of
+    configs/base.py; top_k None = keep all).
+
+    Raises:
+      ConfigValueError: a value `candidates.kept_components` would reject (names the key).
+    """
     if cfg is None:
       return cls()
     get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
-    top_k = get("top_k", None)
-    return cls(percentile=float(get("percentile", cls.percentile)),
-               min_size=int(get("min_size", cls.min_size)),
-               top_k=None if top_k in (None, 0) else int(top_k))
+    values = {"percentile": get("percentile", cls.percentile),
+              "min_size": get("min_size", cls.min_size), "top_k": get("top_k", cls.top_k)}
+    try:
+      candidates.check_params(**values)
+    except (TypeError, ValueError) as e:
+      raise errors.ConfigValueError(f"config.postprocess: {e}") from e
+    top_k = values["top_k"]
+    return cls(percentile=float(values["percentile"]), min_size=int(values["min_size"]),
+               top_k=None if top_k is None else int(top_k))
 
 
 def restrict_to_roi(maps: np.ndarray, roi: np.ndarray) -> np.ndarray:

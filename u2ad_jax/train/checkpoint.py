@@ -34,10 +34,18 @@ import orbax.checkpoint as ocp
 
 from u2ad_jax import errors
 from u2ad_jax import io_utils
+from u2ad_jax.train import faults
 from u2ad_jax.train import state as state_lib
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+
+# What Orbax / TensorStore raise for a damaged, truncated or half-deleted checkpoint (measured on
+# orbax-checkpoint 0.12.8: truncated or overwritten array files -> ValueError 'DATA_LOSS', a
+# garbage JSON item -> json.JSONDecodeError (a ValueError), a missing item -> KeyError, missing
+# files -> FileNotFoundError). Anything else (TypeError, AttributeError, ...) is a programming
+# error and must surface as one, not as a "damaged checkpoint".
+DAMAGED_CHECKPOINT_ERRORS = (OSError, ValueError, KeyError)
 
 # Config fields that fix the shapes of the parameters or of the inputs the parameters expect;
 # a workdir (or an init_from run) trained with other values cannot be resumed from.
@@ -131,6 +139,9 @@ class Checkpoints:
       raise errors.CheckpointError(self.directory, "no checkpoint directory")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+        # A save interrupted by a kill leaves an uncommitted temporary directory, which Orbax
+        # never lists as a step; a writing manager removes those leftovers of its own saves.
+        cleanup_tmp_directories=not read_only,
         # Save is forced at the steps the trainer picks (periodic + end of stage).
         save_interval_steps=1)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -149,18 +160,28 @@ class Checkpoints:
     """Saves (asynchronously; `wait` blocks) the host copy of `state`, `meta` and `maps`.
 
     Every process must call it (Orbax coordinates the write; the primary process writes the
-    replicated arrays).
+    replicated arrays). The step directory appears only when the write is complete (Orbax
+    writes a temporary directory and renames it), so a kill at any point leaves either the
+    whole checkpoint or none.
+
+    Raises:
+      OSError: the write failed (e.g. ENOSPC), now or (asynchronously) in the previous save.
     """
+    faults.hit("save_begin", step)
     items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(dict(meta))}
     if maps is not None:
       items["maps"] = ocp.args.StandardSave(dict(maps))
     self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+    faults.hit("save_inflight", step)
+    if faults.wanted("save_done", step):
+      self.wait()
+      faults.hit("save_done", step)
 
   def restore_meta(self, step: int) -> dict[str, Any]:
     try:
       restored = self.manager.restore(int(step),
                                       args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    except Exception as e:  # orbax raises many types for a damaged directory
+    except DAMAGED_CHECKPOINT_ERRORS as e:
       raise errors.CheckpointError(self.step_dir(step), f"cannot read checkpoint meta ({e})") from e
     return dict(restored["meta"])
 
@@ -182,7 +203,7 @@ class Checkpoints:
       items["maps"] = ocp.args.StandardRestore(_abstract(maps_template))
     try:
       restored = self.manager.restore(int(step), args=ocp.args.Composite(**items))
-    except Exception as e:  # orbax raises many types for a damaged / mismatched directory
+    except DAMAGED_CHECKPOINT_ERRORS as e:  # damaged, or saved with another structure
       raise errors.CheckpointError(self.step_dir(step), f"cannot restore checkpoint ({e})") from e
     maps = dict(restored["maps"]) if maps_template is not None else None
     return restored["state"], maps, dict(restored["meta"])

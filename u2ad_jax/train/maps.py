@@ -78,8 +78,10 @@ class MapGenerator:
     self.candidate_args = dict(percentile=float(config.candidates.percentile),
                                min_size=int(config.candidates.min_size),
                                top_k=config.candidates.top_k)
-    # A config without the key predates the setting: keep its |x - mean| (exact resume).
-    self.residual = str(config.candidates.get("residual", "absolute"))
+    # No default here: configs/base.py holds the one default, and a config without the key
+    # fails (trainer.validate_config checks it before any work) instead of silently training
+    # on another map.
+    self.residual = config.candidates.get("residual")
     if self.residual not in anomaly.RESIDUALS:
       raise ValueError(f"config.candidates.residual={self.residual!r}; expected one of "
                        f"{anomaly.RESIDUALS}")

@@ -105,7 +105,9 @@ def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike) -> None:
     ax.set_xlabel("step")
     if len(names) > 1:
       ax.legend(fontsize=7)
-  fig.tight_layout()
+  # Fixed margins: tight_layout measures every text object and cost more than the rest of the
+  # figure (seconds per stage end on a small CPU); these margins fit the titles and labels.
+  fig.subplots_adjust(left=0.04, right=0.99, bottom=0.15, top=0.9, wspace=0.22)
   with io_utils.atomic_path(path, suffix=".png") as tmp:
     fig.savefig(tmp, dpi=90, format="png")
   plt.close(fig)

@@ -17,8 +17,11 @@ at the start of every stage (`config.optim.restart='stage'`, default) or only wh
 adaptation from pretraining (`'adaptation'`: adapt_eu_au then continues adapt_eu's schedule).
 The global step keeps counting across stages.
 
-Resume order (big_vision): the workdir's own latest checkpoint, then `init_from` (another run's
-parameters only, e.g. a pretraining run for an adaptation-only run), then fresh parameters. A
+Resume order (big_vision): the workdir's own newest complete checkpoint (a damaged newer one is
+skipped with a warning and moved to `checkpoints_damaged/`), then `init_from` (another run's
+parameters only, e.g. a pretraining run for an adaptation-only run), then fresh parameters. All
+of it, and every cohort the remaining stages train on, is checked before the workdir is created
+or written, so a bad input costs seconds and leaves nothing behind. A
 checkpoint stores the position `(stage, epoch, batch)` of the next batch; the data of epoch e is a
 pure function of (seed, stage, e), the masks of step s of (seed, s), and the maps in use are saved
 with the checkpoint, so a resumed run continues EXACTLY as the uninterrupted run would have.
@@ -27,7 +30,9 @@ with the checkpoint, so a resumed run continues EXACTLY as the uninterrupted run
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -35,21 +40,28 @@ import jax
 import ml_collections
 import numpy as np
 
+from u2ad_jax import anomaly
+from u2ad_jax import candidates
 from u2ad_jax import errors
 from u2ad_jax import schedules
 from u2ad_jax.data import pipeline
 from u2ad_jax.data import preprocess
+from u2ad_jax.evaluation import postprocess as postprocess_lib
 from u2ad_jax.train import checkpoint
+from u2ad_jax.train import faults
 from u2ad_jax.train import maps as maps_lib
 from u2ad_jax.train import metrics_log
 from u2ad_jax.train import parallel
 from u2ad_jax.train import progress as progress_lib
 from u2ad_jax.train import state as state_lib
 from u2ad_jax.train import step as step_lib
+from u2ad_jax.train import workdir as workdir_lib
 
 STAGES = schedules.STAGES
 # Which cohort each stage trains on: the key of config.data holding its directory.
 STAGE_DATA = {"pretrain": "public_dir", "adapt_eu": "clinical_dir", "adapt_eu_au": "clinical_dir"}
+# Where checkpoints that fail to restore are moved (inside the workdir, never deleted).
+DAMAGED_DIR = "checkpoints_damaged"
 # fold_in tags of the run's root key.
 _INIT_TAG, _TRAIN_TAG, _MAPS_TAG = 0, 1, 2
 
@@ -83,7 +95,12 @@ class _Position:
 
 
 def validate_config(config: Any) -> None:
-  """Raises ValueError for settings the trainer cannot run (message names the field)."""
+  """Raises ValueError for settings the trainer cannot run (message names the field).
+
+  Everything that would otherwise fail (or silently misbehave) mid-run is checked here, before
+  any data is read: stages, epochs, the guidance weights / temperatures of the schedule (finite;
+  weights >= 0, temperatures > 0), the AU-candidate and postprocessing parameters.
+  """
   stages = tuple(config.stages)
   unknown = [s for s in stages if s not in STAGES]
   if unknown or not stages:
@@ -102,12 +119,56 @@ def validate_config(config: Any) -> None:
     raise ValueError("config.uncertainty.refresh_epochs must be >= 1")
   if int(config.batch_size) < 1:
     raise ValueError("config.batch_size must be >= 1")
+  _validate_guidance(config)
+  _validate_candidates(config)
+  postprocess_lib.PostprocessParams.from_config(config.get("postprocess"))
+  try:
+    schedule = make_schedule(config)
+  except ValueError as e:
+    raise errors.ConfigValueError(f"config.guidance ({config.guidance.schedule}): {e}") from e
   pretrain_epochs = max(1, int(config.stage_epochs.pretrain))
   if any(g.w_eu != 0 or g.au_exclusion
-         for g in stage_guidance(make_schedule(config), "pretrain", pretrain_epochs)):
+         for g in stage_guidance(schedule, "pretrain", pretrain_epochs)):
     raise ValueError("config.guidance puts EU / AU guidance in 'pretrain', which has no "
                      "uncertainty maps (pretraining uses random masking); use eu_stages / "
                      "au_stages within the adaptation stages")
+
+
+# Guidance settings and what they must be: weights finite and >= 0 (a negative w_eu inverts EU
+# guidance), temperatures finite and > 0 (they divide the logits). None = the schedule default.
+_WEIGHTS = ("params.w_eu", "ramp.w_eu_start")
+_TEMPERATURES = ("params.tau", "ramp.tau_start")
+
+
+def _validate_guidance(config: Any) -> None:
+  for dotted in _WEIGHTS + _TEMPERATURES:
+    section, key = dotted.split(".")
+    block = config.guidance.get(section)
+    value = None if block is None else block.get(key)
+    if value is None:
+      continue
+    name = f"config.guidance.{dotted}"
+    try:
+      number = float(value)
+    except (TypeError, ValueError):
+      raise errors.ConfigValueError(f"{name} must be a number, got {value!r}") from None
+    if dotted in _WEIGHTS and not (math.isfinite(number) and number >= 0):
+      raise errors.ConfigValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if dotted in _TEMPERATURES and not (math.isfinite(number) and number > 0):
+      raise errors.ConfigValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _validate_candidates(config: Any) -> None:
+  c = config.candidates
+  residual = c.get("residual")
+  if residual not in anomaly.RESIDUALS:
+    # No silent default: a config without the key would otherwise train on another map.
+    raise errors.ConfigValueError(f"config.candidates.residual must be one of "
+                                  f"{anomaly.RESIDUALS}, got {residual!r}")
+  try:
+    candidates.check_params(c.percentile, c.min_size, c.top_k)
+  except (TypeError, ValueError) as e:
+    raise errors.ConfigValueError(f"config.candidates: {e}") from e
 
 
 def make_schedule(config: Any) -> schedules.ScheduleFn:
@@ -145,20 +206,189 @@ def maps_key(root: jax.Array, stage: str, epoch: int) -> jax.Array:
   return jax.random.fold_in(key, int(epoch))
 
 
-def _load_slices(config: Any, stage: str, cache: dict, provided: dict | None,
-                 verbose: bool) -> preprocess.SliceSet:
-  field = STAGE_DATA[stage]
-  if provided is not None and field in provided:
-    return provided[field]
-  if field not in cache:
-    root = str(config.data[field])
-    if not root:
-      raise errors.InputError(None, f"config.data.{field} is not set; stage {stage!r} trains on "
-                                    f"it (pass --config.data.{field}=DIR)")
-    if not os.path.isdir(root):
-      raise errors.InputError(root, f"config.data.{field}: no such directory")
-    cache[field] = preprocess.load_cohort(root, config.data, progress=verbose)
-  return cache[field]
+def _load_slices(config: Any, field: str, verbose: bool) -> preprocess.SliceSet:
+  """Loads and validates the cohort of `config.data.<field>` (InputError naming the file)."""
+  root = str(config.data[field])
+  stage = [s for s in config.stages if STAGE_DATA[s] == field][0]
+  if not root:
+    raise errors.InputError(None, f"config.data.{field} is not set; stage {stage!r} trains on "
+                                  f"it (pass --config.data.{field}=DIR)")
+  if not os.path.isdir(root):
+    raise errors.InputError(root, f"config.data.{field}: no such directory")
+  return preprocess.load_cohort(root, config.data, progress=verbose)
+
+
+@dataclasses.dataclass
+class _Start:
+  """Where a run starts, found before anything is written.
+
+  Attributes:
+    position: the next batch to run.
+    host_state: the restored TrainState (numpy), or None when starting from `params`.
+    params: initial parameters (init_from or fresh) when `host_state` is None.
+    maps: the restored guidance maps, or None.
+    step: the checkpoint step restored, or None.
+    damaged: newer checkpoint steps that could not be restored (set aside before training).
+    message: what to tell the user.
+  """
+  position: _Position
+  host_state: state_lib.TrainState | None = None
+  params: Any = None
+  maps: dict[str, np.ndarray] | None = None
+  step: int | None = None
+  damaged: tuple[int, ...] = ()
+  message: str = ""
+
+
+def _short(text: str, limit: int = 200) -> str:
+  """First line of an error, cut to `limit` characters (TensorStore appends its whole spec)."""
+  line = str(text).splitlines()[0] if str(text) else ""
+  return line if len(line) <= limit else line[:limit] + " ..."
+
+
+def _warn(text: str) -> None:
+  print(f"[train] WARNING: {text}", file=sys.stderr, flush=True)
+
+
+def _find_start(config: Any, workdir: str, model: Any,
+                init_from: str | os.PathLike | None) -> _Start:
+  """The newest complete checkpoint of `workdir`, else `init_from`, else fresh parameters
+  (`params` None: drawn by the caller once the data is checked).
+
+  Read-only. A checkpoint that cannot be restored (truncated, corrupted, half-deleted) is skipped
+  with a warning in favour of the previous one; a checkpoint of another model or of stages this
+  config does not run is an error (it is intact: falling back past it would silently drop work).
+
+  Raises:
+    CheckpointError: checkpoints exist and none of them can be restored (names the newest), or
+      `init_from` is not a usable run.
+    ConfigMismatchError: see above.
+  """
+  directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+  steps = []
+  if os.path.isdir(directory):
+    with checkpoint.Checkpoints(workdir, read_only=True) as ckpts:
+      steps = sorted(ckpts.all_steps(), reverse=True)
+      template = checkpoint.abstract_train_state(model, config)
+      failures: list[errors.CheckpointError] = []
+      for step in steps:
+        try:
+          start = _restore_start(config, workdir, ckpts, step, template)
+        except errors.CheckpointError as e:
+          failures.append(e)
+          _warn(f"checkpoint step {step} cannot be restored ({_short(e.problem)}); "
+                + ("trying the previous one" if step != steps[-1] else "it was the last one"))
+          continue
+        start.damaged = tuple(steps[:len(failures)])
+        if failures:
+          _warn(f"resuming from step {step}, the newest complete checkpoint; the damaged "
+                f"step(s) {list(start.damaged)} are moved to "
+                f"{os.path.join(workdir, DAMAGED_DIR)}")
+        if init_from:
+          start.message += f"; --init_from {init_from} ignored"
+        return start
+      if failures:
+        raise errors.CheckpointError(
+            ckpts.step_dir(steps[0]),
+            f"no complete checkpoint to resume from: step(s) {steps} all fail to restore (newest: "
+            f"{_short(failures[0].problem)}); move {directory} away to start afresh, or use a new "
+            "--workdir")
+  position = _Position(0, 0, 0)
+  if init_from:
+    _, params, other_config, other_step = checkpoint.restore_for_eval(init_from)
+    checkpoint.check_compatible(other_config, config, os.fspath(init_from))
+    return _Start(position, params=params,
+                  message=f"initialising from {init_from} (step {other_step}, parameters only)")
+  return _Start(position)  # fresh parameters, drawn once every input has been checked
+
+
+def _restore_start(config: Any, workdir: str, ckpts: checkpoint.Checkpoints, step: int,
+                   template: Any) -> _Start:
+  """Restores checkpoint `step` (CheckpointError when it is damaged)."""
+  stages = tuple(config.stages)
+  meta = ckpts.restore_meta(step)
+  if meta.get("fingerprint") != checkpoint.fingerprint(config):
+    raise errors.ConfigMismatchError(
+        f"{workdir}: checkpoint {step} was saved with model/input fingerprint "
+        f"{meta.get('fingerprint')}, this config has {checkpoint.fingerprint(config)}; "
+        "use a new --workdir")
+  try:
+    stage, epoch, batch = str(meta["stage"]), int(meta["epoch"]), int(meta["batch"])
+    maps_slices, maps_patches = int(meta.get("maps_slices", 0)), int(meta.get("maps_patches", 0))
+  except (KeyError, TypeError, ValueError) as e:
+    raise errors.CheckpointError(ckpts.step_dir(step), f"incomplete meta record ({e!r})") from e
+  if stage not in stages:
+    raise errors.ConfigMismatchError(
+        f"{workdir}: its checkpoint is in stage {stage!r}, which config.stages "
+        f"{stages} does not run; include it or use a new --workdir")
+  maps_template = None
+  if maps_slices:
+    shape = (maps_slices, maps_patches)
+    maps_template = {"patch_eu": jax.ShapeDtypeStruct(shape, np.float32),
+                     "exclude": jax.ShapeDtypeStruct(shape, np.bool_)}
+  host_state, maps, _ = ckpts.restore(step, template, maps_template)
+  if int(host_state.step) != int(step):
+    raise errors.CheckpointError(ckpts.step_dir(step), f"holds the state of step "
+                                 f"{int(host_state.step)}, not {step}")
+  position = _Position(stages.index(stage), epoch, batch)
+  return _Start(position, host_state=host_state, maps=maps, step=int(step),
+                message=f"resuming {workdir} from checkpoint step {step} ({stage}, epoch "
+                        f"{epoch}, batch {batch})")
+
+
+def _stages_to_run(config: Any, start: _Start) -> list[str]:
+  """The stages that still have batches to run from `start`."""
+  stages = tuple(config.stages)
+  todo = []
+  for index in range(start.position.stage_index, len(stages)):
+    resume_here = start.host_state is not None and index == start.position.stage_index
+    first_epoch = start.position.epoch if resume_here else 0
+    if first_epoch < int(config.stage_epochs[stages[index]]):
+      todo.append(stages[index])
+  return todo
+
+
+def _load_inputs(config: Any, workdir: str, start: _Start, slice_sets: dict | None,
+                 verbose: bool) -> dict[str, preprocess.SliceSet]:
+  """Loads and validates every cohort the remaining stages train on, before any compute.
+
+  A bad cohort (labels, shapes, NaN, empty ROI, ...) therefore stops the run here, not after
+  hours of pretraining; and the maps restored with a checkpoint must still fit their cohort.
+  """
+  cohorts: dict[str, preprocess.SliceSet] = {}
+  todo = _stages_to_run(config, start)
+  for stage in todo:
+    field = STAGE_DATA[stage]
+    if field in cohorts:
+      continue
+    if slice_sets is not None and field in slice_sets:
+      cohorts[field] = slice_sets[field]
+    else:
+      cohorts[field] = _load_slices(config, field, verbose)
+  if start.maps is not None and todo and todo[0] == config.stages[start.position.stage_index]:
+    slices = cohorts[STAGE_DATA[todo[0]]]
+    if start.maps["patch_eu"].shape[0] != len(slices):
+      raise errors.CheckpointError(
+          os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(start.step)),
+          f"its maps cover {start.maps['patch_eu'].shape[0]} slices but the "
+          f"{STAGE_DATA[todo[0]]} cohort now has {len(slices)}: the data changed; use a new "
+          "--workdir")
+  return cohorts
+
+
+def _set_aside(workdir: str, steps: tuple[int, ...]) -> None:
+  """Moves damaged checkpoint steps out of checkpoints/ (kept for inspection, never deleted);
+  the resumed run will write those steps again."""
+  target_root = os.path.join(workdir, DAMAGED_DIR)
+  os.makedirs(target_root, exist_ok=True)
+  for step in steps:
+    source = os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(int(step)))
+    target = os.path.join(target_root, str(int(step)))
+    suffix = 1
+    while os.path.exists(target):
+      target = os.path.join(target_root, f"{int(step)}.{suffix}")
+      suffix += 1
+    os.replace(source, target)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
@@ -166,6 +396,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           slice_sets: dict[str, preprocess.SliceSet] | None = None,
           verbose: bool = True, devices: list | None = None) -> TrainResult:
   """Runs (or resumes) the configured stages in `workdir`.
+
+  Every input is checked before anything is written or computed: the config, the workdir (a
+  non-empty directory that is not a u2ad run is refused), its checkpoint (or `init_from`) and
+  every cohort the remaining stages train on. Any failure there leaves the file system as it was.
 
   Args:
     config: the run config (configs/*.py).
@@ -183,81 +417,76 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   Raises:
     ConfigMismatchError: the workdir (or init_from) was trained with another model / input shape.
     NonFiniteLossError: a step produced a non-finite loss; the last good checkpoint is kept.
-    CheckpointError, InputError: bad checkpoint or data.
+    CheckpointWriteError: a checkpoint could not be written (e.g. disk full); the last complete
+      one is kept and the same command resumes from it.
+    WorkdirError, CheckpointError, InputError: bad workdir, checkpoint or data.
   """
   validate_config(config)
   workdir = os.path.abspath(os.fspath(workdir))
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.check_train_workdir(workdir)
   verbose = verbose and jax.process_index() == 0
   devices = list(jax.devices() if devices is None else devices)
   if os.path.exists(checkpoint.config_path(workdir)):
     checkpoint.check_compatible(checkpoint.read_config(workdir), config, workdir)
   model = state_lib.build_model(config)
+  start = _find_start(config, workdir, model, init_from)
+  cohorts = _load_inputs(config, workdir, start, slice_sets, verbose)
+  if start.host_state is None and start.params is None:
+    start.params = state_lib.init_params(
+        model, jax.random.fold_in(jax.random.key(int(config.seed)), _INIT_TAG))
+  # ---- every input is checked; from here on the workdir is written.
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    workdir_lib.mark(workdir)
+    if start.damaged:
+      _set_aside(workdir, start.damaged)
   with checkpoint.Checkpoints(workdir, max_to_keep=config.checkpoint.max_to_keep) as ckpts:
     try:
-      return _run(config, workdir, model, ckpts, init_from, slice_sets, verbose, devices)
+      return _run(config, workdir, model, ckpts, start, cohorts, verbose, devices)
     finally:
-      ckpts.wait()  # a pending asynchronous save completes even when training failed
+      try:
+        ckpts.wait()  # a pending asynchronous save completes even when training failed
+      except OSError as e:
+        raise errors.CheckpointWriteError(_write_failure(ckpts, e)) from e
 
 
-def _run(config: Any, workdir: str, model: Any, ckpts: checkpoint.Checkpoints,
-         init_from: str | os.PathLike | None, slice_sets: dict | None, verbose: bool,
-         devices: list) -> TrainResult:
+def _write_failure(ckpts: checkpoint.Checkpoints, error: OSError) -> str:
+  """One line for a failed checkpoint write, naming the newest checkpoint that is complete."""
+  try:
+    ckpts.wait()  # an earlier asynchronous save may still be committing
+  except OSError:
+    pass  # the failure being reported
+  ckpts.manager.reload()
+  latest = ckpts.latest_step()
+  kept = (f"the last complete checkpoint is step {latest}; free space and run the same command "
+          "to resume from it" if latest is not None else "no checkpoint was completed")
+  return f"{ckpts.directory}: writing a checkpoint failed ({error}); training stopped and {kept}"
+
+
+def _run(config: Any, workdir: str, model: Any, ckpts: checkpoint.Checkpoints, start: _Start,
+         cohorts: dict[str, preprocess.SliceSet], verbose: bool, devices: list) -> TrainResult:
   """The body of `train` (the checkpoint manager is opened and closed by the caller)."""
   chief = jax.process_index() == 0
   stages = tuple(config.stages)
   log = metrics_log.MetricsLog(workdir) if chief else None
   root = jax.random.key(int(config.seed))
   train_key = jax.random.fold_in(root, _TRAIN_TAG)
-  template = checkpoint.abstract_train_state(model, config)
 
   def say(text: str) -> None:
     if verbose:
       print(f"[train] {text}", flush=True)
 
-  # ---- where to start
-  host_state: state_lib.TrainState | None = None
-  params = None
-  maps = None
-  latest = ckpts.latest_step()
-  if latest is not None:
-    meta = ckpts.restore_meta(latest)
-    if meta.get("fingerprint") != checkpoint.fingerprint(config):
-      raise errors.ConfigMismatchError(
-          f"{workdir}: checkpoint {latest} was saved with model/input fingerprint "
-          f"{meta.get('fingerprint')}, this config has {checkpoint.fingerprint(config)}; "
-          "use a new --workdir")
-    if meta["stage"] not in stages:
-      raise errors.ConfigMismatchError(
-          f"{workdir}: its checkpoint is in stage {meta['stage']!r}, which config.stages "
-          f"{stages} does not run; include it or use a new --workdir")
-    maps_template = None
-    if meta.get("maps_slices"):
-      shape = (int(meta["maps_slices"]), int(meta["maps_patches"]))
-      maps_template = {"patch_eu": jax.ShapeDtypeStruct(shape, np.float32),
-                       "exclude": jax.ShapeDtypeStruct(shape, np.bool_)}
-    host_state, maps, _ = ckpts.restore(latest, template, maps_template)
-    position = _Position(stages.index(meta["stage"]), int(meta["epoch"]), int(meta["batch"]))
-    if chief:
-      log.truncate_for_resume(latest)
-    say(f"resuming {workdir} from checkpoint step {latest} ({meta['stage']}, epoch "
-        f"{position.epoch}, batch {position.batch})"
-        + (f"; --init_from {init_from} ignored" if init_from else ""))
-  elif init_from:
-    _, params, other_config, other_step = checkpoint.restore_for_eval(init_from)
-    checkpoint.check_compatible(other_config, config, os.fspath(init_from))
-    position = _Position(0, 0, 0)
-    say(f"initialising from {init_from} (step {other_step}, parameters only)")
-  else:
-    params = state_lib.init_params(model, jax.random.fold_in(root, _INIT_TAG))
-    position = _Position(0, 0, 0)
+  host_state, params, maps = start.host_state, start.params, start.maps
+  position, latest = start.position, start.step
+  if start.message:
+    say(start.message)
   if chief:
-    if latest is None:
-      log.truncate_for_resume(0)  # records of an earlier attempt that saved nothing
+    # Drops the records an interrupted attempt logged after its checkpoint (all of them when
+    # it saved nothing).
+    log.truncate_for_resume(0 if latest is None else latest)
     checkpoint.write_config(workdir, config)
 
   schedule = make_schedule(config)
-  cache: dict[str, preprocess.SliceSet] = {}
   step = int(host_state.step) if host_state is not None else 0
   last_saved = latest
   stopped = False
@@ -273,12 +502,7 @@ def _run(config: Any, workdir: str, model: Any, ckpts: checkpoint.Checkpoints,
       start_batch = position.batch if resume_here else 0
       if start_epoch >= epochs:
         continue  # this stage was finished when the checkpoint was taken
-      slices = _load_slices(config, stage, cache, slice_sets, verbose)
-      if maps is not None and resume_here and maps["patch_eu"].shape[0] != len(slices):
-        raise errors.CheckpointError(
-            ckpts.step_dir(latest), f"its maps cover {maps['patch_eu'].shape[0]} slices but "
-            f"the {STAGE_DATA[stage]} cohort now has {len(slices)}: the data changed; use a new "
-            "--workdir")
+      slices = cohorts[STAGE_DATA[stage]]
       iterator = pipeline.BatchIterator(
           slices, global_batch=int(config.batch_size),
           num_devices=len(parallel.local_devices_of(devices)),
@@ -345,7 +569,10 @@ def _run(config: Any, workdir: str, model: Any, ckpts: checkpoint.Checkpoints,
                 "batch": batch, "step": step, "fingerprint": checkpoint.fingerprint(config),
                 "maps_slices": 0 if maps is None else int(maps["patch_eu"].shape[0]),
                 "maps_patches": num_patches}
-        ckpts.save(step, parallel.to_host(device_state), meta, maps)
+        try:
+          ckpts.save(step, parallel.to_host(device_state), meta, maps)
+        except OSError as e:  # a full disk, a lost mount: stop cleanly, keep what is complete
+          raise errors.CheckpointWriteError(_write_failure(ckpts, e)) from e
         last_saved = step
 
       for epoch in range(start_epoch, epochs):
@@ -376,6 +603,8 @@ def _run(config: Any, workdir: str, model: Any, ckpts: checkpoint.Checkpoints,
             else:
               feed["patch_eu"] = np.zeros(batch["index"].shape + (num_patches,), np.float32)
               feed["exclude"] = np.zeros(batch["index"].shape + (num_patches,), bool)
+          if faults.hit("step", step + 1) == "nan":
+            feed["image"] = np.full_like(feed["image"], np.nan)
           device_state, metrics = train_step(device_state, feed, train_key, guidance_in)
           step += 1
           flush()
@@ -393,7 +622,10 @@ def _run(config: Any, workdir: str, model: Any, ckpts: checkpoint.Checkpoints,
       flush()
       if last_saved != step:
         save(epochs, 0)
-      ckpts.wait()
+      try:
+        ckpts.wait()
+      except OSError as e:
+        raise errors.CheckpointWriteError(_write_failure(ckpts, e)) from e
       seconds = time.monotonic() - stage_start_time
       progress.message(f"done in {progress_lib.format_duration(seconds)} (step {step})")
       if chief:

@@ -1,0 +1,78 @@
+"""Which directories `u2ad train` may use as its workdir.
+
+Training writes config.json, checkpoints/, metrics.jsonl and figures into the workdir and, on a
+resume, rewrites them. It must never do that in a folder that holds someone else's files, so:
+
+  missing or empty          a new run (created only once every input has been checked);
+  holds a u2ad training run a resume (the run's marker file, or the config.json an earlier
+                            version of `u2ad train` wrote, with checkpoints/ or nothing else);
+  anything else             refused with one line, nothing touched.
+
+`check_train_workdir` is the one rule; the other commands apply the same idea to their outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from u2ad_jax import errors
+from u2ad_jax import io_utils
+
+# Written by `u2ad train` into every workdir it creates.
+MARKER_FILE = ".u2ad-train"
+# What a run written before the marker existed may hold (config.json identifies it).
+_RUN_ENTRIES = {"config.json", "checkpoints", "metrics.jsonl", "train_curves.png",
+                "checkpoints_damaged", MARKER_FILE}
+
+
+def _is_recorded_config(path: str) -> bool:
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(data, dict) and {"model", "data", "stages"} <= set(data)
+
+
+def is_train_run(workdir: str | os.PathLike) -> bool:
+  """True when `workdir` is a directory written by `u2ad train`."""
+  workdir = os.fspath(workdir)
+  if os.path.isfile(os.path.join(workdir, MARKER_FILE)):
+    return True
+  try:
+    entries = set(os.listdir(workdir))
+  except OSError:
+    return False
+  # No marker: a run of an earlier version only if config.json is a recorded u2ad config and
+  # nothing but a run's own files sits beside it.
+  return ("config.json" in entries and entries <= _RUN_ENTRIES
+          and _is_recorded_config(os.path.join(workdir, "config.json")))
+
+
+def check_train_workdir(workdir: str | os.PathLike) -> bool:
+  """Refuses a workdir `u2ad train` must not write into; returns True when it is a run to resume.
+
+  Raises:
+    WorkdirError: `workdir` is a file, or a non-empty directory that is not a u2ad training run.
+  """
+  workdir = os.fspath(workdir)
+  if not os.path.exists(workdir):
+    return False
+  if not os.path.isdir(workdir):
+    raise errors.WorkdirError(workdir, "--workdir exists and is not a directory")
+  if not os.listdir(workdir):
+    return False
+  if is_train_run(workdir):
+    return True
+  raise errors.WorkdirError(
+      workdir, "--workdir exists, is not empty and is not a u2ad training run (no "
+      f"{MARKER_FILE} / config.json of u2ad train); nothing was written: choose a new or empty "
+      "directory")
+
+
+def mark(workdir: str | os.PathLike) -> None:
+  """Writes the marker that makes `workdir` a u2ad training run (atomic; idempotent)."""
+  path = os.path.join(os.fspath(workdir), MARKER_FILE)
+  if not os.path.isfile(path):
+    io_utils.write_json(path, {"written_by": "u2ad train"})
