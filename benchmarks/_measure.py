@@ -5,13 +5,14 @@ its own and compilation caches do not leak between measurements. Usage:
 
   python benchmarks/_measure.py '<json spec>'
 
-prints one line `RESULT <json>` with the measurement's numbers plus `peak_rss_gb`. Times are
+prints one line `RESULT <json>` with the measurement's numbers plus `peak_rss_gb` (and
+`peak_device_gb` on a GPU / TPU). Times are
 medians over `repeats` calls after one warm-up call (whose time, compilation included, is
 reported separately as `first_call_s`); CPU seconds (`time.process_time`, all threads of this
 process) are reported next to wall seconds because other processes share the machine.
 
 Specs (`kind` plus arguments):
-  matmul:   n, repeats                      -> gflops (float32 [n,n] @ [n,n])
+  matmul:   n, repeats, dtype               -> gflops ([n,n] @ [n,n], float32 by default)
   flops:    size, image_size, num_samples   -> XLA cost analysis per image of the train step and of
             one forward pass (unrolled, dense attention, no remat: the model's own FLOPs; loops
             such as `nn.scan` or the blockwise tiles would be counted once by the analysis)
@@ -100,15 +101,22 @@ def synthetic_inputs(model, batch: int, seed: int = 0) -> tuple[np.ndarray, np.n
 # ------------------------------------------------------------------------------ measurements
 
 
-def measure_matmul(n: int = 2048, repeats: int = 5) -> dict:
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def peak_device_gb() -> float | None:
+  """Peak bytes in use on the first device (GPU / TPU allocators); None where not reported."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 1e9
+
+
+def measure_matmul(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> dict:
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(dtype))
   matmul = jax.jit(lambda x, y: x @ y)
   # Several products per timed call so a call lasts long enough to time.
   reps = max(1, int(2e10 // (2 * n ** 3)))
   t = timed(lambda i: [matmul(a, b).block_until_ready() for _ in range(reps)], repeats)
   flop = 2.0 * n ** 3 * reps
-  return {"n": n, "gflops": flop / t["median_s"] / 1e9, "gflops_best": flop / t["min_s"] / 1e9,
+  return {"n": n, "dtype": dtype, "gflops": flop / t["median_s"] / 1e9, "gflops_best": flop / t["min_s"] / 1e9,
           "gflops_per_cpu_s": flop / t["median_cpu_s"] / 1e9, **t}
 
 
@@ -172,6 +180,8 @@ def measure_train(size: str, image_size: int | None = None, batch: int = 10, ste
 
   t = timed(one, steps)
   return {"batch": batch, "image_size": model.image_size, "tokens": model.num_patches + 1,
+          "dtype": str(model.dtype), "attention": layers.resolve_attention(model.attention,
+                                                                          model.dtype),
           "images_per_s": batch / t["median_s"], "images_per_cpu_s": batch / t["median_cpu_s"],
           "loss_finite": bool(np.all(np.isfinite(losses))), **t}
 
@@ -247,6 +257,7 @@ def main(argv: list[str]) -> None:
   kind = spec.pop("kind")
   result = MEASUREMENTS[kind](**spec)
   result["peak_rss_gb"] = peak_rss_gb()
+  result["peak_device_gb"] = peak_device_gb()
   result["kind"] = kind
   print("RESULT " + json.dumps(result), flush=True)
 

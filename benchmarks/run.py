@@ -12,6 +12,14 @@ excluded from the medians and reported as `first_call_s` (compilation included).
 
 `--quick` shrinks repeats and scaling points to a smoke test (`--size mu --quick` takes seconds
 of compute plus process start-up; tests/test_benchmarks.py runs it).
+
+On a GPU or TPU (`--platform auto` finds it; `--platform accelerator` forces the plan) the run
+measures what accelerator users need instead, in bfloat16 compute with the platform's attention
+('auto'): the bf16 matmul rate, training images/s at global batch 10, 256 and the largest batch
+that fits (doubling from 512 until the allocator fails), Monte-Carlo K = 10 time per image, peak
+device memory of each, and the model-FLOP utilisation against the chip's datasheet peak
+(`CHIP_PEAK_TFLOPS`) and against the measured bf16 matmul rate. About 5-8 minutes at the paper
+size.
 """
 
 from __future__ import annotations
@@ -25,6 +33,10 @@ import subprocess
 import sys
 import time
 from typing import Any
+
+# The parent process only reads device names: no GPU memory preallocation here, or the measuring
+# subprocesses would find three quarters of the GPU taken.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MEASURE = os.path.join(HERE, "_measure.py")
@@ -55,10 +67,31 @@ def plan(size: str, quick: bool) -> dict[str, Any]:
   )
 
 
+# Dense bf16 peak of the chips users train on (vendor datasheets, TFLOP/s, no sparsity), by
+# `device_kind` prefix; utilisation against the measured bf16 matmul rate is reported as well.
+CHIP_PEAK_TFLOPS = {"NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0,
+                    "NVIDIA L4": 121.0, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0,
+                    "TPU v5p": 459.0, "TPU v6 lite": 918.0}
+ACCEL_OVERRIDES = {"dtype": "bfloat16"}  # attention stays 'auto': cuDNN / Pallas flash
+
+
+def accelerator_plan(size: str, quick: bool) -> dict[str, Any]:
+  """What to measure on a GPU / TPU; `quick` is a smoke test of the same code path (on CPU)."""
+  native = {"paper": 256, "cpu": 128, "mu": 32}[size]
+  return dict(native=native, matmul=dict(n=512 if quick else 8192, repeats=2 if quick else 5,
+                                         dtype="bfloat16"),
+              train_steps=2 if quick else 5, batches=[10, 32] if quick else [10, 256],
+              largest_from=64 if quick else 512, largest_max=64 if quick else 8192,
+              mc_batch=4 if quick else 64, mc_repeats=1 if quick else 3, num_samples=10)
+
+
 def run_one(spec: dict[str, Any], log) -> dict[str, Any]:
   """Runs one measurement in a fresh interpreter; returns its RESULT dict (or an 'error')."""
   t0 = time.perf_counter()
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+  # Each measurement owns its device: let it use nearly all of the memory, on demand.
+  env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
+  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
   # One real device per measurement: drop fake host devices (tests/conftest.py sets 4).
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                               if not f.startswith("--xla_force_host_platform_device_count"))
@@ -110,7 +143,11 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument("--size", choices=("paper", "cpu", "mu"), default="paper")
   parser.add_argument("--json", default=None, help="write all results to this file")
   parser.add_argument("--quick", action="store_true", help="smoke-test sizes and repeats")
+  parser.add_argument("--platform", choices=("auto", "cpu", "accelerator"), default="auto",
+                      help="which plan: auto = accelerator on a GPU / TPU, else cpu")
   args = parser.parse_args(argv)
+  if args.platform == "accelerator" or (args.platform == "auto" and _backend() != "cpu"):
+    return accelerator_main(args, argv)
   p = plan(args.size, args.quick)
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
   t_start = time.perf_counter()
@@ -207,6 +244,97 @@ def main(argv=None) -> dict[str, Any]:
     with open(args.json, "w") as f:
       f.write(text)
   log(_table(out))
+  return out
+
+
+def _backend() -> str:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.default_backend()
+
+
+def chip_peak_tflops() -> tuple[str, float | None]:
+  """(device kind, its dense bf16 datasheet peak or None when not in CHIP_PEAK_TFLOPS)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  kind = jax.devices()[0].device_kind
+  for prefix, peak in CHIP_PEAK_TFLOPS.items():
+    if kind.startswith(prefix):
+      return kind, peak
+  return kind, None
+
+
+def accelerator_main(args, argv) -> dict[str, Any]:
+  """The accelerator plan (module docstring): bf16 training at several global batches, the
+  largest batch that fits, MC K = 10, peak device memory and utilisation."""
+  p = accelerator_plan(args.size, args.quick)
+  log = lambda msg: print(msg, file=sys.stderr, flush=True)
+  t_start = time.perf_counter()
+  kind, peak_tflops = chip_peak_tflops()
+  out: dict[str, Any] = {"command": "python benchmarks/run.py " + " ".join(
+      sys.argv[1:] if argv is None else argv), "size": args.size, "quick": args.quick,
+      "plan": "accelerator", "machine": machine(), "device_kind": kind,
+      "chip_peak_tflops_bf16": peak_tflops, "overrides": ACCEL_OVERRIDES}
+  log(f"benchmarks (accelerator plan): size={args.size} on {kind}")
+  size, native = args.size, p["native"]
+  out["matmul"] = run_one({"kind": "matmul", **p["matmul"]}, log)
+  out["flops"] = run_one({"kind": "flops", "size": size, "image_size": native,
+                          "num_samples": p["num_samples"]}, log)
+  gflop = out["flops"].get("train_gflop_per_image", float("nan"))
+  rate = out["matmul"].get("gflops", float("nan"))
+
+  def train(batch: int) -> dict[str, Any]:
+    r = run_one({"kind": "train", "size": size, "image_size": native, "batch": batch,
+                 "steps": p["train_steps"], "overrides": ACCEL_OVERRIDES}, log)
+    if "images_per_s" in r:
+      r["tflop_per_s"] = r["images_per_s"] * gflop / 1e3
+      r["util_vs_matmul"] = r["tflop_per_s"] * 1e3 / rate
+      r["util_vs_chip_peak"] = None if peak_tflops is None else r["tflop_per_s"] / peak_tflops
+    return r
+
+  out["train"] = [train(b) for b in p["batches"]]
+  # The largest global batch that fits: double until a step fails (allocator out of memory).
+  largest, batch = None, p["largest_from"]
+  while batch <= p["largest_max"]:
+    r = train(batch)
+    if "error" in r:
+      out["largest_failed"] = {"batch": batch, "error": r["error"].splitlines()[-1:]}
+      break
+    largest, batch = r, batch * 2
+  out["train_largest"] = largest
+  mc = run_one({"kind": "mc", "size": size, "image_size": native, "batch": p["mc_batch"],
+                "num_samples": p["num_samples"], "repeats": p["mc_repeats"],
+                "overrides": ACCEL_OVERRIDES}, log)
+  out["mc"] = mc
+  rows = [*out["train"], *([largest] if largest else [])]
+  out["summary"] = {
+      "device_kind": kind,
+      "matmul_tflops_bf16": rate / 1e3,
+      "train": [{k: r.get(k) for k in ("batch", "images_per_s", "tflop_per_s", "util_vs_matmul",
+                                       "util_vs_chip_peak", "peak_device_gb", "attention")}
+                for r in rows],
+      "largest_batch": None if largest is None else largest["batch"],
+      "mc_ms_per_image_k10": None if "s_per_image" not in mc else 1e3 * mc["s_per_image"],
+      "mc_peak_device_gb": mc.get("peak_device_gb"),
+  }
+  out["total_s"] = time.perf_counter() - t_start
+  # A failed doubling step is the expected end of the search, not an error of the run.
+  out["errors"] = [e for e in _errors(out) if not e.startswith("/largest_failed")]
+  if args.json:
+    with open(args.json, "w") as f:
+      f.write(json.dumps(out, indent=1, sort_keys=True))
+  s = out["summary"]
+  lines = [f"{kind}: size={size}, bf16 matmul {_fmt(s['matmul_tflops_bf16'])} TFLOP/s, "
+           f"total {out['total_s']:.0f} s"]
+  for r in s["train"]:
+    lines.append(f"train b={r['batch']}: {_fmt(r['images_per_s'])} images/s, "
+                 f"{_fmt(r['tflop_per_s'])} TFLOP/s (vs matmul {_fmt(r['util_vs_matmul'])}, "
+                 f"vs chip peak {_fmt(r['util_vs_chip_peak'])}), peak device "
+                 f"{_fmt(r['peak_device_gb'])} GB, attention {r['attention']}")
+  lines.append(f"largest batch that fits: {s['largest_batch']}")
+  lines.append(f"MC K=10: {_fmt(s['mc_ms_per_image_k10'])} ms/image, peak device "
+               f"{_fmt(s['mc_peak_device_gb'])} GB")
+  if out["errors"]:
+    lines.append("ERRORS in: " + ", ".join(out["errors"]))
+  log("\n".join(lines))
   return out
 
 

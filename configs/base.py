@@ -39,8 +39,11 @@ def make_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.variant = "paper"
   config.model.overrides = ml_collections.ConfigDict()
-  config.model.overrides.attention = config_dict.placeholder(str)  # blockwise|dense|dot_product
-  config.model.overrides.dtype = config_dict.placeholder(str)      # compute dtype, e.g. bfloat16
+  # attention: auto (per platform: blockwise CPU, cudnn GPU, tpu_flash TPU) or one of them,
+  # dense, dot_product, per_head_remat. dtype: compute dtype, e.g. bfloat16, or auto (bfloat16 on
+  # GPU / TPU, float32 on CPU); parameters, optimizer state, softmax and the loss stay float32.
+  config.model.overrides.attention = config_dict.placeholder(str)
+  config.model.overrides.dtype = config_dict.placeholder(str)
   config.model.overrides.remat = config_dict.placeholder(bool)     # rematerialise the blocks
   config.model.overrides.remat_policy = config_dict.placeholder(str)
   config.model.overrides.scan_layers = config_dict.placeholder(bool)  # changes the param tree

@@ -27,6 +27,9 @@ def get_config(arg=None):
   config.optim.decay_every_epochs = 50
   config.uncertainty.num_samples = 10
   config.uncertainty.refresh_epochs = 10
+  # Mixed precision on accelerators (bf16 compute, float32 params / optimizer / softmax / loss);
+  # float32 on CPU.
+  config.model.overrides.dtype = "auto"
   config.uncertainty.pass_chunk = 2    # benchmarks/README.md: lower peak memory, same speed
   config.checkpoint.every_steps = 1000
   config.log_every_steps = 50

@@ -13,7 +13,7 @@ attention logits are `B * 16 * 1000 * 1000` floats per layer, far bigger than th
 activations (`B * 1000 * 128`). The score matrix of a width-8 head costs 16 FLOPs per element to
 compute but is written, read by the softmax and read again by the value product, so on a CPU the
 dense formulation is limited by memory traffic and its backward pass by keeping those matrices.
-`blockwise` (the default) is a memory-efficient attention with a hand-written VJP: it walks over
+`blockwise` (what 'auto' runs on CPU) is a memory-efficient attention with a hand-written VJP: it walks over
 (example x head x query block) tiles small enough to stay in the L2 cache and stores only the
 output and the log-sum-exp for the backward pass, which recomputes the tile's probabilities
 (the FlashAttention recurrence, without the online softmax because a whole key row fits a tile).
@@ -22,6 +22,11 @@ Measured on the 2-core CPU (paper encoder layer, batch 10, 929 tokens, forward +
 attention alone): dense 3.6 s, jax.nn.dot_product_attention 5.0 s, per-head remat 2.6 s,
 blockwise 0.5 s; forward only: 1.06 / 1.68 / 0.50 / 0.13-0.16 s. Noisy (shared machine) but the
 ranking held in every repeat. Whole paper-size train step at batch 10: see the model docstring.
+
+On accelerators the fused flash kernels that ship with JAX do the same job in one kernel:
+`cudnn` (GPU, half precision) and `tpu_flash` (Pallas, TPU); `attention='auto'` picks per
+platform (`resolve_attention`). Under remat their internal residuals are not named, so the
+backward pass recomputes the attention forward (cheap next to the matmuls on those chips).
 """
 
 from __future__ import annotations
@@ -229,17 +234,104 @@ def blockwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
   return jnp.transpose(out.reshape(b, h, t, dh), (0, 2, 1, 3))
 
 
+# ------------------------------------------------------------------------------------------
+# Fused kernels for accelerators. Both rely on the MaskPlan layout: the encoder's valid keys
+# (cls, then the visible patches) come FIRST and padding slots last, so `key_valid` is a prefix
+# of each row and a per-example key length describes it exactly.
+
+
+def _prefix_lengths(key_valid: jnp.ndarray | None, batch: int, num_keys: int) -> jnp.ndarray:
+  """`[B, T]` prefix mask (or None) -> `[B]` int32 number of valid keys."""
+  if key_valid is None:
+    return jnp.full((batch,), num_keys, jnp.int32)
+  return jnp.sum(key_valid, axis=-1, dtype=jnp.int32)
+
+
+def cudnn_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
+                    key_valid: jnp.ndarray | None = None, *,
+                    implementation: str | None = "cudnn") -> jnp.ndarray:
+  """cuDNN flash attention behind `jax.nn.dot_product_attention` (GPU, bf16 / fp16 inputs).
+
+  The padding is passed as key lengths (cuDNN's padding mask), not as a dense `[B, 1, 1, T]`
+  mask, which the fused kernel does not take; this is exact because `key_valid` is a prefix.
+  `implementation='xla'` runs the same call through XLA: the CPU tests check the length form
+  against the dense reference that way.
+  """
+  b, t = q.shape[:2]
+  lengths = _prefix_lengths(key_valid, b, t)
+  # Padded QUERY rows still attend to the valid keys (their outputs are discarded later), so
+  # query lengths stay full: a zero-length query row would be undefined in the kernel.
+  return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, scale=1.0,
+                                      implementation=implementation)
+
+
+# Block rows of the TPU kernel: sequences are padded to a multiple (the kernel tiles by blocks).
+_TPU_FLASH_BLOCK = 128
+
+
+def tpu_flash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
+                        key_valid: jnp.ndarray | None = None) -> jnp.ndarray:
+  """The Pallas TPU flash-attention kernel shipped with JAX
+  (`jax.experimental.pallas.ops.tpu.flash_attention`).
+
+  Invalid keys (and the rows added to reach a block multiple) get segment id 0, every query
+  segment id 1, so a query never attends to them. Runs on CPU only under
+  `pltpu.force_tpu_interpret_mode()` (the tests' equivalence check).
+  """
+  # Imported lazily: the Pallas TPU module is not needed (and slower to import) elsewhere.
+  from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash  # pylint: disable=g-import-not-at-top
+  b, t, h, dh = q.shape
+  padded = -(-t // _TPU_FLASH_BLOCK) * _TPU_FLASH_BLOCK
+  valid = jnp.ones((b, t), bool) if key_valid is None else key_valid
+  valid = jnp.pad(valid, ((0, 0), (0, padded - t)))
+  to_heads = lambda x: jnp.pad(jnp.transpose(x, (0, 2, 1, 3)),
+                               ((0, 0), (0, 0), (0, padded - t), (0, 0)))  # [B, H, T', Dh]
+  segments = tpu_flash.SegmentIds(q=jnp.ones((b, padded), jnp.int32),
+                                  kv=valid.astype(jnp.int32))
+  block = min(_TPU_FLASH_BLOCK, padded)
+  sizes = tpu_flash.BlockSizes(
+      block_q=block, block_k_major=block, block_k=block, block_b=1,
+      block_q_major_dkv=block, block_k_major_dkv=block, block_k_dkv=block, block_q_dkv=block,
+      block_k_major_dq=block, block_k_dq=block, block_q_dq=block)
+  out = tpu_flash.flash_attention(to_heads(q), to_heads(k), to_heads(v), segment_ids=segments,
+                                  sm_scale=1.0, block_sizes=sizes)
+  return jnp.transpose(out[:, :, :t], (0, 2, 1, 3))
+
+
 ATTENTION_FNS: dict[str, AttentionFn] = {
     "dense": dense_attention,
     "dot_product": dot_product_attention,
     "per_head_remat": per_head_remat_attention,
     "blockwise": blockwise_attention,
+    "cudnn": cudnn_attention,
+    "tpu_flash": tpu_flash_attention,
 }
+
+# What `attention='auto'` (the default) runs on each platform: the fused flash kernels on
+# accelerators, and on CPU the blockwise kernel, fastest there (module docstring). cuDNN's
+# kernel takes only half-precision inputs, so a float32 GPU model runs XLA's attention instead.
+AUTO_ATTENTION = {"cpu": "blockwise", "gpu": "cudnn", "tpu": "tpu_flash"}
+_HALF_PRECISION = (jnp.bfloat16, jnp.float16)
+
+
+def resolve_attention(name: str, dtype: jnp.dtype = jnp.float32,
+                      platform: str | None = None) -> str:
+  """'auto' -> the implementation for `platform` (default: JAX's default backend) and compute
+  `dtype`; any other name is returned as given (an explicit choice always wins)."""
+  if name != "auto":
+    get_attention_fn(name)  # fail early on a typo
+    return name
+  platform = platform or jax.default_backend()
+  choice = AUTO_ATTENTION.get(platform, "dot_product")
+  if choice == "cudnn" and jnp.dtype(dtype) not in [jnp.dtype(d) for d in _HALF_PRECISION]:
+    choice = "dot_product"
+  return choice
 
 
 def get_attention_fn(name: str) -> AttentionFn:
   if name not in ATTENTION_FNS:
-    raise ValueError(f"unknown attention {name!r}; choose one of {sorted(ATTENTION_FNS)}")
+    raise ValueError(f"unknown attention {name!r}; choose one of "
+                     f"{sorted(ATTENTION_FNS) + ['auto']}")
   return ATTENTION_FNS[name]
 
 
@@ -280,7 +372,7 @@ LAYER_NORM_EPS = 1e-6
 class MultiHeadAttention(nn.Module):
   """Self-attention with a fused qkv projection. `[B, T, D]` -> `[B, T, D]`."""
   num_heads: int
-  attention: str = "blockwise"
+  attention: str = "auto"
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -294,8 +386,9 @@ class MultiHeadAttention(nn.Module):
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
     q, k, v = (checkpoint_name(a, n) for a, n in ((q, "attn_q"), (k, "attn_k"), (v, "attn_v")))
-    out = get_attention_fn(self.attention)(q, k, v, key_valid)  # [B, T, H, Dh]
-    if self.attention != "blockwise":  # blockwise names its own residual output
+    attention = resolve_attention(self.attention, self.dtype)
+    out = get_attention_fn(attention)(q, k, v, key_valid)  # [B, T, H, Dh]
+    if attention != "blockwise":  # blockwise names its own residual output
       out = checkpoint_name(out, "attn_out")
     return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, kernel_init=dense_init,
                            name="proj")(out)
@@ -323,7 +416,7 @@ class TransformerBlock(nn.Module):
   """
   num_heads: int
   mlp_ratio: float = 4.0
-  attention: str = "blockwise"
+  attention: str = "auto"
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -370,7 +463,7 @@ class TransformerStack(nn.Module):
   depth: int
   num_heads: int
   mlp_ratio: float = 4.0
-  attention: str = "blockwise"
+  attention: str = "auto"
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
   remat_policy: str = "recompute_elementwise"

@@ -107,11 +107,24 @@ def current_learning_rate(state: TrainState) -> jax.Array | None:
   return hyperparams["learning_rate"]
 
 
+# Compute dtype of `dtype='auto'`: bfloat16 where the matrix units run it natively (GPU tensor
+# cores, TPU MXUs), float32 on CPU, where bfloat16 matmuls are emulated and slower.
+AUTO_COMPUTE_DTYPE = {"gpu": jnp.bfloat16, "tpu": jnp.bfloat16}
+
+
+def resolve_compute_dtype(name: str, platform: str | None = None) -> jnp.dtype:
+  """'auto' -> the compute dtype for `platform` (default: JAX's default backend); any other
+  name (e.g. 'float32', 'bfloat16') as given. Parameters and optimizer state stay float32."""
+  if name == "auto":
+    return jnp.dtype(AUTO_COMPUTE_DTYPE.get(platform or jax.default_backend(), jnp.float32))
+  return jnp.dtype(name)
+
+
 def model_overrides(config: Any) -> dict[str, Any]:
   """`config.model.overrides` without unset (None) fields; `dtype` as a numpy dtype."""
   overrides = {k: v for k, v in config.model.overrides.items() if v is not None}
   if "dtype" in overrides:
-    overrides["dtype"] = jnp.dtype(overrides["dtype"])
+    overrides["dtype"] = resolve_compute_dtype(overrides["dtype"])
   return overrides
 
 
