@@ -39,6 +39,7 @@ from u2ad_jax import io_utils
 from u2ad_jax import labels as label_values
 from u2ad_jax.evaluation import analysis
 from u2ad_jax.evaluation import curves
+from u2ad_jax.evaluation import levels as levels_lib
 from u2ad_jax.evaluation import postprocess as postprocess_lib
 from u2ad_jax.evaluation import report
 from u2ad_jax.evaluation import scoring
@@ -392,7 +393,8 @@ def prepare_cohort(data_dir: str | os.PathLike, data_config: Any,
   label_files = {f.subject_id: f.label for f in files}
   slice_set = preprocess.load_cohort(root, data_config, require_vertebrae=True, progress=progress)
   levels = scoring.cohort_levels(slice_set.labels, slice_set.score_roi, slice_set.subject_ids,
-                                 label_files)
+                                 {f.subject_id: f.vertebrae or f.label for f in files},
+                                 vertebrae=slice_set.vertebrae)
   return PreparedCohort(root=root, slice_set=slice_set, participants=cohort.read_participants(root),
                         levels=levels, label_files=label_files)
 
@@ -402,11 +404,14 @@ def evaluate_checkpoint(workdir: str | os.PathLike, data_dir: str | os.PathLike,
                         batch_size: int = DEFAULT_BATCH_SIZE, name: str | None = None,
                         prepared: PreparedCohort | None = None,
                         overrides: Sequence[str] = (),
-                        verbose: bool = True) -> analysis.CohortResult:
+                        verbose: bool = True,
+                        threshold_from: str | os.PathLike | None = None) -> analysis.CohortResult:
   """Evaluates one checkpoint on one cohort; writes everything to `out_dir` (None: nothing).
 
   `overrides` (`section.key=value`, see `apply_scoring_overrides`) change the scoring settings
   recorded with the run, e.g. `evaluation.residual=absolute` or `evaluation.num_samples=10`.
+  `threshold_from`: an earlier evaluation's directory whose recorded threshold is applied instead
+  of one computed from this cohort (`thresholds.load_recorded`; checked before the MC maps).
 
   Raises:
     CheckpointError: missing / damaged workdir or checkpoint (nothing written).
@@ -433,10 +438,6 @@ def evaluate_checkpoint(workdir: str | os.PathLike, data_dir: str | os.PathLike,
         f"{len(slice_set.subjects)} subjects")
   num_samples = settings.num_samples or int(
       _section(config, "uncertainty").get("num_samples", 10))
-  maps = model_maps(model, params, config, slice_set.images, slice_set.train_roi,
-                    batch_size=batch_size, num_samples=num_samples, progress=log)
-  anomaly = anomaly_lib.anomaly_maps(slice_set.images, maps["mean"], slice_set.score_roi,
-                                     slice_set.subject_ids, settings.residual)
   name = name or os.path.basename(os.path.normpath(workdir))
   variant = _section(config, "model").get("variant")
   provenance = {
@@ -447,11 +448,19 @@ def evaluate_checkpoint(workdir: str | os.PathLike, data_dir: str | os.PathLike,
       "anomaly_map": anomaly_lib.describe(settings.residual),
       "curve": settings.describe_curve(),
       "cohort": os.path.abspath(prepared.root),
+      "postprocess": dataclasses.asdict(settings.postprocess),
   }
+  rule = settings.rule
+  if threshold_from is not None:
+    rule = thresholds.load_recorded(threshold_from, provenance)
+  maps = model_maps(model, params, config, slice_set.images, slice_set.train_roi,
+                    batch_size=batch_size, num_samples=num_samples, progress=log)
+  anomaly = anomaly_lib.anomaly_maps(slice_set.images, maps["mean"], slice_set.score_roi,
+                                     slice_set.subject_ids, settings.residual)
   result = analysis.analyse(
       name, images=slice_set.images, labels=slice_set.labels, score_roi=slice_set.score_roi,
       slice_subjects=slice_set.subject_ids, anomaly=anomaly,
-      postprocess_params=settings.postprocess, rule=settings.rule, reduction=settings.reduction,
+      postprocess_params=settings.postprocess, rule=rule, reduction=settings.reduction,
       curve_window=settings.curve_window,
       participants=prepared.participants, levels=prepared.levels, eu=maps["eu"],
       recon=maps["mean"], info=provenance)
@@ -459,7 +468,8 @@ def evaluate_checkpoint(workdir: str | os.PathLike, data_dir: str | os.PathLike,
     header = [f"- Model: `{name}` ({variant}), checkpoint step {restored_step}, "
               f"K = {provenance['num_samples']} MC reconstructions per patch; "
               f"{provenance['anomaly_map']}.",
-              f"- Cohort: `{prepared.root}` ({len(slice_set)} slices)."]
+              f"- Cohort: `{prepared.root}` ({len(slice_set)} slices).",
+              f"- Vertebral levels: {levels_lib.describe(prepared.levels)}."]
     with staged_directory(out_dir) as staging:
       write_all(staging, result, slice_set, provenance, header)
     if log:

@@ -81,8 +81,11 @@ def write_tables(out_dir: str, result: analysis.CohortResult, slice_index: np.nd
 
 def threshold_summary(result: analysis.CohortResult) -> dict[str, Any]:
   d = result.decisions
-  return {"value": d.threshold, "rule": d.rule.name, "k": d.rule.k, "pool": d.rule.pool,
-          "median": d.median, "sigma": d.sigma, "description": d.rule.describe()}
+  out = {"value": d.threshold, "rule": d.rule.name, "k": d.rule.k, "pool": d.rule.pool,
+         "median": d.median, "sigma": d.sigma, "description": d.rule.describe()}
+  if getattr(d.rule, "source", None):  # a recorded threshold (--threshold-from)
+    out["recorded_by"] = d.rule.source
+  return out
 
 
 def write_metrics(out_dir: str, result: analysis.CohortResult) -> None:
@@ -184,6 +187,9 @@ def markdown_report(result: analysis.CohortResult, slice_index: np.ndarray,
   ]
   if result.metrics is not None:
     lines += ["## Metrics", ""] + _metrics_table(result.metrics) + [""]
+  else:
+    lines += ["No truth for this cohort (no participants.tsv truth columns and no lesion label): "
+              "decisions only, no metrics.", ""]
   lines += ["## Patients", "",
             "| patient | score | flagged | flagged segments | peak | truth |",
             "|---|---|---|---|---|---|"]

@@ -93,7 +93,8 @@ def subject_positions(subject_ids: Sequence[str]) -> dict[str, np.ndarray]:
 
 
 def cohort_levels(label_slices: np.ndarray, score_roi: np.ndarray, subject_ids: Sequence[str],
-                  sources: Mapping[str, str] | None = None
+                  sources: Mapping[str, str] | None = None,
+                  vertebrae: np.ndarray | None = None
                   ) -> dict[str, levels_lib.VertebralLevels]:
   """Vertebral levels of every subject (raises LabelError naming the first bad subject's file).
 
@@ -102,11 +103,13 @@ def cohort_levels(label_slices: np.ndarray, score_roi: np.ndarray, subject_ids: 
     score_roi: `[S, H, W]` bool scoring ROI (its area picks the midline slice).
     subject_ids: `S` subject ids.
     sources: subject id -> label file path, for error messages.
+    vertebrae: `[S, H, W]` vertebra instance ids (levels by identity where non-zero) or None.
   """
   out = {}
   for sid, pos in subject_positions(subject_ids).items():
     out[sid] = levels_lib.find_levels(
         label_slices[pos], np.asarray(score_roi[pos]).sum(axis=(1, 2)),
+        vertebrae=None if vertebrae is None else vertebrae[pos],
         source=None if sources is None else sources.get(sid), subject_id=sid)
   return out
 
