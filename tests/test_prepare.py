@@ -7,6 +7,7 @@ that are not the tool's, another grid, a missing segmentation) stops with one li
 and leaves nothing behind.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -177,29 +178,74 @@ def test_prepare_sct_cohort_same_cord_csf_and_levels(tmp_path, subject):
   np.testing.assert_allclose(got.centroid_rows, want.centroid_rows, atol=3.0)
 
 
-def test_field_of_view_from_c3_is_named_by_identity(tmp_path, subject):
-  # Cut the scan below the C2 body: C3 is the top body in view, T2 the bottom one.
+def crop_below_c2(subject):
+  """The subject with the field of view starting just below the C2 body (C3 on top)."""
   c2 = L.VERTEBRA_INSTANCE_IDS["C2"]
   cut = int(np.flatnonzero((subject.vertebrae == c2).any(axis=(0, 1))).min())
-  cropped = phantom.Subject(**{**subject.__dict__, **{
-      k: getattr(subject, k)[:, :, :cut] for k in ("image", "clean", "labels", "vertebrae",
-                                                   "lesion_ids")}})
+  arrays = {k: getattr(subject, k)[:, :, :cut]
+            for k in ("image", "clean", "labels", "vertebrae", "lesion_ids")}
+  return phantom.Subject(**{**subject.__dict__, **arrays})
+
+
+def test_field_of_view_from_c3_is_scored_at_the_right_levels(tmp_path, subject):
+  cropped = crop_below_c2(subject)
   images, segs = write_inputs(str(tmp_path), cropped, "totalspineseg")
   out = str(tmp_path / "cohort")
   records = prepare.prepare_cohort("totalspineseg", images, segs, out)
   assert records[0]["levels_in_view"] == "C3;C4;C5;C6;C7;T1"  # C3 is C3, not "C2"
+
   # Counting would call the top body C2 and score every segment one level off ...
   from u2ad_jax.data import preprocess  # pylint: disable=import-outside-toplevel
   (files,) = cohort.list_subjects(out)
   loaded = preprocess.load_subject(files, data_config())
   counted = levels_lib.find_levels(loaded.labels)
-  ref = counted.reference_slice
-  first = loaded.vertebrae[ref, int(round(counted.centroid_rows[0])),
+  first = loaded.vertebrae[counted.reference_slice, int(round(counted.centroid_rows[0])),
                            int(round(counted.centroid_cols[0]))]
   assert first == L.VERTEBRA_INSTANCE_IDS["C3"]  # its "C2" is C3
-  # ... by identity, C2 is known to be missing and evaluation says so instead of mis-naming.
-  with pytest.raises(errors.LabelError, match=r"\['C2'\]|C2 not in"):
-    evaluator.prepare_cohort(out, data_config(), progress=False)
+
+  # ... by identity, C2 is n/a and the five segments in view keep their names: the same
+  # levels from the converted cohort as from the native one (phantom labels + vertebra map).
+  prepared = evaluator.prepare_cohort(out, data_config(), progress=False)
+  lv = prepared.levels["sub-001"]
+  assert lv.method == "identity" and np.isnan(lv.centroid_rows[0])
+  assert lv.segments_present.tolist() == [False, True, True, True, True, True]
+  native = evaluator.prepare_cohort(native_cohort(str(tmp_path / "native"), cropped),
+                                    data_config(), progress=False)
+  np.testing.assert_allclose(native.levels["sub-001"].centroid_rows, lv.centroid_rows)
+  # The lesion (C5-6 and C6-7 in the phantom's own truth) lands in the same named segments.
+  prepared = native
+  truth = levels_lib.segment_truth_from_labels(prepared.slice_set.labels, lv)
+  names = [n for n, t in zip(L.SEGMENT_NAMES, truth) if t]
+  assert names == subject.truth["lesion_levels"] == ["C5-6", "C6-7"]
+
+  # Scoring writes n/a for C2-3 in every table (the intensity rung: no training needed).
+  settings = evaluator.EvalSettings.from_config(ml_collections.ConfigDict(
+      {"data": data_config().to_dict(), "evaluation": {"mad_k": 2.5}}))
+  report_dir = tmp_path / "eval"
+  result = evaluator.evaluate_intensity(prepared, settings, str(report_dir))
+  assert np.isnan(result.segment_scores[0, 0]) and np.isfinite(result.segment_scores[0, 1:]).all()
+  assert not result.decisions.segment_flags[0, 0]
+  rows = (report_dir / "segments.csv").read_text().splitlines()
+  c23 = [r for r in rows if r.startswith("sub-001,C2-3,")]
+  assert c23 == ["sub-001,C2-3,n/a,n/a,n/a,n/a,n/a"]  # truth column n/a too
+  assert result.truth is not None and result.truth.segments[0].tolist() == truth.tolist()
+  sidecar = json.loads((report_dir / "subjects" / "sub-001" / "sub-001_scores.json").read_text())
+  assert sidecar["segments"]["C2-3"]["score"] is None
+  assert sidecar["levels"]["centroid_rows"]["C2"] is None
+  assert sidecar["levels"]["method"] == "identity"
+  assert "C6-7" in sidecar["segments"] and sidecar["segments"]["C6-7"]["score"] is not None
+  report_md = (report_dir / "report.md").read_text()
+  assert "by vertebra identity" in report_md and "sub-001 C2-3" in report_md
+
+
+def test_no_complete_segment_is_refused(tmp_path, subject):
+  # Only C2 (and the bodies below T1) in view: nothing can be scored; the message says which.
+  v = subject.vertebrae.copy()
+  for name in ("C3", "C4", "C5", "C6", "C7", "T1"):
+    v[v == L.VERTEBRA_INSTANCE_IDS[name]] = 0
+  with pytest.raises(errors.LabelError, match="only C2 of C2 ... T1"):
+    levels_lib.find_levels(phantom.volume_to_model(subject.labels),
+                           vertebrae=phantom.volume_to_model(v), source="x_vertebrae.nii.gz")
 
 
 def test_unlabelled_body_does_not_shift_levels(subject):

@@ -95,7 +95,8 @@ def prepare_cohort(tool: str, images_dir: str, segs_dir: str, out_dir: str,
       missing = converted.levels_missing
       if missing:
         print(f"[prepare] warning: {sid} ({scan}): levels {', '.join(missing)} not in view; "
-              f"usable for training, `u2ad evaluate` refuses it", file=sys.stderr, flush=True)
+              f"segments {', '.join(converted.segments_missing)} will be n/a in evaluation",
+              file=sys.stderr, flush=True)
       records.append({"participant_id": sid, "source_image": os.path.basename(scan),
                       "source_segmentation": os.path.basename(files["seg"]),
                       "levels_in_view": ";".join(converted.levels_present)})

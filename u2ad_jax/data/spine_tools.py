@@ -45,8 +45,9 @@ SCT documentation "Applying the labeling algorithm" (vertebral-labeling tutorial
 
 Checks (one line naming the file, nothing written): a scan without its segmentation, a
 segmentation on another grid (shape, or affine beyond `nifti.AFFINE_ATOL_MM`), values that are not
-the tool's, no cord, none of C2 ... T1 in view. A scan missing only some of C2 ... T1 is converted
-(it can train) with a warning: evaluation refuses it (evaluation/levels.py).
+the tool's, no cord, no segment with both of its levels in view (C2-3 ... C7-T1). A scan missing
+only some of C2 ... T1 is converted with a warning: evaluation scores the segments it has and
+writes n/a for the others (evaluation/levels.py).
 """
 
 from __future__ import annotations
@@ -107,6 +108,13 @@ class Converted:
   @property
   def levels_missing(self) -> tuple[str, ...]:
     return tuple(n for n in label_defs.VERTEBRA_NAMES if n not in self.levels_present)
+
+  @property
+  def segments_missing(self) -> tuple[str, ...]:
+    """Segments with a level out of view: n/a in evaluation (evaluation/levels.py)."""
+    names = label_defs.VERTEBRA_NAMES
+    return tuple(seg for seg, upper, lower in zip(label_defs.SEGMENT_NAMES, names[:-1], names[1:])
+                 if upper not in self.levels_present or lower not in self.levels_present)
 
 
 def subject_id_for(filename: str) -> str:
@@ -284,10 +292,13 @@ def anterior_to(canal: np.ndarray, path: PathLike = "<segmentation>") -> np.ndar
 def _finish(path: str, labels: np.ndarray, vertebrae: np.ndarray) -> Converted:
   present = tuple(n for n in label_defs.VERTEBRA_NAMES
                   if (vertebrae == label_defs.VERTEBRA_INSTANCE_IDS[n]).any())
-  if not present:
-    raise errors.LabelError(path, "none of the vertebrae C2 ... T1 is in view: the scan cannot be "
-                                  "scored (sagittal cervical T2w with C2 ... T1 needed)")
-  return Converted(labels=labels, vertebrae=vertebrae, levels_present=present)
+  converted = Converted(labels=labels, vertebrae=vertebrae, levels_present=present)
+  if len(converted.segments_missing) == len(label_defs.SEGMENT_NAMES):
+    shown = ", ".join(present) if present else "none"
+    raise errors.LabelError(path, f"vertebrae in view among C2 ... T1: {shown}; no segment C2-3 "
+                                  f"... C7-T1 has both of its levels in view, nothing could be "
+                                  f"scored (sagittal cervical T2w with C2 ... T1 needed)")
+  return converted
 
 
 def convert_scan(tool: str, image: nifti.Volume, files: dict[str, str | None]) -> Converted:

@@ -322,14 +322,15 @@ def write_subject_outputs(out_dir: str, result: analysis.CohortResult, slice_set
             "peak_row": s.peak_row,
         },
         "segments": {
-            name: {"score": float(s.segment_scores[k]),
+            name: {"score": report.finite_or_none(s.segment_scores[k]),  # None = n/a
                    "flagged": bool(result.decisions.segment_flags[i, k]),
                    "peak_slice_index": int(slice_set.slice_index[pos[s.segment_peak_slices[k]]]),
                    "peak_row": int(s.segment_peak_rows[k])}
             for k, name in enumerate(label_values.SEGMENT_NAMES)},
         "levels": {
-            "centroid_rows": {n: float(r) for n, r in zip(label_values.VERTEBRA_NAMES,
-                                                           s.levels.centroid_rows)},
+            "centroid_rows": {n: report.finite_or_none(r) for n, r in
+                              zip(label_values.VERTEBRA_NAMES, s.levels.centroid_rows)},
+            "method": s.levels.method,
             "reference_slice_index": int(slice_set.slice_index[pos[s.levels.reference_slice]]),
             "frame": "model slice frame: rows superior -> inferior, columns anterior -> "
                      "posterior, slice index = canonical RAS x index",
@@ -359,6 +360,7 @@ def write_all(out_dir: str, result: analysis.CohortResult, slice_set: Any,
   """Report, tables, metrics, figures and per-subject files into `out_dir` (a staging dir)."""
   write_subject_outputs(out_dir, result, slice_set, provenance)
   lines = list(header_lines) + [
+      f"- Vertebral levels: {levels_lib.describe({s.subject_id: s.levels for s in result.scores})}.",
       "- Per-subject maps (NIfTI on the input grid: anomaly, postprocessed anomaly, EU, "
       "reconstruction) and score sidecars: `subjects/<id>/`."]
   io_utils.write_json(os.path.join(out_dir, "summary.json"), {
@@ -468,8 +470,7 @@ def evaluate_checkpoint(workdir: str | os.PathLike, data_dir: str | os.PathLike,
     header = [f"- Model: `{name}` ({variant}), checkpoint step {restored_step}, "
               f"K = {provenance['num_samples']} MC reconstructions per patch; "
               f"{provenance['anomaly_map']}.",
-              f"- Cohort: `{prepared.root}` ({len(slice_set)} slices).",
-              f"- Vertebral levels: {levels_lib.describe(prepared.levels)}."]
+              f"- Cohort: `{prepared.root}` ({len(slice_set)} slices)."]
     with staged_directory(out_dir) as staging:
       write_all(staging, result, slice_set, provenance, header)
     if log:

@@ -12,9 +12,12 @@ Two ways to find the levels, by preference:
    counting rule finds, so its results do not change). When no single slice shows all seven (a
    tilted spine in thin slices), each centroid is that id's centroid over all of the subject's
    slices (they share the row grid).
-   Missing levels are REFUSED, not scored as n/a: a scan whose vertebra map lacks any of C2 ... T1
-   raises LabelError naming the missing levels (a partial table would change the pooled
-   threshold and every per-patient comparison; `u2ad prepare` already refuses such scans).
+   Missing levels are n/a, not refused: a scan whose field of view lacks some of C2 ... T1 (e.g.
+   it starts at C3) gets a NaN centroid for each missing level, and every segment with a missing
+   end (C2-3 there) is n/a: no rows, a NaN score, never flagged, left out of the threshold's pool
+   and of the metrics, and written as n/a in every table. A scan needs at least one complete
+   segment (two adjacent levels) to be scored at all; with none, LabelError names what is
+   missing.
 2. By counting, the fallback for label maps without identities (the original release's format):
 
 Rule (method.md section 8): the vertebral-body label (2) of a sagittal slice is split into
@@ -54,7 +57,8 @@ class VertebralLevels:
   """Levels of one subject in the model's slice frame.
 
   Attributes:
-    centroid_rows: `[7]` float, centroid rows of C2 ... T1, strictly increasing (superior first).
+    centroid_rows: `[7]` float, centroid rows of C2 ... T1, strictly increasing (superior first);
+      NaN for a level outside the field of view (identity only).
     centroid_cols: `[7]` float, centroid columns (for drawing).
     reference_slice: position, within the subject's slices, of the slice the levels come from.
     num_bodies: number of bodies found on the reference slice (>= 7; extra ones are T2, T3 ...);
@@ -71,16 +75,25 @@ class VertebralLevels:
   def names(self) -> tuple[str, ...]:
     return label_values.VERTEBRA_NAMES
 
+  @property
+  def segments_present(self) -> np.ndarray:
+    """`[6]` bool: segments whose two bounding levels are both in view (n/a otherwise)."""
+    present = np.isfinite(self.centroid_rows)
+    return present[:-1] & present[1:]
+
   def segment_bounds(self) -> np.ndarray:
     """`[6, 2]` float: (start row, end row) of each segment, start inclusive, end exclusive."""
     return np.stack([self.centroid_rows[:-1], self.centroid_rows[1:]], axis=1)
 
   def row_segments(self, height: int) -> np.ndarray:
-    """`[H]` int: the segment index (0 = C2-3 ... 5 = C7-T1) of each row, -1 outside C2..T1."""
+    """`[H]` int: the segment index (0 = C2-3 ... 5 = C7-T1) of each row, -1 outside C2..T1
+    and in n/a segments."""
     rows = np.arange(height, dtype=np.float64)
-    index = np.searchsorted(self.centroid_rows, rows, side="right") - 1
-    index[(index < 0) | (index >= NUM_SEGMENTS)] = -1
-    return index.astype(np.int64)
+    index = np.full(height, -1, dtype=np.int64)
+    for seg in np.flatnonzero(self.segments_present):
+      start, stop = self.centroid_rows[seg], self.centroid_rows[seg + 1]
+      index[(rows >= start) & (rows < stop)] = seg
+    return index
 
 
 def vertebral_bodies(label_slice: np.ndarray,
@@ -160,13 +173,14 @@ def levels_by_identity(vertebrae: np.ndarray, cord_area: np.ndarray, *,
   who = "" if subject_id is None else f" of {subject_id}"
   present = [set(np.unique(v).tolist()) for v in vertebrae]
   everywhere = set().union(*present)
-  missing = [n for n, i in zip(label_values.VERTEBRA_NAMES, ids) if i not in everywhere]
-  if missing:
+  in_view = np.array([i in everywhere for i in ids])
+  if not (in_view[:-1] & in_view[1:]).any():
+    shown = [n for n, ok in zip(label_values.VERTEBRA_NAMES, in_view) if ok] or ["none"]
     raise errors.LabelError(
-        source, f"vertebral levels{who}: {', '.join(missing)} not in the scored slices (vertebra "
-                f"map); scoring needs every level C2 ... T1 in view (partial fields of view are "
-                f"refused, not scored as n/a)")
-  complete = [i for i, p in enumerate(present) if all(v in p for v in ids)]
+        source, f"vertebral levels{who}: only {', '.join(shown)} of C2 ... T1 in the scored "
+                f"slices (vertebra map); no segment has both of its levels in view")
+  ids_in_view = [i for i, ok in zip(ids, in_view) if ok]
+  complete = [i for i, p in enumerate(present) if all(v in p for v in ids_in_view)]
   rows_grid = np.arange(vertebrae.shape[1], dtype=np.float64)[:, None]
   cols_grid = np.arange(vertebrae.shape[2], dtype=np.float64)[None, :]
   if complete:
@@ -177,13 +191,13 @@ def levels_by_identity(vertebrae: np.ndarray, cord_area: np.ndarray, *,
     ref = int(np.argmax(cord_area))
     where = vertebrae
   centroid_rows, centroid_cols = [], []
-  for v in ids:
+  for v, ok in zip(ids, in_view):
     mask = (where == v).astype(np.float64)
-    total = mask.sum()
-    centroid_rows.append(float((mask * rows_grid).sum() / total))
-    centroid_cols.append(float((mask * cols_grid).sum() / total))
+    total = mask.sum() if ok else 0.0
+    centroid_rows.append(float((mask * rows_grid).sum() / total) if total else np.nan)
+    centroid_cols.append(float((mask * cols_grid).sum() / total) if total else np.nan)
   centroid_rows = np.asarray(centroid_rows)
-  if np.any(np.diff(centroid_rows) <= 0):
+  if np.any(np.diff(centroid_rows[np.isfinite(centroid_rows)]) <= 0):
     order = ", ".join(f"{n} {r:.1f}" for n, r in zip(label_values.VERTEBRA_NAMES, centroid_rows))
     raise errors.LabelError(source, f"vertebral levels{who}: vertebra ids are not in top-down "
                                     f"order (centroid rows {order})")
@@ -200,8 +214,15 @@ def describe(levels: dict[str, VertebralLevels]) -> str:
            "count": "by counting vertebral-body components top-down, the first one called C2 "
                     "(no vertebra instance map)"}
   counts = {m: sum(lv.method == m for lv in levels.values()) for m in methods}
-  return "; ".join(f"{parts[m]}: {counts[m]} patient{'s' if counts[m] != 1 else ''}"
+  text = "; ".join(f"{parts[m]}: {counts[m]} patient{'s' if counts[m] != 1 else ''}"
                    for m in methods)
+  partial = {sid: [n for n, ok in zip(label_values.SEGMENT_NAMES, lv.segments_present) if not ok]
+             for sid, lv in levels.items() if not lv.segments_present.all()}
+  if partial:
+    text += ("; segments outside the field of view are n/a (not scored, not flagged, not in the "
+             "threshold or the metrics): " +
+             ", ".join(f"{sid} {'/'.join(segs)}" for sid, segs in sorted(partial.items())))
+  return text
 
 
 def segment_truth_from_labels(label_slices: np.ndarray, levels: VertebralLevels) -> np.ndarray:

@@ -36,6 +36,12 @@ def _fmt(value: Any, digits: int = 4) -> str:
   return str(value)
 
 
+def finite_or_none(value: Any) -> float | None:
+  """A score for JSON: None for n/a (NaN: a segment outside the field of view)."""
+  value = float(value)
+  return value if math.isfinite(value) else None
+
+
 def _peak_slice_index(result: analysis.CohortResult, slice_index: np.ndarray, subject: int,
                       position: int) -> int:
   return int(slice_index[result.scores[subject].positions[position]])
@@ -65,6 +71,9 @@ def segment_rows(result: analysis.CohortResult, slice_index: np.ndarray) -> list
   for i, s in enumerate(result.scores):
     for k, name in enumerate(label_values.SEGMENT_NAMES):
       truth = "" if result.truth is None else int(result.truth.segments[i, k])
+      if not np.isfinite(s.segment_scores[k]):  # outside the field of view
+        rows.append([s.subject_id, name, "n/a", "n/a", "n/a", "n/a", "" if truth == "" else "n/a"])
+        continue
       rows.append([s.subject_id, name, f"{s.segment_scores[k]:.6g}",
                    int(result.decisions.segment_flags[i, k]),
                    _peak_slice_index(result, slice_index, i, int(s.segment_peak_slices[k])),
@@ -113,7 +122,9 @@ def write_figures(out_dir: str, result: analysis.CohortResult, images: np.ndarra
   if truth is not None and truth.patient.any() and not truth.patient.all():
     figures.roc_plot(os.path.join(fig_dir, "roc.png"), [
         ("patient level", {result.name: (result.patient_scores, truth.patient)}),
-        ("segment level", {result.name: (result.segment_scores, truth.segments)}),
+        ("segment level", {result.name: (
+            result.segment_scores[np.isfinite(result.segment_scores)],
+            truth.segments[np.isfinite(result.segment_scores)])}),
     ])
     out["roc"] = "figures/roc.png"
   flagged = [i for i in range(len(result.scores)) if result.decisions.patient_flags[i]]
@@ -235,7 +246,7 @@ def format_table(result: analysis.CohortResult) -> str:
     cells = []
     for k in range(len(names)):
       mark = "*" if result.decisions.segment_flags[i, k] else " "
-      cells.append(f"{s.segment_scores[k]:>5.3g}{mark}")
+      cells.append(f"{_fmt(s.segment_scores[k], 3):>5}{mark}")
     line = (f"{s.subject_id:<10} {s.patient_score:>8.4g} "
             f"{'YES' if result.decisions.patient_flags[i] else 'no':>4}  " + " ".join(cells))
     if result.truth is not None:

@@ -110,7 +110,10 @@ def load_recorded(eval_dir: str | os.PathLike, provenance: Mapping[str, Any]) ->
                                         f"{e})") from e
   if not np.isfinite(value):
     raise errors.CorruptFileError(path, f"recorded threshold {value} is not finite")
-  theirs = os.path.realpath(str(model.get("workdir", "")))
+  if not isinstance(model, dict) or not model.get("workdir"):
+    raise errors.InputError(path, "not an evaluation of a trained checkpoint (no model workdir; "
+                                  "the intensity rung?)")
+  theirs = os.path.realpath(str(model["workdir"]))
   ours = os.path.realpath(str(provenance["model"]["workdir"]))
   if theirs != ours:
     raise errors.InputError(path, f"threshold recorded for the model in {theirs}, not {ours}")
@@ -168,14 +171,15 @@ def robust_threshold(values: np.ndarray, k: float) -> float:
 
 def decide(patient_scores: np.ndarray, segment_scores: np.ndarray,
            rule: ThresholdRule = ThresholdRule()) -> Decisions:
-  """Threshold and flags from `[P]` patient and `[P, 6]` segment scores (no labels)."""
+  """Threshold and flags from `[P]` patient and `[P, 6]` segment scores (no labels); NaN
+  (n/a) segment scores stay out of the pool and are never flagged."""
   patient_scores = np.asarray(patient_scores, dtype=np.float64)
   segment_scores = np.asarray(segment_scores, dtype=np.float64)
   if isinstance(rule, RecordedThreshold):
     med, sigma, threshold = rule.median, rule.sigma, rule.value
   else:
     pool = segment_scores if rule.pool == "segments" else patient_scores
-    med, sigma = robust_location_scale(pool)
+    med, sigma = robust_location_scale(pool[np.isfinite(pool)])  # n/a segments are NaN
     threshold = med + rule.k * sigma
   return Decisions(
       threshold=float(threshold),
