@@ -3,8 +3,9 @@
 Order of work, chosen so that bad input fails BEFORE anything is computed or written:
 1. Restore the model read-only (`train.checkpoint.restore_for_eval`): a missing or damaged
    workdir / checkpoint raises CheckpointError naming the path.
-2. Load the cohort with `require_vertebrae=True` and find every subject's vertebral levels: a
-   subject without the seven bodies C2 ... T1 raises LabelError naming its label file.
+2. Load the cohort with `require_vertebrae=True` and find every subject's vertebral levels (by
+   identity where a vertebra map exists: segments outside the field of view are n/a; else by
+   counting the seven bodies C2 ... T1): a subject without them raises LabelError naming its file.
 3. Monte-Carlo maps (`uncertainty.mc_uncertainty`, jitted, batched over slices and each batch
    split over the local devices with shard_map; K =
    config.evaluation.num_samples, else the training K): EU, mean reconstruction and AU; the
