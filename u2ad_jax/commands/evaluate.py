@@ -9,6 +9,8 @@ section.key=value` changes the run's scoring settings (evaluation.*, postprocess
 evaluation only, e.g. `--set evaluation.residual=absolute` for the method's |x - mean| map.
 An output directory must be missing, empty or (with --overwrite) an earlier `u2ad evaluate`
 output, and may not be, lie inside or contain the workdir or the cohort.
+`--threshold-from EVAL_DIR` applies the threshold an earlier evaluation of the same checkpoint
+recorded (a new patient alone has no cohort statistics); the report names it and its source.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ _INTENSITY_OUT = flags.DEFINE_string("intensity_out", None,
 _SET = flags.DEFINE_multi_string(
     "set", [], "scoring override section.key=value of the run's evaluation / postprocess config, "
     "e.g. --set evaluation.residual=absolute --set evaluation.num_samples=10 (repeatable)")
+_THRESHOLD_FROM = flags.DEFINE_string(
+    "threshold_from", None, "apply the threshold recorded by this earlier evaluation (its --out "
+    "directory, same checkpoint and scoring settings) instead of computing one from --data, "
+    "e.g. for a single new patient")
+flags.DEFINE_alias("threshold-from", "threshold_from")  # the spelling the README uses
 _QUIET = flags.DEFINE_bool("quiet", False, "no progress messages")
 
 flags.mark_flags_as_required(["workdir", "data", "out"])
@@ -60,7 +67,8 @@ def main(argv):
   result = evaluator.evaluate_checkpoint(_WORKDIR.value, _DATA.value, _OUT.value,
                                          step=_STEP.value, batch_size=_BATCH.value,
                                          prepared=prepared, overrides=_SET.value,
-                                         overwrite=_OVERWRITE.value, verbose=not _QUIET.value)
+                                         overwrite=_OVERWRITE.value, verbose=not _QUIET.value,
+                                         threshold_from=_THRESHOLD_FROM.value)
   print(report.format_table(result))
   print(f"report: {_OUT.value}/report.md")
   if prepared is not None:

@@ -537,9 +537,13 @@ def _check_vertebrae(label: nifti.Volume, vertebrae: nifti.Volume | None, label_
   if vertebrae is not None:
     present = set(np.unique(vertebra_slices).tolist())
     missing = [name for name in needed if label_defs.VERTEBRA_INSTANCE_IDS[name] not in present]
-    if missing:
+    # By identity a partial field of view scores the segments it has (the others are n/a,
+    # evaluation/levels.py); it needs at least one segment with both of its levels.
+    in_view = [name not in missing for name in needed]
+    if not any(a and b for a, b in zip(in_view[:-1], in_view[1:])):
       raise errors.LabelError(vertebrae.path, f"vertebral bodies {missing} are missing from the "
-                                              f"slices used (scoring needs {needed[0]}..{needed[-1]})")
+                                              f"slices used: no segment (C2-3 ... C7-T1) has "
+                                              f"both of its levels in view")
     return
   best = 0
   for slice_labels in label_slices:

@@ -162,17 +162,18 @@ def compute_metrics(result_scores: Sequence[scoring.SubjectScores],
   """
   patient_scores = scoring.patient_vector(result_scores)
   segment_scores = scoring.segment_matrix(result_scores)
+  scored = np.isfinite(segment_scores)  # n/a segments (outside the field of view) are not scored
   out = {
       "patient": metrics.detection_metrics(patient_scores, decisions.patient_flags, truth.patient),
-      "segment": metrics.detection_metrics(segment_scores.ravel(), decisions.segment_flags.ravel(),
-                                           truth.segments.ravel()),
+      "segment": metrics.detection_metrics(segment_scores[scored], decisions.segment_flags[scored],
+                                           truth.segments[scored]),
       "pixel": pixel_metrics(anomaly, labels, score_roi),
       "pixel_postprocessed": pixel_metrics(postprocessed, labels, score_roi),
       "truth_source": truth.source,
   }
   if grid_truth is not None:
     out["segment_model_grid"] = metrics.detection_metrics(
-        segment_scores.ravel(), decisions.segment_flags.ravel(), grid_truth.segments.ravel())
+        segment_scores[scored], decisions.segment_flags[scored], grid_truth.segments[scored])
   if recon is not None:
     out["reconstruction"] = reconstruction_ssim(images, recon, labels, score_roi)
   return _nan_to_none(out)

@@ -61,7 +61,8 @@ def segment_maxima(curve: np.ndarray,
 
   Returns:
     (scores [6] float, peak_rows [6] int): the maximum of the curve over each segment's rows and
-    the row where it occurs (the first such row); a segment without rows scores 0 at its start.
+    the row where it occurs (the first such row); a segment without rows scores 0 at its start;
+    a segment outside the field of view (levels.segments_present) is n/a: NaN at row 0.
   """
   curve = np.asarray(curve, dtype=np.float64)
   row_segment = levels.row_segments(curve.shape[0])
@@ -69,6 +70,9 @@ def segment_maxima(curve: np.ndarray,
   peaks = np.zeros(levels_lib.NUM_SEGMENTS, dtype=np.int64)
   for seg in range(levels_lib.NUM_SEGMENTS):
     rows = np.flatnonzero(row_segment == seg)
+    if not levels.segments_present[seg]:
+      scores[seg] = np.nan
+      continue
     if rows.size == 0:
       peaks[seg] = int(np.clip(np.ceil(levels.centroid_rows[seg]), 0, curve.shape[0] - 1))
       continue

@@ -3,8 +3,9 @@
 Order of work, chosen so that bad input fails BEFORE anything is computed or written:
 1. Restore the model read-only (`train.checkpoint.restore_for_eval`): a missing or damaged
    workdir / checkpoint raises CheckpointError naming the path.
-2. Load the cohort with `require_vertebrae=True` and find every subject's vertebral levels: a
-   subject without the seven bodies C2 ... T1 raises LabelError naming its label file.
+2. Load the cohort with `require_vertebrae=True` and find every subject's vertebral levels (by
+   identity where a vertebra map exists: segments outside the field of view are n/a; else by
+   counting the seven bodies C2 ... T1): a subject without them raises LabelError naming its file.
 3. Monte-Carlo maps (`uncertainty.mc_uncertainty`, jitted, batched over slices and each batch
    split over the local devices with shard_map; K =
    config.evaluation.num_samples, else the training K): EU, mean reconstruction and AU; the
@@ -38,6 +39,7 @@ from u2ad_jax import output_guard
 from u2ad_jax import labels as label_values
 from u2ad_jax.evaluation import analysis
 from u2ad_jax.evaluation import curves
+from u2ad_jax.evaluation import levels as levels_lib
 from u2ad_jax.evaluation import postprocess as postprocess_lib
 from u2ad_jax.evaluation import report
 from u2ad_jax.evaluation import scoring
@@ -315,15 +317,16 @@ def write_subject_outputs(out_dir: str, result: analysis.CohortResult, slice_set
             "peak_row": s.peak_row,
         },
         "segments": {
-            name: {"score": float(s.segment_scores[k]),
+            name: {"score": report.finite_or_none(s.segment_scores[k]),  # None = n/a
                    "flagged": bool(result.decisions.segment_flags[i, k]),
                    "peak_voxel": voxels[sid]["segments"][k],
                    "peak_slice_index": int(slice_set.slice_index[pos[s.segment_peak_slices[k]]]),
                    "peak_row": int(s.segment_peak_rows[k])}
             for k, name in enumerate(label_values.SEGMENT_NAMES)},
         "levels": {
-            "centroid_rows": {n: float(r) for n, r in zip(label_values.VERTEBRA_NAMES,
-                                                           s.levels.centroid_rows)},
+            "centroid_rows": {n: report.finite_or_none(r) for n, r in
+                              zip(label_values.VERTEBRA_NAMES, s.levels.centroid_rows)},
+            "method": s.levels.method,
             "reference_slice_index": int(slice_set.slice_index[pos[s.levels.reference_slice]]),
             "frame": "model slice frame: rows superior -> inferior, columns anterior -> "
                      "posterior, slice index = canonical RAS x index; peak_voxel = (i, j, k) "
@@ -409,6 +412,7 @@ def write_all(out_dir: str, result: analysis.CohortResult, slice_set: Any,
   """Report, tables, metrics, figures and per-subject files into `out_dir` (a staging dir)."""
   write_subject_outputs(out_dir, result, slice_set, provenance)
   lines = list(header_lines) + [
+      f"- Vertebral levels: {levels_lib.describe({s.subject_id: s.levels for s in result.scores})}.",
       "- Per-subject maps (NIfTI on the input grid: anomaly, postprocessed anomaly, EU, "
       "reconstruction) and score sidecars: `subjects/<id>/`."]
   io_utils.write_json(os.path.join(out_dir, "summary.json"), {
@@ -446,7 +450,8 @@ def prepare_cohort(data_dir: str | os.PathLike, data_config: Any,
   cohort.check_participants(root, list(label_files), participants)
   slice_set = preprocess.load_cohort(root, data_config, require_vertebrae=True, progress=progress)
   levels = scoring.cohort_levels(slice_set.labels, slice_set.score_roi, slice_set.subject_ids,
-                                 label_files)
+                                 {f.subject_id: f.vertebrae or f.label for f in files},
+                                 vertebrae=slice_set.vertebrae)
   return PreparedCohort(root=root, slice_set=slice_set, participants=participants,
                         levels=levels, label_files=label_files)
 
@@ -456,7 +461,9 @@ def evaluate_checkpoint(workdir: str | os.PathLike, data_dir: str | os.PathLike,
                         batch_size: int = DEFAULT_BATCH_SIZE, name: str | None = None,
                         prepared: PreparedCohort | None = None,
                         overrides: Sequence[str] = (), overwrite: bool = False,
-                        verbose: bool = True) -> analysis.CohortResult:
+                        verbose: bool = True,
+                        threshold_from: str | os.PathLike | None = None
+                        ) -> analysis.CohortResult:
   """Evaluates one checkpoint on one cohort; writes everything to `out_dir` (None: nothing).
 
   `overrides` (`section.key=value`, see `apply_scoring_overrides`) change the scoring settings
@@ -464,6 +471,8 @@ def evaluate_checkpoint(workdir: str | os.PathLike, data_dir: str | os.PathLike,
   `out_dir` follows `output_guard.check_output_dir` (checked before any work): it may not be,
   lie inside or contain the workdir or the cohort, and an existing non-empty `out_dir` is
   replaced only when it is a previous evaluation and `overwrite` is set.
+  `threshold_from`: an earlier evaluation's directory whose recorded threshold is applied instead
+  of one computed from this cohort (`thresholds.load_recorded`; checked before the MC maps).
 
   Raises:
     UsageError / InputError: an output directory that may not be written (nothing written).
@@ -476,7 +485,8 @@ def evaluate_checkpoint(workdir: str | os.PathLike, data_dir: str | os.PathLike,
   workdir = os.fspath(workdir)
   if out_dir is not None:
     output_guard.check_output_dir(out_dir, "evaluate", overwrite=overwrite,
-                                  protected={"--workdir": workdir, "--data": data_dir})
+                                  protected={"--workdir": workdir, "--data": data_dir,
+                                             "--threshold-from": threshold_from})
   try:
     model, params, config, restored_step = checkpoint.restore_for_eval(workdir, step)
   except (OSError, ValueError, KeyError) as e:
@@ -494,10 +504,6 @@ def evaluate_checkpoint(workdir: str | os.PathLike, data_dir: str | os.PathLike,
         f"{len(slice_set.subjects)} subjects")
   num_samples = settings.num_samples or int(
       _section(config, "uncertainty").get("num_samples", 10))
-  maps = model_maps(model, params, config, slice_set.images, slice_set.train_roi,
-                    batch_size=batch_size, num_samples=num_samples, progress=log)
-  anomaly = anomaly_lib.anomaly_maps(slice_set.images, maps["mean"], slice_set.score_roi,
-                                     slice_set.subject_ids, settings.residual)
   name = name or os.path.basename(os.path.normpath(workdir))
   variant = _section(config, "model").get("variant")
   provenance = {
@@ -508,11 +514,19 @@ def evaluate_checkpoint(workdir: str | os.PathLike, data_dir: str | os.PathLike,
       "anomaly_map": anomaly_lib.describe(settings.residual),
       "curve": settings.describe_curve(),
       "cohort": os.path.abspath(prepared.root),
+      "postprocess": dataclasses.asdict(settings.postprocess),
   }
+  rule = settings.rule
+  if threshold_from is not None:
+    rule = thresholds.load_recorded(threshold_from, provenance)
+  maps = model_maps(model, params, config, slice_set.images, slice_set.train_roi,
+                    batch_size=batch_size, num_samples=num_samples, progress=log)
+  anomaly = anomaly_lib.anomaly_maps(slice_set.images, maps["mean"], slice_set.score_roi,
+                                     slice_set.subject_ids, settings.residual)
   result = analysis.analyse(
       name, images=slice_set.images, labels=slice_set.labels, score_roi=slice_set.score_roi,
       slice_subjects=slice_set.subject_ids, anomaly=anomaly,
-      postprocess_params=settings.postprocess, rule=settings.rule, reduction=settings.reduction,
+      postprocess_params=settings.postprocess, rule=rule, reduction=settings.reduction,
       curve_window=settings.curve_window,
       participants=prepared.participants, levels=prepared.levels, eu=maps["eu"],
       recon=maps["mean"], info=provenance)

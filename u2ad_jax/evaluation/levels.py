@@ -1,4 +1,24 @@
-"""Vertebral levels from the vertebral-body label, and the six scored segments.
+"""Vertebral levels C2 ... T1 of a subject, and the six scored segments.
+
+Two ways to find the levels, by preference:
+
+1. By identity, wherever the cohort has a vertebra instance map (`..._T2w_vertebrae.nii.gz`: the
+   phantom's, or the one `u2ad prepare` derives from TotalSpineSeg / Spinal Cord Toolbox labels;
+   ids of `labels.VERTEBRA_INSTANCE_IDS`, C2 -> 2 ... T1 -> 8). Vertebra C5 is the voxels with
+   id 5 whatever the field of view, so a scan that starts below C1, or a body that is fused with
+   its neighbour or missing from the body label, cannot shift the names. The reference slice is
+   the slice with the largest cord area among those showing all seven ids C2 ... T1, and each
+   centroid is the centroid of its id on that slice (on the phantom this is exactly the body the
+   counting rule finds, so its results do not change). When no single slice shows all seven (a
+   tilted spine in thin slices), each centroid is that id's centroid over all of the subject's
+   slices (they share the row grid).
+   Missing levels are n/a, not refused: a scan whose field of view lacks some of C2 ... T1 (e.g.
+   it starts at C3) gets a NaN centroid for each missing level, and every segment with a missing
+   end (C2-3 there) is n/a: no rows, a NaN score, never flagged, left out of the threshold's pool
+   and of the metrics, and written as n/a in every table. A scan needs at least one complete
+   segment (two adjacent levels) to be scored at all; with none, LabelError names what is
+   missing.
+2. By counting, the fallback for label maps without identities (the original release's format):
 
 Rule (method.md section 8): the vertebral-body label (2) of a sagittal slice is split into
 4-connected components; components much smaller than the slice's typical body (a stray voxel, a
@@ -11,6 +31,8 @@ One subject has several slices; the levels are read from ONE reference slice and
 the subject's slices (they share the model's row grid): the slice with the largest cord area among
 those that show at least seven bodies. The midline slice shows every body completely, while
 off-midline slices may miss a body or cut it into pieces, which would shift the ordering.
+Counting cannot know where the field of view starts: a scan starting at C3 is scored one level
+off. That is why identities win wherever they exist.
 """
 
 from __future__ import annotations
@@ -35,30 +57,43 @@ class VertebralLevels:
   """Levels of one subject in the model's slice frame.
 
   Attributes:
-    centroid_rows: `[7]` float, centroid rows of C2 ... T1, strictly increasing (superior first).
+    centroid_rows: `[7]` float, centroid rows of C2 ... T1, strictly increasing (superior first);
+      NaN for a level outside the field of view (identity only).
     centroid_cols: `[7]` float, centroid columns (for drawing).
     reference_slice: position, within the subject's slices, of the slice the levels come from.
-    num_bodies: number of bodies found on the reference slice (>= 7; extra ones are T2, T3 ...).
+    num_bodies: number of bodies found on the reference slice (>= 7; extra ones are T2, T3 ...);
+      by identity: the number of distinct vertebra ids on it.
+    method: "identity" (vertebra instance map) or "count" (body components, C2 first).
   """
   centroid_rows: np.ndarray
   centroid_cols: np.ndarray
   reference_slice: int
   num_bodies: int
+  method: str = "count"
 
   @property
   def names(self) -> tuple[str, ...]:
     return label_values.VERTEBRA_NAMES
+
+  @property
+  def segments_present(self) -> np.ndarray:
+    """`[6]` bool: segments whose two bounding levels are both in view (n/a otherwise)."""
+    present = np.isfinite(self.centroid_rows)
+    return present[:-1] & present[1:]
 
   def segment_bounds(self) -> np.ndarray:
     """`[6, 2]` float: (start row, end row) of each segment, start inclusive, end exclusive."""
     return np.stack([self.centroid_rows[:-1], self.centroid_rows[1:]], axis=1)
 
   def row_segments(self, height: int) -> np.ndarray:
-    """`[H]` int: the segment index (0 = C2-3 ... 5 = C7-T1) of each row, -1 outside C2..T1."""
+    """`[H]` int: the segment index (0 = C2-3 ... 5 = C7-T1) of each row, -1 outside C2..T1
+    and in n/a segments."""
     rows = np.arange(height, dtype=np.float64)
-    index = np.searchsorted(self.centroid_rows, rows, side="right") - 1
-    index[(index < 0) | (index >= NUM_SEGMENTS)] = -1
-    return index.astype(np.int64)
+    index = np.full(height, -1, dtype=np.int64)
+    for seg in np.flatnonzero(self.segments_present):
+      start, stop = self.centroid_rows[seg], self.centroid_rows[seg + 1]
+      index[(rows >= start) & (rows < stop)] = seg
+    return index
 
 
 def vertebral_bodies(label_slice: np.ndarray,
@@ -82,25 +117,32 @@ def vertebral_bodies(label_slice: np.ndarray,
 
 
 def find_levels(label_slices: np.ndarray, cord_area: np.ndarray | None = None, *,
+                vertebrae: np.ndarray | None = None,
                 source: str | os.PathLike | None = None,
                 subject_id: str | None = None) -> VertebralLevels:
-  """Vertebral levels C2 ... T1 of one subject.
+  """Vertebral levels C2 ... T1 of one subject (by identity when `vertebrae` has ids).
 
   Args:
     label_slices: `[S, H, W]` label maps of the subject's slices (model frame).
     cord_area: `[S]` cord pixel count per slice, used to prefer the midline slice; by default the
       count of labels 3 and 6.
-    source: the subject's label file, named in the error.
+    vertebrae: `[S, H, W]` vertebra instance ids (0 = none) or None; all zeros (a cohort without
+      a vertebra map) means "no identities" and the bodies are counted.
+    source: the subject's label (or vertebra) file, named in the error.
     subject_id: named in the error when `source` is unknown.
 
   Raises:
-    errors.LabelError: when no slice shows at least seven vertebral bodies (C2 ... T1).
+    errors.LabelError: by identity, when any of C2 ... T1 is missing or the ids are not in
+      top-down order; by counting, when no slice shows at least seven vertebral bodies.
   """
   label_slices = np.asarray(label_slices)
   if label_slices.ndim != 3:
     raise ValueError(f"label_slices must be [S, H, W], got {label_slices.shape}")
   if cord_area is None:
     cord_area = np.isin(label_slices, label_values.CORD_LABELS).sum(axis=(1, 2))
+  if vertebrae is not None and np.asarray(vertebrae).any():
+    return levels_by_identity(np.asarray(vertebrae), np.asarray(cord_area), source=source,
+                              subject_id=subject_id)
   found = [vertebral_bodies(s) for s in label_slices]
   valid = [i for i, bodies in enumerate(found) if len(bodies) >= NUM_LEVELS]
   if not valid:
@@ -119,6 +161,68 @@ def find_levels(label_slices: np.ndarray, cord_area: np.ndarray | None = None, *
       reference_slice=int(ref),
       num_bodies=len(found[ref]),
   )
+
+
+def levels_by_identity(vertebrae: np.ndarray, cord_area: np.ndarray, *,
+                       source: str | os.PathLike | None = None,
+                       subject_id: str | None = None) -> VertebralLevels:
+  """Levels from a `[S, H, W]` vertebra instance map (see the module docstring, rule 1)."""
+  if vertebrae.ndim != 3:
+    raise ValueError(f"vertebrae must be [S, H, W], got {vertebrae.shape}")
+  ids = [label_values.VERTEBRA_INSTANCE_IDS[name] for name in label_values.VERTEBRA_NAMES]
+  who = "" if subject_id is None else f" of {subject_id}"
+  present = [set(np.unique(v).tolist()) for v in vertebrae]
+  everywhere = set().union(*present)
+  in_view = np.array([i in everywhere for i in ids])
+  if not (in_view[:-1] & in_view[1:]).any():
+    shown = [n for n, ok in zip(label_values.VERTEBRA_NAMES, in_view) if ok] or ["none"]
+    raise errors.LabelError(
+        source, f"vertebral levels{who}: only {', '.join(shown)} of C2 ... T1 in the scored "
+                f"slices (vertebra map); no segment has both of its levels in view")
+  ids_in_view = [i for i, ok in zip(ids, in_view) if ok]
+  complete = [i for i, p in enumerate(present) if all(v in p for v in ids_in_view)]
+  rows_grid = np.arange(vertebrae.shape[1], dtype=np.float64)[:, None]
+  cols_grid = np.arange(vertebrae.shape[2], dtype=np.float64)[None, :]
+  if complete:
+    # Largest cord area first; ties go to the earlier slice (as in the counting rule).
+    ref = max(complete, key=lambda i: (float(cord_area[i]), -i))
+    where = vertebrae[ref:ref + 1]
+  else:
+    ref = int(np.argmax(cord_area))
+    where = vertebrae
+  centroid_rows, centroid_cols = [], []
+  for v, ok in zip(ids, in_view):
+    mask = (where == v).astype(np.float64)
+    total = mask.sum() if ok else 0.0
+    centroid_rows.append(float((mask * rows_grid).sum() / total) if total else np.nan)
+    centroid_cols.append(float((mask * cols_grid).sum() / total) if total else np.nan)
+  centroid_rows = np.asarray(centroid_rows)
+  if np.any(np.diff(centroid_rows[np.isfinite(centroid_rows)]) <= 0):
+    order = ", ".join(f"{n} {r:.1f}" for n, r in zip(label_values.VERTEBRA_NAMES, centroid_rows))
+    raise errors.LabelError(source, f"vertebral levels{who}: vertebra ids are not in top-down "
+                                    f"order (centroid rows {order})")
+  return VertebralLevels(
+      centroid_rows=centroid_rows, centroid_cols=np.asarray(centroid_cols),
+      reference_slice=int(ref), num_bodies=len(present[ref] - {0}), method="identity")
+
+
+def describe(levels: dict[str, VertebralLevels]) -> str:
+  """One line for reports: how the cohort's levels were found."""
+  methods = sorted({lv.method for lv in levels.values()})
+  parts = {"identity": "by vertebra identity (vertebra instance map: C5-6 lies between the C5 and "
+                       "C6 bodies whatever the field of view)",
+           "count": "by counting vertebral-body components top-down, the first one called C2 "
+                    "(no vertebra instance map)"}
+  counts = {m: sum(lv.method == m for lv in levels.values()) for m in methods}
+  text = "; ".join(f"{parts[m]}: {counts[m]} patient{'s' if counts[m] != 1 else ''}"
+                   for m in methods)
+  partial = {sid: [n for n, ok in zip(label_values.SEGMENT_NAMES, lv.segments_present) if not ok]
+             for sid, lv in levels.items() if not lv.segments_present.all()}
+  if partial:
+    text += ("; segments outside the field of view are n/a (not scored, not flagged, not in the "
+             "threshold or the metrics): " +
+             ", ".join(f"{sid} {'/'.join(segs)}" for sid, segs in sorted(partial.items())))
+  return text
 
 
 def segment_truth_from_labels(label_slices: np.ndarray, levels: VertebralLevels) -> np.ndarray:

@@ -43,6 +43,12 @@ def _fmt(value: Any, digits: int = 4) -> str:
   return str(value)
 
 
+def finite_or_none(value: Any) -> float | None:
+  """A score for JSON: None for n/a (NaN: a segment outside the field of view)."""
+  value = float(value)
+  return value if math.isfinite(value) else None
+
+
 def _peak_slice_index(result: analysis.CohortResult, slice_index: np.ndarray, subject: int,
                       position: int) -> int:
   return int(slice_index[result.scores[subject].positions[position]])
@@ -84,6 +90,9 @@ def segment_rows(result: analysis.CohortResult, slice_index: np.ndarray,
   for i, s in enumerate(result.scores):
     for k, name in enumerate(label_values.SEGMENT_NAMES):
       truth = "" if result.truth is None else int(result.truth.segments[i, k])
+      if not np.isfinite(s.segment_scores[k]):  # outside the field of view
+        rows.append([s.subject_id, name, "n/a", "n/a", "n/a", "n/a", "" if truth == "" else "n/a"])
+        continue
       rows.append([s.subject_id, name, f"{s.segment_scores[k]:.6g}",
                    int(result.decisions.segment_flags[i, k]), *_ijk(voxels, s.subject_id, k),
                    _peak_slice_index(result, slice_index, i, int(s.segment_peak_slices[k])),
@@ -101,8 +110,11 @@ def write_tables(out_dir: str, result: analysis.CohortResult, slice_index: np.nd
 
 def threshold_summary(result: analysis.CohortResult) -> dict[str, Any]:
   d = result.decisions
-  return {"value": d.threshold, "rule": d.rule.name, "k": d.rule.k, "pool": d.rule.pool,
-          "median": d.median, "sigma": d.sigma, "description": d.rule.describe()}
+  out = {"value": d.threshold, "rule": d.rule.name, "k": d.rule.k, "pool": d.rule.pool,
+         "median": d.median, "sigma": d.sigma, "description": d.rule.describe()}
+  if getattr(d.rule, "source", None):  # a recorded threshold (--threshold-from)
+    out["recorded_by"] = d.rule.source
+  return out
 
 
 def write_metrics(out_dir: str, result: analysis.CohortResult) -> None:
@@ -130,7 +142,9 @@ def write_figures(out_dir: str, result: analysis.CohortResult, images: np.ndarra
   if truth is not None and truth.patient.any() and not truth.patient.all():
     figures.roc_plot(os.path.join(fig_dir, "roc.png"), [
         ("patient level", {result.name: (result.patient_scores, truth.patient)}),
-        ("segment level", {result.name: (result.segment_scores, truth.segments)}),
+        ("segment level", {result.name: (
+            result.segment_scores[np.isfinite(result.segment_scores)],
+            truth.segments[np.isfinite(result.segment_scores)])}),
     ])
     out["roc"] = "figures/roc.png"
   flagged = [i for i in range(len(result.scores)) if result.decisions.patient_flags[i]]
@@ -204,6 +218,9 @@ def markdown_report(result: analysis.CohortResult, slice_index: np.ndarray,
   ]
   if result.metrics is not None:
     lines += ["## Metrics", ""] + _metrics_table(result.metrics) + [""]
+  else:
+    lines += ["No truth for this cohort (no participants.tsv truth columns and no lesion label): "
+              "decisions only, no metrics.", ""]
   lines += ["## Patients", "",
             "| patient | score | flagged | flagged segments | peak | truth |",
             "|---|---|---|---|---|---|"]
@@ -251,7 +268,7 @@ def format_table(result: analysis.CohortResult) -> str:
     cells = []
     for k in range(len(names)):
       mark = "*" if result.decisions.segment_flags[i, k] else " "
-      cells.append(f"{s.segment_scores[k]:>5.3g}{mark}")
+      cells.append(f"{_fmt(s.segment_scores[k], 3):>5}{mark}")
     line = (f"{s.subject_id:<10} {s.patient_score:>8.4g} "
             f"{'YES' if result.decisions.patient_flags[i] else 'no':>4}  " + " ".join(cells))
     if result.truth is not None:

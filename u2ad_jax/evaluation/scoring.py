@@ -29,7 +29,7 @@ class SubjectScores:
     levels: the subject's vertebral levels.
     slice_curves: `[S_subj, H]` per-slice anomaly curves.
     curve: `[H]` subject curve (row-wise max over slices).
-    segment_scores: `[6]` max of the curve over each segment (C2-3 ... C7-T1).
+    segment_scores: `[6]` max of the curve over each segment (C2-3 ... C7-T1); NaN = n/a.
     segment_peak_rows: `[6]` int, row of each segment's maximum.
     segment_peak_slices: `[6]` int, position (within the subject) of the slice holding that peak.
     patient_score: max over segments.
@@ -68,7 +68,8 @@ def score_subject(subject_id: str, maps: np.ndarray, levels: levels_lib.Vertebra
   curve = slice_curves.max(axis=0)
   seg_scores, peak_rows = curves.segment_maxima(curve, levels)
   peak_slices = np.argmax(slice_curves[:, peak_rows], axis=0).astype(np.int64)
-  peak_segment = int(np.argmax(seg_scores))
+  # n/a segments (NaN, outside the field of view) never hold the patient score.
+  peak_segment = int(np.nanargmax(seg_scores))
   return SubjectScores(
       subject_id=subject_id,
       positions=np.arange(maps.shape[0]) if positions is None else np.asarray(positions),
@@ -93,7 +94,8 @@ def subject_positions(subject_ids: Sequence[str]) -> dict[str, np.ndarray]:
 
 
 def cohort_levels(label_slices: np.ndarray, score_roi: np.ndarray, subject_ids: Sequence[str],
-                  sources: Mapping[str, str] | None = None
+                  sources: Mapping[str, str] | None = None,
+                  vertebrae: np.ndarray | None = None
                   ) -> dict[str, levels_lib.VertebralLevels]:
   """Vertebral levels of every subject (raises LabelError naming the first bad subject's file).
 
@@ -102,11 +104,13 @@ def cohort_levels(label_slices: np.ndarray, score_roi: np.ndarray, subject_ids: 
     score_roi: `[S, H, W]` bool scoring ROI (its area picks the midline slice).
     subject_ids: `S` subject ids.
     sources: subject id -> label file path, for error messages.
+    vertebrae: `[S, H, W]` vertebra instance ids (levels by identity where non-zero) or None.
   """
   out = {}
   for sid, pos in subject_positions(subject_ids).items():
     out[sid] = levels_lib.find_levels(
         label_slices[pos], np.asarray(score_roi[pos]).sum(axis=(1, 2)),
+        vertebrae=None if vertebrae is None else vertebrae[pos],
         source=None if sources is None else sources.get(sid), subject_id=sid)
   return out
 

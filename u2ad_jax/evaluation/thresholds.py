@@ -16,13 +16,26 @@ median (the same normal-consistent scale from the first absolute moment), and to
 score is equal (nothing exceeds the median then).
 
 The threshold depends only on the scores; the truth never enters (a test permutes the labels).
+
+A recorded threshold (`u2ad evaluate --threshold-from EVAL_DIR`, `RecordedThreshold`): a scan that
+arrives after its cohort was evaluated has no cohort statistics of its own (one patient's six
+segment scores give no robust median and sigma), so the threshold the earlier evaluation chose is
+applied unchanged. It is read from that evaluation's `summary.json` (always written by `u2ad
+evaluate`), which must come from the same checkpoint (workdir and step) with the same scoring
+settings (anomaly map, curve, MC samples, postprocessing): a threshold is a number on one model's
+score scale and means nothing on another's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+from typing import Any, Mapping
 
 import numpy as np
+
+from u2ad_jax import errors
 
 RULES = ("mad",)
 POOLS = ("segments", "patients")
@@ -47,6 +60,83 @@ class ThresholdRule:
     return (f"median + {self.k:g} x robust sigma (1.4826 MAD) of the cohort's "
             f"{'(patient, segment)' if self.pool == 'segments' else 'patient'} scores; "
             f"a score above it is flagged; no labels are used")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedThreshold(ThresholdRule):
+  """A threshold chosen by an earlier evaluation, applied as is (see the module docstring).
+
+  Attributes (besides the original rule's name / k / pool): value, the original median and
+  sigma (reported, not used), source (the earlier evaluation's directory).
+  """
+  value: float = 0.0
+  median: float = 0.0
+  sigma: float = 0.0
+  source: str = ""
+
+  def describe(self) -> str:
+    return (f"threshold recorded by the earlier evaluation {self.source} (there: "
+            f"{super().describe()}), applied unchanged; not recomputed from this cohort")
+
+
+# Provenance entries of summary.json that must match for a recorded threshold to apply.
+COMPATIBILITY_KEYS = ("checkpoint_step", "num_samples", "anomaly_map", "curve", "postprocess")
+
+
+def load_recorded(eval_dir: str | os.PathLike, provenance: Mapping[str, Any]) -> RecordedThreshold:
+  """Reads the threshold an earlier `u2ad evaluate` recorded in `eval_dir/summary.json`.
+
+  Args:
+    eval_dir: that evaluation's --out directory.
+    provenance: this evaluation's provenance (evaluator: model.workdir, checkpoint_step,
+      num_samples, anomaly_map, curve, postprocess).
+
+  Raises:
+    InputError / CorruptFileError naming the file: no summary.json, not a u2ad evaluation, or
+    a different checkpoint or scoring configuration.
+  """
+  eval_dir = os.fspath(eval_dir)
+  path = os.path.join(eval_dir, "summary.json")
+  if not os.path.isfile(path):
+    raise errors.InputError(path, "not a u2ad evaluation directory (no summary.json)")
+  try:
+    with open(path, encoding="utf-8") as f:
+      summary = json.load(f)
+    threshold = summary["threshold"]
+    value = float(threshold["value"])
+    model = summary["model"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise errors.CorruptFileError(path, f"not a u2ad evaluation summary ({type(e).__name__}: "
+                                        f"{e})") from e
+  if not np.isfinite(value):
+    raise errors.CorruptFileError(path, f"recorded threshold {value} is not finite")
+  if not isinstance(model, dict) or not model.get("workdir"):
+    raise errors.InputError(path, "not an evaluation of a trained checkpoint (no model workdir; "
+                                  "the intensity rung?)")
+  theirs = os.path.realpath(str(model["workdir"]))
+  ours = os.path.realpath(str(provenance["model"]["workdir"]))
+  if theirs != ours:
+    raise errors.InputError(path, f"threshold recorded for the model in {theirs}, not {ours}")
+  for key in COMPATIBILITY_KEYS:
+    if key in summary or key in provenance:
+      if summary.get(key) != _plain(provenance.get(key)):
+        raise errors.InputError(path, f"recorded with {key} = {summary.get(key)!r}, this "
+                                      f"evaluation uses {_plain(provenance.get(key))!r}; "
+                                      f"the threshold does not apply")
+  try:
+    return RecordedThreshold(name=str(threshold.get("rule", "mad")),
+                             k=float(threshold.get("k", 0.0)),
+                             pool=str(threshold.get("pool", "segments")), value=value,
+                             median=float(threshold.get("median", float("nan"))),
+                             sigma=float(threshold.get("sigma", float("nan"))),
+                             source=os.path.abspath(eval_dir))
+  except (ValueError, TypeError) as e:
+    raise errors.CorruptFileError(path, f"threshold entry does not parse ({e})") from e
+
+
+def _plain(value: Any) -> Any:
+  """The value as it reads back from JSON (tuples become lists, NumPy scalars numbers)."""
+  return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +171,16 @@ def robust_threshold(values: np.ndarray, k: float) -> float:
 
 def decide(patient_scores: np.ndarray, segment_scores: np.ndarray,
            rule: ThresholdRule = ThresholdRule()) -> Decisions:
-  """Threshold and flags from `[P]` patient and `[P, 6]` segment scores (no labels)."""
+  """Threshold and flags from `[P]` patient and `[P, 6]` segment scores (no labels); NaN
+  (n/a) segment scores stay out of the pool and are never flagged."""
   patient_scores = np.asarray(patient_scores, dtype=np.float64)
   segment_scores = np.asarray(segment_scores, dtype=np.float64)
-  pool = segment_scores if rule.pool == "segments" else patient_scores
-  med, sigma = robust_location_scale(pool)
-  threshold = med + rule.k * sigma
+  if isinstance(rule, RecordedThreshold):
+    med, sigma, threshold = rule.median, rule.sigma, rule.value
+  else:
+    pool = segment_scores if rule.pool == "segments" else patient_scores
+    med, sigma = robust_location_scale(pool[np.isfinite(pool)])  # n/a segments are NaN
+    threshold = med + rule.k * sigma
   return Decisions(
       threshold=float(threshold),
       median=med,

@@ -1,0 +1,169 @@
+"""`u2ad prepare --from totalspineseg|sct --images DIR --segs DIR --out COHORT [--participants TSV]`.
+
+Turns real sagittal T2w scans (NIfTI, e.g. dcm2niix output) plus the segmentations TotalSpineSeg
+or Spinal Cord Toolbox wrote for them into the cohort layout `u2ad train` / `u2ad evaluate` read
+(`data/cohort.py`): the scan, our label map (cord, CSF, vertebral bodies, discs) and the vertebra
+instance map that names the levels by identity. The conventions are in `data/spine_tools.py`.
+
+Scans pair with segmentations by file name (TotalSpineSeg names its outputs after its inputs:
+`images/sub-001_T2w.nii.gz` <-> `segs/sub-001_T2w.nii.gz`; SCT: `segs/<scan>_seg_labeled.nii.gz`
+and optionally `segs/<scan>_canal_seg.nii.gz`). The subject id is the BIDS `sub-` entity of the
+file name, else `sub-` + the file stem. Every scan is checked before anything is kept: any bad
+scan stops the command with one line naming the file, and nothing is written (the cohort is built
+in a staging directory beside --out and renamed onto it only when complete). An existing
+non-empty --out is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+from absl import flags
+
+from u2ad_jax import errors
+from u2ad_jax import io_utils
+from u2ad_jax.data import cohort
+from u2ad_jax.data import nifti
+from u2ad_jax.data import spine_tools
+
+_FROM = flags.DEFINE_enum("from", None, list(spine_tools.TOOLS),
+                          "the tool that wrote --segs: totalspineseg (also `sct_deepseg "
+                          "totalspineseg`) or sct (sct_label_vertebrae's level-labelled cord)")
+_IMAGES = flags.DEFINE_string("images", None, "folder of sagittal T2w scans (.nii.gz / .nii)")
+_SEGS = flags.DEFINE_string("segs", None, "folder of the tool's segmentations (TotalSpineSeg: "
+                                          "its output folder or step2_output/)")
+_OUT = flags.DEFINE_string("out", None, "new cohort directory (must not exist or be empty)")
+_PARTICIPANTS = flags.DEFINE_string("participants", None,
+                                    "optional participants.tsv (participant_id + truth columns)")
+_QUIET = flags.DEFINE_bool("quiet", False, "no progress messages")
+
+flags.mark_flags_as_required(["from", "images", "segs", "out"])
+
+
+def list_scans(images_dir: str) -> list[str]:
+  """The NIfTI files of `images_dir`, sorted (hidden files skipped)."""
+  if not os.path.isdir(images_dir):
+    raise errors.InputError(images_dir, "--images folder not found")
+  scans = [os.path.join(images_dir, n) for n in sorted(os.listdir(images_dir))
+           if not n.startswith(".") and n.endswith(spine_tools.NIFTI_EXTENSIONS)]
+  if not scans:
+    raise errors.InputError(images_dir, "no NIfTI scans (.nii.gz / .nii) in --images")
+  return scans
+
+
+def check_output_dir(out: str) -> None:
+  """Refuses an existing non-empty --out (kept minimal: a shared output guard may replace it)."""
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise errors.UsageError(f"--out {out}: exists and is not empty; choose a new cohort directory "
+                            f"(nothing was written)")
+
+
+def prepare_cohort(tool: str, images_dir: str, segs_dir: str, out_dir: str,
+                   participants: str | None = None, log=None) -> list[dict[str, str]]:
+  """Converts every scan into a new cohort at `out_dir`; returns one record per subject.
+
+  Raises:
+    UsageError (--out not empty), InputError and subclasses naming the first bad file; in every
+    case nothing is left at `out_dir` or beside it.
+  """
+  out_dir = os.path.abspath(out_dir)
+  check_output_dir(out_dir)
+  if not os.path.isdir(segs_dir):
+    raise errors.InputError(segs_dir, "--segs folder not found")
+  scans = list_scans(images_dir)
+  ids: dict[str, str] = {}
+  for scan in scans:
+    sid = spine_tools.subject_id_for(scan)
+    if sid in ids:
+      raise errors.InputError(scan, f"subject id {sid} also comes from {ids[sid]}")
+    ids[sid] = scan
+
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.prepare-", dir=parent)
+  try:
+    records = []
+    for i, (sid, scan) in enumerate(ids.items()):
+      files = spine_tools.segmentation_paths(tool, scan, segs_dir)
+      image = nifti.read_volume(scan, "image")
+      converted = spine_tools.convert_scan(tool, image, files)
+      _write_subject(staging, sid, scan, image, converted)
+      missing = converted.levels_missing
+      if missing:
+        print(f"[prepare] warning: {sid} ({scan}): levels {', '.join(missing)} not in view; "
+              f"segments {', '.join(converted.segments_missing)} will be n/a in evaluation",
+              file=sys.stderr, flush=True)
+      records.append({"participant_id": sid, "source_image": os.path.basename(scan),
+                      "source_segmentation": os.path.basename(files["seg"]),
+                      "levels_in_view": ";".join(converted.levels_present)})
+      if log:
+        log(f"{i + 1}/{len(ids)} {sid}: levels {converted.levels_present[0]}.."
+            f"{converted.levels_present[-1]} by identity")
+    _write_tables(staging, tool, records, participants)
+    if os.path.isdir(out_dir):
+      os.rmdir(out_dir)  # empty (checked above)
+    os.rename(staging, out_dir)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  return records
+
+
+def _write_subject(root: str, sid: str, scan: str, image: nifti.Volume,
+                   converted: spine_tools.Converted) -> None:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  ext = ".nii.gz" if scan.endswith(".nii.gz") else ".nii"
+  image_path = os.path.join(root, sid, "anat", f"{sid}_T2w{ext}")
+  os.makedirs(os.path.dirname(image_path), exist_ok=True)
+  # The scan itself, byte for byte (its header, affine and intensities are the truth).
+  with io_utils.atomic_path(image_path) as tmp:
+    shutil.copyfile(scan, tmp)
+  stem = os.path.join(root, "derivatives", "labels", sid, "anat", f"{sid}_T2w")
+  orientation = image.orientation
+  nifti.write_like(stem + "_label.nii.gz", orientation.to_original(converted.labels), orientation,
+                   dtype=np.uint8)
+  nifti.write_like(stem + "_vertebrae.nii.gz", orientation.to_original(converted.vertebrae),
+                   orientation, dtype=np.uint8)
+
+
+def _write_tables(root: str, tool: str, records: list[dict[str, str]],
+                  participants: str | None) -> None:
+  columns = list(records[0])
+  if participants is not None:
+    if not os.path.isfile(participants):
+      raise errors.InputError(participants, "--participants file not found")
+    # Validated by the same reader training and evaluation use.
+    shutil.copyfile(participants, os.path.join(root, "participants.tsv"))
+    table = cohort.read_participants(root)
+    unknown = sorted(set(table) - {r["participant_id"] for r in records})
+    if unknown:
+      raise errors.CorruptFileError(participants, f"participant ids {unknown[:5]} are not among "
+                                                  f"the converted scans")
+  else:
+    io_utils.write_csv(os.path.join(root, "participants.tsv"),
+                       [[r[c] for c in columns] for r in records], columns, delimiter="\t")
+  io_utils.write_json(os.path.join(root, "dataset_description.json"), {
+      "Name": "u2ad_jax cohort prepared from real scans", "BIDSVersion": "1.8.0",
+      "DatasetType": "raw", "GeneratedBy": [{"Name": "u2ad prepare", "Description": f"labels "
+                                             f"converted from {tool} (u2ad_jax.data.spine_tools)"}]})
+  io_utils.write_csv(os.path.join(root, "derivatives", "labels", "sources.tsv"),
+                     [[r[c] for c in columns] for r in records], columns, delimiter="\t")
+  io_utils.write_text(os.path.join(root, "derivatives", "labels", "dataset_description.json"),
+                      json.dumps({"Name": f"u2ad_jax labels from {tool}", "BIDSVersion": "1.8.0",
+                                  "DatasetType": "derivative",
+                                  "GeneratedBy": [{"Name": "u2ad prepare"}]}, indent=2) + "\n")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise SystemExit(f"unexpected arguments: {argv[1:]}")
+  log = None if _QUIET.value else (
+      lambda msg: print(f"[prepare] {msg}", file=sys.stderr, flush=True))
+  records = prepare_cohort(_FROM.value, _IMAGES.value, _SEGS.value, _OUT.value,
+                           _PARTICIPANTS.value, log=log)
+  print(f"prepared {len(records)} subject(s) from {_FROM.value} into {_OUT.value}")
+
