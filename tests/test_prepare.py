@@ -386,8 +386,25 @@ def test_existing_output_refused_and_cli_one_line(tmp_path, subject):
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
   err = proc.stderr.strip().splitlines()
-  assert len(err) == 1 and "exists and is not empty" in err[0], proc.stderr
+  assert len(err) == 1 and "is not empty and is not an output of `u2ad prepare`" in err[0], \
+      proc.stderr
   assert os.listdir(out) == ["keep.txt"]
+
+
+def test_earlier_prepare_output_replaced_only_with_overwrite(tmp_path, subject):
+  images, segs = write_inputs(str(tmp_path), subject, "totalspineseg")
+  out = str(tmp_path / "cohort")
+  prepare.prepare_cohort("totalspineseg", images, segs, out)
+  first = sorted(os.listdir(out))
+  with pytest.raises(errors.InputError, match="pass --overwrite"):
+    prepare.prepare_cohort("totalspineseg", images, segs, out)
+  records = prepare.prepare_cohort("totalspineseg", images, segs, out, overwrite=True)
+  assert [r["participant_id"] for r in records] == [subject.subject_id]
+  assert sorted(os.listdir(out)) == first
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(".cohort.")]  # no leftovers
+  # The scans' own folder is never an output.
+  with pytest.raises(errors.UsageError, match="--images"):
+    prepare.prepare_cohort("totalspineseg", images, segs, os.path.join(images, "cohort"))
 
 
 def test_subject_ids_from_file_names():

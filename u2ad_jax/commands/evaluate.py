@@ -51,7 +51,8 @@ def main(argv):
   # Library logs (checkpoint I/O, read-only notices) would bury the progress lines.
   logging.set_verbosity(logging.ERROR)
   # Both outputs are checked before any work (evaluate_checkpoint checks --out again).
-  protected = {"--workdir": _WORKDIR.value, "--data": _DATA.value}
+  protected = {"--workdir": _WORKDIR.value, "--data": _DATA.value,
+               "--threshold-from": _THRESHOLD_FROM.value}
   output_guard.check_output_dir(_OUT.value, "evaluate", overwrite=_OVERWRITE.value,
                                 protected=protected)
   prepared = None

@@ -11,7 +11,7 @@ and optionally `segs/<scan>_canal_seg.nii.gz`). The subject id is the BIDS `sub-
 file name, else `sub-` + the file stem. Every scan is checked before anything is kept: any bad
 scan stops the command with one line naming the file, and nothing is written (the cohort is built
 in a staging directory beside --out and renamed onto it only when complete). An existing
-non-empty --out is refused.
+non-empty --out is refused unless it is an earlier `u2ad prepare` output and --overwrite is given.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 
 from absl import flags
 
 from u2ad_jax import errors
 from u2ad_jax import io_utils
+from u2ad_jax import output_guard
 from u2ad_jax.data import cohort
 from u2ad_jax.data import nifti
 from u2ad_jax.data import spine_tools
@@ -36,9 +36,12 @@ _FROM = flags.DEFINE_enum("from", None, list(spine_tools.TOOLS),
 _IMAGES = flags.DEFINE_string("images", None, "folder of sagittal T2w scans (.nii.gz / .nii)")
 _SEGS = flags.DEFINE_string("segs", None, "folder of the tool's segmentations (TotalSpineSeg: "
                                           "its output folder or step2_output/)")
-_OUT = flags.DEFINE_string("out", None, "new cohort directory (must not exist or be empty)")
+_OUT = flags.DEFINE_string("out", None, "new cohort directory (missing, empty, or an earlier "
+                                        "prepare output with --overwrite)")
 _PARTICIPANTS = flags.DEFINE_string("participants", None,
                                     "optional participants.tsv (participant_id + truth columns)")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False,
+                                "replace --out when it holds an earlier `u2ad prepare` output")
 _QUIET = flags.DEFINE_bool("quiet", False, "no progress messages")
 
 flags.mark_flags_as_required(["from", "images", "segs", "out"])
@@ -55,23 +58,18 @@ def list_scans(images_dir: str) -> list[str]:
   return scans
 
 
-def check_output_dir(out: str) -> None:
-  """Refuses an existing non-empty --out (kept minimal: a shared output guard may replace it)."""
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise errors.UsageError(f"--out {out}: exists and is not empty; choose a new cohort directory "
-                            f"(nothing was written)")
-
-
 def prepare_cohort(tool: str, images_dir: str, segs_dir: str, out_dir: str,
-                   participants: str | None = None, log=None) -> list[dict[str, str]]:
+                   participants: str | None = None, log=None,
+                   overwrite: bool = False) -> list[dict[str, str]]:
   """Converts every scan into a new cohort at `out_dir`; returns one record per subject.
 
   Raises:
-    UsageError (--out not empty), InputError and subclasses naming the first bad file; in every
-    case nothing is left at `out_dir` or beside it.
+    UsageError / InputError (an --out that may not be written: `output_guard`), InputError and
+    subclasses naming the first bad file; in every case `out_dir` is left as it was.
   """
-  out_dir = os.path.abspath(out_dir)
-  check_output_dir(out_dir)
+  out_dir = output_guard.check_output_dir(
+      out_dir, "prepare", overwrite=overwrite,
+      protected={"--images": images_dir, "--segs": segs_dir, "--participants": participants})
   if not os.path.isdir(segs_dir):
     raise errors.InputError(segs_dir, "--segs folder not found")
   scans = list_scans(images_dir)
@@ -82,10 +80,7 @@ def prepare_cohort(tool: str, images_dir: str, segs_dir: str, out_dir: str,
       raise errors.InputError(scan, f"subject id {sid} also comes from {ids[sid]}")
     ids[sid] = scan
 
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.prepare-", dir=parent)
-  try:
+  with output_guard.staged_directory(out_dir, "prepare") as staging:
     records = []
     for i, (sid, scan) in enumerate(ids.items()):
       files = spine_tools.segmentation_paths(tool, scan, segs_dir)
@@ -104,12 +99,6 @@ def prepare_cohort(tool: str, images_dir: str, segs_dir: str, out_dir: str,
         log(f"{i + 1}/{len(ids)} {sid}: levels {converted.levels_present[0]}.."
             f"{converted.levels_present[-1]} by identity")
     _write_tables(staging, tool, records, participants)
-    if os.path.isdir(out_dir):
-      os.rmdir(out_dir)  # empty (checked above)
-    os.rename(staging, out_dir)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   return records
 
 
@@ -159,11 +148,10 @@ def _write_tables(root: str, tool: str, records: list[dict[str, str]],
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments: {argv[1:]}")
+  del argv  # stray arguments are refused by the dispatcher
   log = None if _QUIET.value else (
       lambda msg: print(f"[prepare] {msg}", file=sys.stderr, flush=True))
   records = prepare_cohort(_FROM.value, _IMAGES.value, _SEGS.value, _OUT.value,
-                           _PARTICIPANTS.value, log=log)
+                           _PARTICIPANTS.value, log=log, overwrite=_OVERWRITE.value)
   print(f"prepared {len(records)} subject(s) from {_FROM.value} into {_OUT.value}")
 
