@@ -343,3 +343,18 @@ def test_fault_hook_is_inert_and_strict(monkeypatch):
   monkeypatch.setenv(faults.ENV_VAR, "explode@step:3")
   with pytest.raises(ValueError, match="U2AD_FAULT_INJECT"):
     faults.hit("step", 3)
+
+
+def test_a_programming_error_is_not_reported_as_a_damaged_checkpoint(uninterrupted, monkeypatch):
+  def bug(*args, **kwargs):
+    raise TypeError("a bug in the caller")
+
+  def data_loss(*args, **kwargs):
+    raise ValueError("DATA_LOSS: Error reading local file")
+  with checkpoint.Checkpoints(uninterrupted[0], read_only=True) as ckpts:
+    monkeypatch.setattr(ckpts.manager, "restore", bug)
+    with pytest.raises(TypeError, match="a bug in the caller"):
+      ckpts.restore_meta(11)
+    monkeypatch.setattr(ckpts.manager, "restore", data_loss)
+    with pytest.raises(errors.CheckpointError, match="DATA_LOSS"):
+      ckpts.restore_meta(11)

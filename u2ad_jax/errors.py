@@ -60,7 +60,7 @@ class CheckpointWriteError(U2ADError):
 
 
 class ConfigValueError(U2ADError, ValueError):
-  """A config value that cannot be used; the message names the key (e.g. config.guidance.params.w_eu).
+  """A config value that cannot be used; the message names the key (config.guidance.params.w_eu).
 
   Also a ValueError, so callers that already treat config ValueErrors as bad config keep working.
   """
