@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from u2ad_jax import output_guard
 from u2ad_jax.data import phantom
 from u2ad_jax.train import checkpoint
 from u2ad_jax.train import metrics_log
@@ -170,3 +171,10 @@ def test_train_refuses_a_workdir_that_is_not_a_u2ad_run(tmp_path, cohorts):
     workdir_lib.check_train_workdir(old)
   workdir_lib.mark(old)
   assert workdir_lib.check_train_workdir(old) is True
+  # Another command's output (the shared marker names the command) is never a training run.
+  evaluation = tmp_path / "eval"
+  evaluation.mkdir()
+  output_guard.write_marker(evaluation, "evaluate")
+  (evaluation / "report.md").write_text("an evaluation")
+  with pytest.raises(errors.WorkdirError):
+    workdir_lib.check_train_workdir(evaluation)

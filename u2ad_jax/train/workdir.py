@@ -4,11 +4,13 @@ Training writes config.json, checkpoints/, metrics.jsonl and figures into the wo
 resume, rewrites them. It must never do that in a folder that holds someone else's files, so:
 
   missing or empty          a new run (created only once every input has been checked);
-  holds a u2ad training run a resume (the run's marker file, or the config.json an earlier
-                            version of `u2ad train` wrote, with checkpoints/ or nothing else);
+  holds a u2ad training run a resume (the `output_guard` marker naming `train`, or the
+                            config.json an earlier version of `u2ad train` wrote, with
+                            checkpoints/ or nothing else);
   anything else             refused with one line, nothing touched.
 
-`check_train_workdir` is the one rule; the other commands apply the same idea to their outputs.
+`check_train_workdir` is the one rule; the marker is the one every command writes
+(`u2ad_jax/output_guard.py`), so an evaluation or a demo folder is never taken for a run.
 """
 
 from __future__ import annotations
@@ -17,13 +19,12 @@ import json
 import os
 
 from u2ad_jax import errors
-from u2ad_jax import io_utils
+from u2ad_jax import output_guard
 
-# Written by `u2ad train` into every workdir it creates.
-MARKER_FILE = ".u2ad-train"
+COMMAND = "train"  # what the marker of a training workdir names
 # What a run written before the marker existed may hold (config.json identifies it).
 _RUN_ENTRIES = {"config.json", "checkpoints", "metrics.jsonl", "train_curves.png",
-                "checkpoints_damaged", MARKER_FILE}
+                "checkpoints_damaged"}
 
 
 def _is_recorded_config(path: str) -> bool:
@@ -38,8 +39,9 @@ def _is_recorded_config(path: str) -> bool:
 def is_train_run(workdir: str | os.PathLike) -> bool:
   """True when `workdir` is a directory written by `u2ad train`."""
   workdir = os.fspath(workdir)
-  if os.path.isfile(os.path.join(workdir, MARKER_FILE)):
-    return True
+  marker = output_guard.read_marker(workdir)
+  if marker is not None:
+    return marker["command"] == COMMAND
   try:
     entries = set(os.listdir(workdir))
   except OSError:
@@ -67,12 +69,12 @@ def check_train_workdir(workdir: str | os.PathLike) -> bool:
     return True
   raise errors.WorkdirError(
       workdir, "--workdir exists, is not empty and is not a u2ad training run (no "
-      f"{MARKER_FILE} / config.json of u2ad train); nothing was written: choose a new or empty "
+      f"{output_guard.MARKER} of u2ad train); nothing was written: choose a new or empty "
       "directory")
 
 
 def mark(workdir: str | os.PathLike) -> None:
   """Writes the marker that makes `workdir` a u2ad training run (atomic; idempotent)."""
-  path = os.path.join(os.fspath(workdir), MARKER_FILE)
-  if not os.path.isfile(path):
-    io_utils.write_json(path, {"written_by": "u2ad train"})
+  marker = output_guard.read_marker(workdir)
+  if marker is None or marker["command"] != COMMAND:
+    output_guard.write_marker(workdir, COMMAND)
