@@ -73,7 +73,8 @@ def check_output_rule(demo):
   from u2ad_jax import output_guard
   assert output_guard.read_marker(demo.out_dir)["command"] == "demo"
   assert output_guard.read_marker(os.path.join(demo.out_dir, "evaluation"))["command"] == "evaluate"
-  assert output_guard.read_marker(os.path.join(demo.out_dir, "data", "clinical"))["command"] == "synth"
+  clinical = os.path.join(demo.out_dir, "data", "clinical")
+  assert output_guard.read_marker(clinical)["command"] == "synth"
   before = sorted(os.listdir(demo.out_dir))
   with pytest.raises(errors.InputError, match="pass --overwrite"):
     workflow.run_demo(demo.out_dir, smoke=True, verbose=False)
