@@ -108,8 +108,10 @@ def test_stray_argument_is_the_same_error_everywhere(name, tmp_path):
      ["--config.optim.lrr", "lrr"]),
     (["train", "--config={R}/configs/ablation.py:method=eu_ua", "--workdir=w"], ["eu_ua"]),
     (["train", "--config={R}/configs/cpu.py:runlocl", "--workdir=w"], ["runlocl"]),
-    (["train", "--config={R}/configs/no_such.py", "--workdir=w"], ["configs/no_such.py", "not found"]),
-    (["train", "--config={R}/configs/cpu.py", "--workdir=w", "--set", "optim.lrr=1"], ["optim.lrr"]),
+    (["train", "--config={R}/configs/no_such.py", "--workdir=w"],
+     ["configs/no_such.py", "not found"]),
+    (["train", "--config={R}/configs/cpu.py", "--workdir=w", "--set", "optim.lrr=1"],
+     ["optim.lrr"]),
     (["train", "--config={R}/configs/cpu.py:runlocal", "--workdir=w", "--set", "optim.lrr=1"],
      ["optim.lrr"]),  # a config file with arguments is found (the error is the override's)
     (["train", "--config={R}/configs/cpu.py", "--workdir=w", "stray"], ["unexpected arguments"]),

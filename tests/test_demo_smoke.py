@@ -30,6 +30,7 @@ def test_smoke_demo_end_to_end(tmp_path):
   check_re_evaluation(demo, tmp_path / "reeval")
   check_corrupt_checkpoint(demo, tmp_path / "corrupt")
   check_cohort_without_vertebral_labels(demo, tmp_path / "novertebrae")
+  check_cohort_disagreeing_with_its_table(demo, tmp_path / "disagree")
 
 
 def _links(markdown):
@@ -73,7 +74,8 @@ def check_output_rule(demo):
   from u2ad_jax import output_guard
   assert output_guard.read_marker(demo.out_dir)["command"] == "demo"
   assert output_guard.read_marker(os.path.join(demo.out_dir, "evaluation"))["command"] == "evaluate"
-  assert output_guard.read_marker(os.path.join(demo.out_dir, "data", "clinical"))["command"] == "synth"
+  clinical = os.path.join(demo.out_dir, "data", "clinical")
+  assert output_guard.read_marker(clinical)["command"] == "synth"
   before = sorted(os.listdir(demo.out_dir))
   with pytest.raises(errors.InputError, match="pass --overwrite"):
     workflow.run_demo(demo.out_dir, smoke=True, verbose=False)
@@ -149,4 +151,18 @@ def check_cohort_without_vertebral_labels(demo, tmp_path):
   with pytest.raises(errors.LabelError) as info:
     evaluator.evaluate_checkpoint(os.path.join(demo.out_dir, "run"), cohort, out, verbose=False)
   assert "sub-002_T2w_label.nii.gz" in str(info.value) and "vertebra" in str(info.value)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["clinical"]
+
+
+def check_cohort_disagreeing_with_its_table(demo, tmp_path):
+  """Folders and participants.tsv of a cohort disagree: one error naming the subject, no output."""
+  tmp_path.mkdir()
+  cohort = tmp_path / "clinical"
+  shutil.copytree(os.path.join(demo.out_dir, "data", "clinical"), cohort)
+  table = (cohort / "participants.tsv").read_text().splitlines()
+  (cohort / "participants.tsv").write_text("\n".join(l for l in table
+                                                     if not l.startswith("sub-003")) + "\n")
+  out = tmp_path / "out"
+  with pytest.raises(errors.InputError, match="sub-003 has a folder but no row"):
+    evaluator.evaluate_checkpoint(os.path.join(demo.out_dir, "run"), cohort, out, verbose=False)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["clinical"]

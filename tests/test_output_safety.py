@@ -187,6 +187,7 @@ def test_synth_killed_at_random_moments_leaves_old_cohort_or_nothing(tmp_path):
         if tree != old_tree:  # finished before the kill: the whole new cohort, nothing else
           _assert_consistent(out, ["sub-001", "sub-002", "sub-003"])
           old_tree = tree
+  print(f"synth SIGKILLs that hit a running process: {kills} of 6")
   assert kills >= 3, "the kills came too late to test anything"
   # The next write of the same outputs clears the killed runs' staging directories.
   for out in fresh_dirs + [old]:
