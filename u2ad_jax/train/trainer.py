@@ -474,7 +474,7 @@ def _run(config: Any, workdir: str, model: Any, ckpts: checkpoint.Checkpoints, s
 
   def say(text: str) -> None:
     if verbose:
-      print(f"[train] {text}", flush=True)
+      print(f"[train] {text}", file=sys.stderr, flush=True)  # a log, not a result
 
   host_state, params, maps = start.host_state, start.params, start.maps
   position, latest = start.position, start.step
