@@ -303,25 +303,24 @@ def _cord_centre(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return centre, width
 
 
-def _segment_rows(labels: np.ndarray) -> np.ndarray:
-  from u2ad_jax.evaluation import levels  # pylint: disable=g-import-not-at-top
-  return levels.find_levels(labels[None]).centroid_rows
+def _draw_lesion_shape(rng, volume_labels, segment, centroids, pixel, grade, spacing):
+  """Weights `[X, H, W]` (1 inside, soft border for grade 1) and the ellipsoid mask, or None.
 
-
-def _draw_lesion_shape(rng, labels, segment, centroids, pixel, grade, num_slices, spacing):
-  """Weights `[X, H, W]` (1 inside, soft border for grade 1) and the ellipsoid mask, or None."""
+  Drawn on the middle slice's cord; each slice keeps only its own cord voxels.
+  """
+  num_slices = volume_labels.shape[0]
+  labels = volume_labels[num_slices // 2]
   centre_col, width = _cord_centre(labels)
   top, bottom = centroids[segment], centroids[segment + 1]
-  margin = 1.0 / pixel  # 1 mm inside the segment's rows
-  rows = np.arange(int(np.ceil(top + margin)), int(np.floor(bottom - margin)) + 1)
+  # Centre rows at least 4 px inside the segment, so a lesion of >= 2 px half-extent fits.
+  rows = np.arange(int(np.ceil(top + 4)), int(np.floor(bottom - 4)) + 1)
+  rows = rows[(rows >= 0) & (rows < labels.shape[0])]
   rows = rows[(width[rows] >= 3) & (labels[rows] == L.CORD).any(axis=1)]
   if rows.size == 0:
     return None
   r0 = float(rng.choice(rows))
-  length = rng.uniform(3.0, 15.0) / pixel
-  half_len = min(length / 2.0, r0 - top - 0.5, bottom - r0 - 1.0)
-  half_len = max(half_len, 1.5)
   c0 = float(centre_col[int(r0)])
+  half_len = rng.uniform(3.0, 15.0) / pixel / 2.0
   half_ap = min(rng.uniform(0.75, 2.0) / pixel, 0.3 * width[int(r0)])
   half_lat = rng.uniform(2.0, 5.0)  # mm
   # Local cord direction from the centreline over +-10 mm.
@@ -331,13 +330,19 @@ def _draw_lesion_shape(rng, labels, segment, centroids, pixel, grade, num_slices
   norm = np.hypot(1.0, slope)
   along = np.array([1.0, slope]) / norm
   across = np.array([-slope, 1.0]) / norm
+  # Kept 1 px inside the segment's rows (the ellipse's row extent is sqrt((a along_r)^2 +
+  # (b across_r)^2)), so the lesion marks its own segment only.
+  room_rows = min(r0 - top - 1.0, bottom - r0 - 2.0)
+  half_ap = min(half_ap, 0.7 * room_rows / max(abs(across[0]), 1e-6))
+  extent = np.hypot(half_len * along[0], half_ap * across[0])
+  if extent > room_rows:
+    half_len = np.sqrt(max(room_rows ** 2 - (half_ap * across[0]) ** 2, 1.0)) / along[0]
   rr, cc = np.meshgrid(np.arange(labels.shape[0], dtype=np.float64),
                        np.arange(labels.shape[1], dtype=np.float64), indexing="ij")
   u = (rr - r0) * along[0] + (cc - c0) * along[1]
   v = (rr - r0) * across[0] + (cc - c0) * across[1]
   q2d = (u / half_len) ** 2 + (v / half_ap) ** 2
   positions = (np.arange(num_slices) - (num_slices - 1) / 2.0) * spacing
-  cord = labels == L.CORD
   weights = np.zeros((num_slices,) + labels.shape, np.float32)
   masks = np.zeros((num_slices,) + labels.shape, bool)
   for i, x in enumerate(positions):
@@ -349,6 +354,7 @@ def _draw_lesion_shape(rng, labels, segment, centroids, pixel, grade, num_slices
       w = np.exp(-2.0 * np.maximum(q - 0.5, 0.0)) * (q < 2.5)  # fuzzy border
     else:
       w = ndimage.gaussian_filter((q <= 1.0).astype(np.float64), 0.5)
+    cord = volume_labels[i] == L.CORD
     weights[i] = (w * cord).astype(np.float32)
     masks[i] = (q <= 1.0) & cord
   if not masks.any():
@@ -403,15 +409,13 @@ def lesion_ratio(image: np.ndarray, labels: np.ndarray, mask: np.ndarray, pixel:
   return float(image[mask].mean()) / cord_mean, csf_ratio
 
 
-def _insert_lesion(image, labels, weights, mask, target, pixel):
-  """Adds k * weights with k solved so the lesion / local-cord ratio equals `target`."""
+def _solve_kappa(image, labels, weights, mask, target, pixel):
+  """k such that `image + k * weights` has the lesion / local-cord ratio `target`."""
   cord, _ = _local_regions(labels, mask, pixel)
-  cord = cord & ~mask
   # ratio(k) = (a + k b) / (c + k d): linear fractional, solved exactly.
   a, b = float(image[mask].mean()), float(weights[mask].mean())
   c, d = float(image[cord].mean()), float(weights[cord].mean()) if cord.any() else 0.0
-  k = (target * c - a) / max(b - target * d, 1e-6)
-  return image + np.float32(max(k, 0.0)) * weights
+  return max((target * c - a) / max(b - target * d, 1e-6), 0.0)
 
 
 # ----------------------------------------------------------------------------- subjects
@@ -457,7 +461,8 @@ def generate_subject(subject_id: str, base: Base, seed: int, lesion: bool, *,
     verts.append(_warp(base.vertebrae, c, 0).astype(np.uint8) if base.vertebrae is not None
                  else np.zeros(shape, np.uint8))
   clean, lab, vert = np.stack(images), np.stack(labs), np.stack(verts)
-  centroids = _segment_rows(lab[num_slices // 2])
+  # The evaluation's levels of the whole volume (its reference slice), as the truth uses them.
+  centroids = levels.find_levels(lab).centroid_rows
 
   # 4. lesions.
   lesion_ids = np.zeros(lab.shape, np.uint8)
@@ -470,9 +475,9 @@ def generate_subject(subject_id: str, base: Base, seed: int, lesion: bool, *,
       w = SEGMENT_WEIGHTS.copy()
       w[first] = 0.0
       segments.append(int(rng.choice(6, p=w / w.sum())))
+    drawn_lesions = []
     for segment in segments:
-      drawn = _draw_lesion_shape(rng, lab[num_slices // 2], segment, centroids, pixel, grade,
-                                 num_slices, slice_spacing_mm)
+      drawn = _draw_lesion_shape(rng, lab, segment, centroids, pixel, grade, slice_spacing_mm)
       if drawn is None:
         continue
       weights, mask, shape_info = drawn
@@ -486,12 +491,22 @@ def generate_subject(subject_id: str, base: Base, seed: int, lesion: bool, *,
           this_grade, target = 1, float(min(rng.uniform(*GRADE_RATIO[1]), cap))
         else:
           target = float(min(target, cap))
-      clean = _insert_lesion(clean, lab, weights, mask, target, pixel)
-      index = len(lesions_out) + 1
-      lesion_ids[mask] = index
-      lab[mask] = L.LESION
-      ratio, csf_ratio = lesion_ratio(clean, lab, lesion_ids == index, pixel)
-      lesions_out.append(dict(index=index, grade=this_grade, level=L.SEGMENT_NAMES[segment],
+      lesion_ids[mask] = len(drawn_lesions) + 1
+      drawn_lesions.append((weights, mask, target, this_grade, segment, shape_info))
+    lab[lesion_ids > 0] = L.LESION
+    # Each lesion's contrast, solved with the final label map and the other lesions in (a
+    # second lesion's fuzzy border may reach the first's local cord): a few sweeps.
+    kappa = np.zeros(len(drawn_lesions))
+    for _ in range(3):
+      for j, (weights, mask, target, *_rest) in enumerate(drawn_lesions):
+        others = clean + sum((np.float32(kappa[m]) * drawn_lesions[m][0]
+                              for m in range(len(drawn_lesions)) if m != j), np.zeros_like(clean))
+        kappa[j] = _solve_kappa(others, lab, weights, mask, target, pixel)
+    for j, (weights, *_rest) in enumerate(drawn_lesions):
+      clean = clean + np.float32(kappa[j]) * weights
+    for j, (weights, mask, target, this_grade, segment, shape_info) in enumerate(drawn_lesions):
+      ratio, csf_ratio = lesion_ratio(clean, lab, mask, pixel)
+      lesions_out.append(dict(index=j + 1, grade=this_grade, level=L.SEGMENT_NAMES[segment],
                               ratio=ratio, target_ratio=target, csf_ratio=csf_ratio,
                               voxels=int(mask.sum()), **shape_info))
 
