@@ -116,11 +116,12 @@ def make_study_cohorts(data_dir: str, seed: int, size: workflow.DemoSize, source
 
 def run_study(out_dir: str | os.PathLike, seeds: Sequence[int], *, source: str | None = None,
               public_dir: str | None = None, smoke: bool = False, config_spec: str | None = None,
-              methods: Sequence[str] = workflow.ABLATION_METHODS, overrides: Sequence[str] = (),
+              config: Any = None, methods: Sequence[str] = workflow.ABLATION_METHODS, overrides: Sequence[str] = (),
               size: workflow.DemoSize | None = None, num_resamples: int = stats.DEFAULT_RESAMPLES,
               verbose: bool = True) -> dict[str, Any]:
   """Runs the ladder on every seed's cohort and writes the summary (see the module docstring).
 
+  `config` (a ConfigDict) replaces the one `smoke` / `config_spec` would load.
   Returns the summary dict written to study.json.
   """
   from u2ad_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
@@ -129,8 +130,10 @@ def run_study(out_dir: str | os.PathLike, seeds: Sequence[int], *, source: str |
   if not seeds:
     raise ValueError("a study needs at least one seed")
   # The config first: a bad file or override fails before anything is generated or trained.
-  config = (workflow.smoke_config() if smoke and config_spec is None
-            else workflow.load_config(config_spec))
+  if config is None:
+    config = (workflow.smoke_config() if smoke and config_spec is None
+              else workflow.load_config(config_spec))
+  config = config.copy_and_resolve_references()
   config_lib.apply_overrides(config, overrides)
   size = size or (workflow.SMOKE_SIZE if smoke else workflow.DEMO_SIZE)
   out_dir = os.path.abspath(os.fspath(out_dir))
