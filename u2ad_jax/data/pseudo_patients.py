@@ -22,7 +22,7 @@ start):
 4. Lesions (`lesion` subjects): one lesion, with probability 0.2 a second one at another segment,
    placed in the cord (label 3) of a drawn segment (C5-6 most often, then C4-5, C6-7, C3-4, as in
    the phantom), as an ellipsoid 3-15 mm along the local cord direction, 1.5-4 mm AP (at most 60 %
-   of the local cord AP width) and 2-5 mm lateral (so it reaches 1-3 slices), kept inside its
+   of the local cord AP width) and 4-10 mm lateral (so it reaches 1-3 slices), kept inside its
    segment's rows. Grade 1 (faint): lesion / local-cord ratio 1.2-1.5 with a fuzzy border; grade
    2 (sharp): 1.5-2.2 and below the local CSF (as the phantom; a grade-2 lesion without room below
    the CSF becomes grade 1). The ratio is SOLVED on the pre-noise image (bias and contrast in), so
