@@ -218,7 +218,7 @@ def write_summary(out_dir: str, summary: Mapping[str, Any]) -> None:
   lines = [
       "# Study: the ladder over several cohorts", "",
       f"Benchmark: {summary['benchmark']}; seeds {summary['seeds']} "
-      f"({summary['num_cohorts']} cohorts of {summary['patients_per_cohort']} patients). "
+      f"({summary['num_cohorts']} cohort(s) of {summary['patients_per_cohort']} patients). "
       f"Mean over cohorts [{level} % interval: hierarchical bootstrap over cohorts and patients, "
       f"{summary['num_resamples']} resamples, decisions as made on each whole cohort].", "",
       "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
