@@ -27,6 +27,7 @@ COMMANDS = {
     "evaluate": ("u2ad_jax.commands.evaluate", "checkpoint -> anomaly maps, scores, metrics, report"),
     "ablate": ("u2ad_jax.commands.ablate", "train and score the comparison ladder on one cohort"),
     "prepare": ("u2ad_jax.commands.prepare", "real scans + TotalSpineSeg / SCT labels -> a cohort"),
+    "study": ("u2ad_jax.commands.study", "the ladder over N cohorts: means, 95 % intervals, paired differences"),
     "demo": ("u2ad_jax.commands.demo", "synthetic cohorts -> pretrain -> adapt -> evaluate -> report"),
 }
 

@@ -35,6 +35,12 @@ flags.DEFINE_float("lesion_fraction", None,
                    lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_alias("lesion-fraction", "lesion_fraction")
 flags.DEFINE_integer("slices", None, "override the profile's number of sagittal slices", lower_bound=1)
+# Real-anatomy benchmark (u2ad_jax/data/pseudo_patients.py).
+flags.DEFINE_string("from_slices", None,
+                    "build pseudo-patients from the labelled real slices in this folder (.npy "
+                    "release slices or a cohort in our layout) instead of the phantom")
+flags.DEFINE_alias("from-slices", "from_slices")
+flags.DEFINE_bool("healthy", False, "with --from-slices: pseudo-healthy cohort (lesion fraction 0)")
 
 
 def summarize(subjects: list[phantom.Subject], seconds: float) -> str:
@@ -66,6 +72,8 @@ def main(argv: list[str]) -> None:
   if not FLAGS.out:
     raise errors.UsageError("--out is required")
   out = output_guard.check_output_dir(FLAGS.out, "synth", overwrite=FLAGS.overwrite)
+  if FLAGS.from_slices:
+    return _synth_from_slices(out)
   subjects: list[phantom.Subject] = []
   total = FLAGS.subjects
 
@@ -85,4 +93,32 @@ def main(argv: list[str]) -> None:
   seconds = time.perf_counter() - start
   print(f"wrote {FLAGS.profile} cohort to {out} (participants: "
         f"{os.path.join(out, 'participants.tsv')})")
+  print(summarize(subjects, seconds))
+
+
+def _synth_from_slices(out: str) -> None:
+  """`--from-slices SRC`: the real-anatomy pseudo-patient cohort (pseudo_patients.write_cohort)."""
+  from u2ad_jax.data import pseudo_patients  # pylint: disable=g-import-not-at-top
+  if FLAGS.healthy and FLAGS.lesion_fraction:
+    raise errors.UsageError("--healthy and a non-zero --lesion-fraction contradict each other")
+  fraction = 0.0 if FLAGS.healthy else (0.5 if FLAGS.lesion_fraction is None else FLAGS.lesion_fraction)
+  subjects: list[phantom.Subject] = []
+  total = FLAGS.subjects
+
+  def progress(index: int, subject: phantom.Subject, seconds: float) -> None:
+    subjects.append(subject)
+    what = ", ".join(f"grade {l['grade']} ratio {l['ratio']:.2f} at {l['level']}" for l in subject.lesions)
+    print(f"[{index + 1}/{total}] {subject.subject_id} from {subject.meta['base']}: "
+          f"{what or 'no lesion'}; {subject.num_slices} slices in {seconds:.2f} s",
+          file=sys.stderr, flush=True)
+
+  start = time.perf_counter()
+  with output_guard.staged_directory(out, "synth") as staging:
+    pseudo_patients.write_cohort(
+        staging, FLAGS.from_slices, total, FLAGS.seed, fraction,
+        num_slices=FLAGS.slices or pseudo_patients.DEFAULT_NUM_SLICES, progress=progress,
+        log=lambda text: print(text, file=sys.stderr, flush=True))
+  seconds = time.perf_counter() - start
+  print(f"wrote real-anatomy cohort to {out} (participants: "
+        f"{os.path.join(out, 'participants.tsv')}; realism: {os.path.join(out, 'realism.json')})")
   print(summarize(subjects, seconds))

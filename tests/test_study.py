@@ -1,0 +1,73 @@
+"""`u2ad study` smoke: one real-anatomy ladder at the smoke size, then the multi-cohort summary.
+
+One seed is trained (tiny model, one adaptation rung); a second cohort is the first's per-patient
+tables copied under another seed, which exercises the resume path and the over-cohort statistics
+without a second training run.
+"""
+
+import csv
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from u2ad_jax.data import cohort
+from u2ad_jax.data import phantom
+from u2ad_jax.evaluation import study
+from u2ad_jax.evaluation import workflow
+
+
+def _config():
+  # The smoke config without pretraining: one training compile instead of two (the ladder code
+  # path is the same; run_ablation skips the shared pretraining when the stages do not list it).
+  config = workflow.smoke_config()
+  config.stages = ("adapt_eu_au",)
+  return config
+
+
+def test_study_smoke(tmp_path):
+  source = tmp_path / "source"
+  phantom.write_cohort(source, 2, "clinical", seed=11, lesion_fraction=0.0, num_slices=3)
+  out = tmp_path / "study"
+  first = study.run_study(out, [0], source=str(source), smoke=True, config=_config(), methods=["eu_au"],
+                          num_resamples=200, verbose=False)
+  assert set(first["rungs"]) == {"intensity", "eu_au"}
+  assert first["num_cohorts"] == 1 and first["patients_per_cohort"] == [5]
+  tables = json.load(open(out / "seed-0" / study.TABLES_FILE))
+  truth = cohort.read_participants(out / "seed-0" / "data" / "real")
+  assert [truth[s]["has_lesion"] for s in tables["subject_ids"]] == [
+      int(v) for v in tables["rungs"]["eu_au"]["patient_truth"]]
+  assert sum(tables["rungs"]["eu_au"]["ssim_count"]) > 0  # reconstructions were scored
+  assert sum(tables["rungs"]["intensity"]["ssim_count"]) == 0
+
+  # A second cohort (the same tables under seed 7): nothing is trained, the statistics cover both.
+  os.makedirs(out / "seed-7")
+  shutil.copy(out / "seed-0" / study.TABLES_FILE, out / "seed-7" / study.TABLES_FILE)
+  summary = study.run_study(out, [0, 7], source=str(source), smoke=True, config=_config(), methods=["eu_au"],
+                            num_resamples=200, verbose=False)
+  assert not os.path.exists(out / "seed-7" / "runs")
+  assert summary["num_cohorts"] == 2 and summary["seeds"] == [0, 7]
+  for rung, by_metric in summary["rungs"].items():
+    for name, e in by_metric.items():
+      assert len(e["per_cohort"]) == 2 and e["per_cohort"][0] == e["per_cohort"][1]
+      assert e["mean"] == first["rungs"][rung][name]["mean"]
+      if np.isfinite(e["lo"]):
+        assert e["lo"] - 1e-12 <= e["mean"] <= e["hi"] + 1e-12
+  assert "ssim_normal_cord" in summary["rungs"]["eu_au"]
+  assert "ssim_normal_cord" not in summary["rungs"]["intensity"]
+  assert list(summary["differences"]) == ["eu_au - intensity"]
+  diff = summary["differences"]["eu_au - intensity"]["patient_auroc"]
+  rungs = summary["rungs"]
+  assert diff["mean"] == pytest.approx(rungs["eu_au"]["patient_auroc"]["mean"]
+                                       - rungs["intensity"]["patient_auroc"]["mean"])
+
+  md = open(out / "study.md").read()
+  assert "(e) EU + AU (U2AD)" in md and "eu_au - intensity" in md and "[" in md
+  rows = list(csv.DictReader(open(out / "study.csv")))
+  assert {(r["kind"], r["rung"]) for r in rows} == {("rung", "intensity"), ("rung", "eu_au"),
+                                                     ("difference", "eu_au - intensity")}
+  saved = json.load(open(out / "study.json"))  # standard JSON (no NaN)
+  assert saved["seeds"] == [0, 7]
+  assert os.path.getsize(out / "figures" / "study_ladder.png") > 1000
