@@ -13,6 +13,7 @@ import shutil
 import numpy as np
 import pytest
 
+from u2ad_jax import errors
 from u2ad_jax.data import cohort
 from u2ad_jax.data import phantom
 from u2ad_jax.evaluation import study
@@ -47,7 +48,16 @@ def test_study_smoke(tmp_path):
   shutil.copy(out / "seed-0" / study.TABLES_FILE, out / "seed-7" / study.TABLES_FILE)
   summary = study.run_study(out, [0, 7], source=str(source), smoke=True, config=_config(), methods=["eu_au"],
                             num_resamples=200, verbose=False)
-  assert not os.path.exists(out / "seed-7" / "runs")
+  assert not os.path.exists(out / "seed-7" / "ladder")
+  assert os.path.isfile(out / "seed-0" / "ladder" / "comparison.md")
+  # A folder that is not a study is never written into.
+  foreign = tmp_path / "notes"
+  foreign.mkdir()
+  (foreign / "notes.txt").write_text("mine")
+  with pytest.raises(errors.InputError, match="not an output of `u2ad study`"):
+    study.run_study(foreign, [0], source=str(source), smoke=True, config=_config(),
+                    methods=["eu_au"], num_resamples=200, verbose=False)
+  assert os.listdir(foreign) == ["notes.txt"]
   assert summary["num_cohorts"] == 2 and summary["seeds"] == [0, 7]
   for rung, by_metric in summary["rungs"].items():
     for name, e in by_metric.items():

@@ -35,8 +35,7 @@ _SET = flags.DEFINE_multi_string(
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise errors.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # stray arguments are refused by the dispatcher
   if not _OUT.value:
     raise errors.UsageError("--out is required")
   logging.set_verbosity(logging.ERROR)

@@ -12,9 +12,11 @@ demo --seed s` draws them; or, with `source` (real labelled slices, `u2ad synth 
 a real-anatomy pseudo-patient cohort with seed s and the phantom public cohort (seed s) for
 pretraining, unless a fixed `public_dir` is given.
 
-Layout of `out_dir`: seed-<s>/ (data/, the ablation's outputs, tables.json with the per-patient
-results), study.json, study.csv, study.md, figures/study_ladder.png. A seed whose tables.json
-exists is not rerun, so an interrupted study resumes, and the statistics can be recomputed.
+Layout of `out_dir`: seed-<s>/ (data/ with the cohorts, ladder/ with the `u2ad ablate` outputs,
+tables.json with the per-patient results), study.json, study.csv, study.md,
+figures/study_ladder.png. A seed whose tables.json exists is not rerun, so running the same
+command again resumes an interrupted study (and recomputes the statistics); a non-empty folder
+that is not a study is refused (`output_guard`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 
 from u2ad_jax import io_utils
 from u2ad_jax import labels as label_values
+from u2ad_jax import output_guard
 from u2ad_jax.evaluation import ladder
 from u2ad_jax.evaluation import metrics as metrics_lib
 from u2ad_jax.evaluation import stats
@@ -91,12 +94,12 @@ def make_study_cohorts(data_dir: str, seed: int, size: workflow.DemoSize, source
   for root, record, write in (
       (public, {"profile": "public", "num_subjects": size.num_public, "seed": seed,
                 "num_slices": size.num_slices},
-       lambda: phantom.write_cohort(public, size.num_public, "public", seed, 0.0,
-                                    num_slices=size.num_slices)),
+       lambda root: phantom.write_cohort(root, size.num_public, "public", seed, 0.0,
+                                         num_slices=size.num_slices)),
       (clinical, {"source": os.path.abspath(source), "num_subjects": size.num_clinical,
                   "seed": seed, "num_slices": size.num_slices},
-       lambda: pseudo_patients.write_cohort(
-           clinical, source, size.num_clinical, seed, 0.5,
+       lambda root: pseudo_patients.write_cohort(
+           root, source, size.num_clinical, seed, 0.5,
            num_slices=size.num_slices or pseudo_patients.DEFAULT_NUM_SLICES))):
     record_path = os.path.join(root, "u2ad_study_cohort.json")
     if os.path.isfile(record_path):
@@ -104,8 +107,10 @@ def make_study_cohorts(data_dir: str, seed: int, size: workflow.DemoSize, source
         if json.load(f) == record:
           continue
     t0 = time.monotonic()
-    write()
-    io_utils.write_json(record_path, record)
+    # Staged like `u2ad synth`: a kill leaves the previous cohort or none, never a mix.
+    with output_guard.staged_directory(root, "synth") as staging:
+      write(staging)
+      io_utils.write_json(os.path.join(staging, "u2ad_study_cohort.json"), record)
     if verbose:
       _log(f"wrote {root} in {time.monotonic() - t0:.1f} s")
   return public, clinical
@@ -137,7 +142,13 @@ def run_study(out_dir: str | os.PathLike, seeds: Sequence[int], *, source: str |
   config_lib.apply_overrides(config, overrides)
   size = size or (workflow.SMOKE_SIZE if smoke else workflow.DEMO_SIZE)
   out_dir = os.path.abspath(os.fspath(out_dir))
+  # A study folder is resumed (finished seeds reused); any other non-empty folder is refused.
+  marker = output_guard.read_marker(out_dir) if os.path.isdir(out_dir) else None
+  if marker is None or marker["command"] != "study":
+    output_guard.check_output_dir(out_dir, "study",
+                                  protected={"--from-slices": source, "--public": public_dir})
   os.makedirs(out_dir, exist_ok=True)
+  output_guard.write_marker(out_dir, "study")
 
   per_seed: list[dict[str, stats.PatientTable]] = []
   for seed in seeds:
@@ -155,8 +166,11 @@ def run_study(out_dir: str | os.PathLike, seeds: Sequence[int], *, source: str |
                                           verbose)
     if public_dir is not None:
       public = public_dir
-    results = workflow.run_ablation(seed_dir, public, clinical, config=config, methods=methods,
-                                    seed=seed, verbose=verbose)
+    # The ladder beside (not around) the seed's cohorts; a ladder an interrupted run left
+    # behind is this study's own output and is replaced.
+    results = workflow.run_ablation(os.path.join(seed_dir, "ladder"), public, clinical,
+                                    config=config, methods=methods, seed=seed, overwrite=True,
+                                    verbose=verbose)
     prepared = evaluator.prepare_cohort(clinical, config.data, progress=False)
     tables = {rung: patient_table(res, prepared.slice_set) for rung, res in results.items()}
     io_utils.write_json(tables_path, {
