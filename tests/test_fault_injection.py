@@ -133,7 +133,7 @@ def _kill_chain(cli_env, workdir, kills):
     survived += 1
   final = _cli_train(cli_env, workdir)
   assert final.returncode == 0, final.stderr[-3000:]
-  assert f"finished at step {TOTAL_STEPS}" in final.stderr
+  assert f"finished at step {TOTAL_STEPS}" in final.stdout
   return survived, mid_write
 
 

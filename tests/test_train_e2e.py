@@ -48,7 +48,7 @@ def test_train_command_end_to_end(tmp_path, cohorts):
   workdir = tmp_path / "run"
   run = _train(workdir, public, clinical)
   assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-  assert "finished at step" in run.stderr  # logs and progress on stderr
+  assert "finished at step" in run.stdout  # the result on stdout, logs and progress on stderr
   assert "steps/s ETA" in run.stderr  # the progress line (stderr: progress is not a result)
 
   records = metrics_log.MetricsLog(workdir).read()
@@ -73,7 +73,7 @@ def test_train_command_end_to_end(tmp_path, cohorts):
   # Same command again: resumes from the final checkpoint, nothing left to train.
   again = _train(workdir, public, clinical)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert f"finished at step {step}" in again.stderr
+  assert f"finished at step {step}" in again.stdout
   assert "resuming" in again.stderr
   assert len([r for r in metrics_log.MetricsLog(workdir).read() if "event" not in r]) == len(steps)
 
