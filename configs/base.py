@@ -135,6 +135,9 @@ def make_config() -> ml_collections.ConfigDict:
   config.evaluation.residual = anomaly.DEFAULT_RESIDUAL
   # K at evaluation (MC reconstructions per ROI patch); None = uncertainty.num_samples.
   config.evaluation.num_samples = config_dict.placeholder(int)
+  # Segment scores: 'none' (the curve's maximum) or 'level_z' (robust z per vertebral level across
+  # the cohort's patients, before the threshold and the patient maximum; evaluation/scoring.py).
+  config.evaluation.segment_norm = "none"
 
   config.parallel = "pmap"              # 'pmap' (default) | 'shard_map'
   config.checkpoint = ml_collections.ConfigDict()

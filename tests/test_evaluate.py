@@ -278,6 +278,12 @@ def test_eval_settings_take_missing_keys_from_base_and_refuse_aliases():
   assert settings.rule.k == base_k == 2.5
   assert settings.postprocess.percentile == config_files.default_section(
       "postprocess")["percentile"]
+  assert settings.segment_norm == "none"  # configs/base.py's default
+  recorded.evaluation.segment_norm = "level_z"
+  assert evaluator.EvalSettings.from_config(recorded).segment_norm == "level_z"
+  recorded.evaluation.segment_norm = "per_patient"
+  with pytest.raises(ValueError, match="segment_norm"):
+    evaluator.EvalSettings.from_config(recorded)
   for alias in ("threshold_k", "reduction", "threshold_rule"):
     old = ml_collections.ConfigDict({"evaluation": {alias: 3.0}})
     with pytest.raises(ValueError, match=f"unknown setting.*{alias}"):

@@ -257,3 +257,73 @@ def test_phantom_levels_and_lesion_segments(tmp_path):
     lo, hi = sc.levels.segment_bounds()[sc.peak_segment]
     assert lo <= sc.peak_row < hi
   assert checked >= 2
+
+
+def _fake_scores(matrix):
+  """SubjectScores carrying only the `[P, 6]` segment scores (what normalise_levels reads)."""
+  out = []
+  for i, row in enumerate(np.asarray(matrix, dtype=np.float64)):
+    peak = int(np.nanargmax(row))
+    out.append(scoring.SubjectScores(
+        subject_id=f"sub-{i:03d}", positions=np.array([i]), levels=None,
+        slice_curves=np.zeros((1, 4)), curve=np.zeros(4), segment_scores=row,
+        segment_peak_rows=np.arange(6), segment_peak_slices=np.zeros(6, np.int64),
+        patient_score=float(row[peak]), peak_segment=peak, reference=0.0))
+  return out
+
+
+def test_level_z_against_a_hand_computed_case():
+  nan = np.nan
+  raw = np.array([
+      # C2-3: median 3, MAD 1 -> sigma 1.4826.  C3-4: all 5 (anatomy: large but equal).
+      # C4-5: finite [0, 2, 4, 6] -> median 3, MAD 2.  C5-6: MAD 0 -> 1.2533 x mean AD 1.6.
+      [1.0, 5.0, nan, 1.0, 0.0, 0.0],
+      [2.0, 5.0, 0.0, 1.0, 0.0, 0.0],
+      [3.0, 5.0, 2.0, 1.0, 0.0, 0.0],
+      [4.0, 5.0, 4.0, 1.0, 0.0, 0.0],
+      [10.0, 5.0, 6.0, 9.0, 0.0, 0.0]])
+  scores = _fake_scores(raw)
+  # Raw: every patient's maximum sits at the anatomically large C3-4 except the last.
+  assert [s.peak_segment for s in scores] == [1, 1, 1, 1, 0]
+  z = scoring.normalise_levels(scores, "level_z")
+  expected = np.array([
+      [-2 / 1.4826, 0, nan, 0, 0, 0],
+      [-1 / 1.4826, 0, -3 / 2.9652, 0, 0, 0],
+      [0, 0, -1 / 2.9652, 0, 0, 0],
+      [1 / 1.4826, 0, 1 / 2.9652, 0, 0, 0],
+      [7 / 1.4826, 0, 3 / 2.9652, 8 / (1.2533 * 1.6), 0, 0]])
+  np.testing.assert_allclose(scoring.segment_matrix(z), expected, rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(scoring.patient_vector(z), [0, 0, 0, 1 / 1.4826, 7 / 1.4826],
+                             atol=1e-12)
+  assert [s.peak_segment for s in z] == [1, 1, 0, 0, 0]
+  assert all(s.level_normalised for s in z) and not any(s.level_normalised for s in scores)
+  np.testing.assert_array_equal(z[4].curve, scores[4].curve)  # curves stay in map units
+  assert scoring.normalise_levels(scores, "none") == scores
+  with pytest.raises(ValueError):
+    scoring.normalise_levels(scores, "per_patient")
+
+
+def test_level_z_removes_a_level_specific_normal_peak():
+  """A level where every normal subject's residual is high (anatomy) wins the raw maximum and
+  hides a moderate lesion elsewhere; per-level z ranks the lesion patients first."""
+  data, participants = _cohort(num_subjects=12, seed=3)
+  c23 = (np.arange(H)[:, None] >= CENTROIDS[0] + 1) & (np.arange(H)[:, None] < CENTROIDS[1] - 1)
+  anomaly = data["anomaly"].copy()
+  anomaly[:, c23[:, 0], :] += np.where(data["score_roi"][:, c23[:, 0], :], 0.5, 0.0)
+  lesion = data["labels"] == L.LESION
+  anomaly[lesion] -= 0.3  # lesions now weaker than the C2-3 anatomy
+  anomaly[lesion & c23[None]] -= 0.2  # and none at C2-3 itself: those patients become normal
+  for i, sid in enumerate(participants):
+    if participants[sid]["C2-3"]:
+      participants[sid] = dict(participants[sid], has_lesion=0, **{"C2-3": 0})
+  data = dict(data, anomaly=anomaly,
+              labels=np.where((data["labels"] == L.LESION) & c23[None], L.CORD, data["labels"]))
+  # A low percentile: the C2-3 band alone is over 10 % of the cord, and must not erase lesions.
+  params = postprocess.PostprocessParams(50, 2, None)
+  raw = analysis.analyse("x", postprocess_params=params, rule=thresholds.ThresholdRule(k=2.5),
+                         participants=participants, **data)
+  z = analysis.analyse("x", postprocess_params=params, rule=thresholds.ThresholdRule(k=2.5),
+                       participants=participants, segment_norm="level_z", **data)
+  assert all(s.peak_segment == 0 for s in raw.scores)  # C2-3 anatomy holds every raw peak
+  assert z.metrics["patient"]["auroc"] == pytest.approx(1.0)
+  assert z.metrics["patient"]["auroc"] > raw.metrics["patient"]["auroc"]

@@ -111,6 +111,19 @@ def test_incompatible_or_foreign_directories_are_refused(tmp_path, fake_model):
   with pytest.raises(errors.InputError, match="postprocess"):
     evaluator.evaluate_checkpoint(workdir, one, out, verbose=False, overrides=[
         "postprocess.percentile=95"], threshold_from=str(tmp_path / "eval"))
+  # Per-level z needs the cohort's own statistics: refused before any work.
+  with pytest.raises(errors.UsageError, match="segment_norm"):
+    evaluator.evaluate_checkpoint(workdir, one, out, verbose=False, overrides=[
+        "evaluation.segment_norm=level_z"], threshold_from=str(tmp_path / "eval"))
+  # An evaluation from before segment scores were recorded scored them raw: still compatible.
+  with open(summary) as f:
+    recorded = json.load(f)
+  assert recorded.pop("segment_scores") == "max of the curve over the segment's rows"
+  with open(summary, "w") as f:
+    json.dump(recorded, f)
+  evaluator.evaluate_checkpoint(workdir, one, out, verbose=False,
+                                threshold_from=str(tmp_path / "eval"))
+  shutil.rmtree(out)
   other = tmp_path / "other_run"
   other.mkdir()
   with pytest.raises(errors.InputError, match="threshold recorded for the model in"):

@@ -183,6 +183,7 @@ def analyse(name: str, *, images: np.ndarray, labels: np.ndarray, score_roi: np.
             slice_subjects: Sequence[str], anomaly: np.ndarray,
             postprocess_params: postprocess_lib.PostprocessParams,
             rule: thresholds.ThresholdRule, reduction: str = "sum", curve_window: int = 1,
+            segment_norm: str = "none",
             participants: Mapping[str, Mapping[str, Any]] | None = None,
             levels: Mapping[str, levels_lib.VertebralLevels] | None = None,
             label_sources: Mapping[str, str] | None = None,
@@ -197,6 +198,8 @@ def analyse(name: str, *, images: np.ndarray, labels: np.ndarray, score_roi: np.
     anomaly: `[S, H, W]` anomaly maps (restricted to the scoring ROI here).
     postprocess_params, rule, reduction, curve_window: postprocessing, threshold rule, curve
       reduction across the width and window along the cord (rows, odd).
+    segment_norm: 'none' or 'level_z' (segment scores as robust z per level across the
+      cohort's patients, before the threshold and the patient maximum; scoring.py).
     participants: participants.tsv rows (truth) or None.
     levels: precomputed vertebral levels (computed here when None).
     label_sources: subject id -> label file, named in level errors.
@@ -209,6 +212,7 @@ def analyse(name: str, *, images: np.ndarray, labels: np.ndarray, score_roi: np.
   processed = postprocess_lib.postprocess(anomaly, score_roi, postprocess_params)
   subject_scores = scoring.score_cohort(processed, slice_subjects, levels, reduction,
                                         curve_window)
+  subject_scores = scoring.normalise_levels(subject_scores, segment_norm)
   subject_ids = [s.subject_id for s in subject_scores]
   decisions = thresholds.decide(scoring.patient_vector(subject_scores),
                                 scoring.segment_matrix(subject_scores), rule)

@@ -60,6 +60,7 @@ class EvalSettings:
   residual: str = anomaly_lib.DEFAULT_RESIDUAL
   curve_window: int = 1           # rows (odd), from config.evaluation.curve_window_mm
   num_samples: int | None = None  # MC reconstructions per patch; None = the training K
+  segment_norm: str = "none"      # 'none' | 'level_z' (scoring.normalise_levels)
 
   @classmethod
   def from_config(cls, config: Any) -> "EvalSettings":
@@ -79,7 +80,8 @@ class EvalSettings:
         reduction=str(ev["curve_reduction"]),
         residual=str(ev["residual"]),
         curve_window=curves.window_rows(float(ev["curve_window_mm"] or 0.0), _pixel_mm(config)),
-        num_samples=None if ev.get("num_samples") is None else int(ev["num_samples"]))
+        num_samples=None if ev.get("num_samples") is None else int(ev["num_samples"]),
+        segment_norm=str(ev["segment_norm"]))
 
   def describe_curve(self) -> str:
     """How the curve is made, for reports and sidecars."""
@@ -88,7 +90,18 @@ class EvalSettings:
       text += f", summed over {self.curve_window} rows along the cord"
     return text
 
+  def describe_segments(self) -> str:
+    """How segment scores are made, for reports and sidecars."""
+    text = "max of the curve over the segment's rows"
+    if self.segment_norm == "level_z":
+      text += (", as a robust z per level: (score - median) / (1.4826 MAD) over the cohort's "
+               "patients at that level")
+    return text
+
   def __post_init__(self):
+    if self.segment_norm not in scoring.SEGMENT_NORMS:
+      raise ValueError(f"config.evaluation.segment_norm={self.segment_norm!r}; expected one of "
+                       f"{scoring.SEGMENT_NORMS}")
     if self.residual not in anomaly_lib.RESIDUALS:
       raise ValueError(f"config.evaluation.residual={self.residual!r}; expected one of "
                        f"{anomaly_lib.RESIDUALS}")
@@ -128,7 +141,7 @@ def _section(config: Any, name: str) -> dict[str, Any]:
 # its data geometry are fixed by the checkpoint).
 SCORING_KEYS = {
     "evaluation": ("threshold", "mad_k", "threshold_pool", "curve_reduction", "curve_window_mm",
-                   "residual", "num_samples"),
+                   "residual", "num_samples", "segment_norm"),
     "postprocess": ("percentile", "min_size", "top_k"),
 }
 
@@ -513,11 +526,17 @@ def evaluate_checkpoint(workdir: str | os.PathLike, data_dir: str | os.PathLike,
       "num_samples": num_samples,
       "anomaly_map": anomaly_lib.describe(settings.residual),
       "curve": settings.describe_curve(),
+      "segment_scores": settings.describe_segments(),
       "cohort": os.path.abspath(prepared.root),
       "postprocess": dataclasses.asdict(settings.postprocess),
   }
   rule = settings.rule
   if threshold_from is not None:
+    if settings.segment_norm != "none":
+      # Per-level z needs the cohort's own statistics, which a lone later scan does not have.
+      raise errors.UsageError(f"--threshold-from with evaluation.segment_norm="
+                              f"{settings.segment_norm!r}: per-level scores need a cohort; "
+                              f"set evaluation.segment_norm=none")
     rule = thresholds.load_recorded(threshold_from, provenance)
   maps = model_maps(model, params, config, slice_set.images, slice_set.train_roi,
                     batch_size=batch_size, num_samples=num_samples, progress=log)
@@ -527,7 +546,7 @@ def evaluate_checkpoint(workdir: str | os.PathLike, data_dir: str | os.PathLike,
       name, images=slice_set.images, labels=slice_set.labels, score_roi=slice_set.score_roi,
       slice_subjects=slice_set.subject_ids, anomaly=anomaly,
       postprocess_params=settings.postprocess, rule=rule, reduction=settings.reduction,
-      curve_window=settings.curve_window,
+      curve_window=settings.curve_window, segment_norm=settings.segment_norm,
       participants=prepared.participants, levels=prepared.levels, eu=maps["eu"],
       recon=maps["mean"], info=provenance)
   if out_dir is not None:
@@ -559,13 +578,14 @@ def evaluate_intensity(prepared: PreparedCohort, settings: EvalSettings,
                 "checkpoint_step": None, "cohort": os.path.abspath(prepared.root),
                 "anomaly_map": "anomaly = max(x / the subject's median cord intensity - 1, 0) "
                                "inside the eroded cord",
-                "curve": settings.describe_curve()}
+                "curve": settings.describe_curve(),
+                "segment_scores": settings.describe_segments()}
   result = analysis.analyse(
       "intensity", images=s.images, labels=s.labels, score_roi=s.score_roi,
       slice_subjects=s.subject_ids, anomaly=maps, postprocess_params=settings.postprocess,
       rule=settings.rule, reduction=settings.reduction,
-      curve_window=settings.curve_window, participants=prepared.participants,
-      levels=prepared.levels, info=provenance)
+      curve_window=settings.curve_window, segment_norm=settings.segment_norm,
+      participants=prepared.participants, levels=prepared.levels, info=provenance)
   if out_dir is not None:
     header = ["- Rung: cord-intensity threshold (no learning): anomaly = max(x / median cord "
               "intensity of the subject - 1, 0) inside the eroded cord.",

@@ -64,16 +64,18 @@ def slice_panels(path: str | os.PathLike, image: np.ndarray, anomaly: np.ndarray
   _save(fig, path)
 
 
-def curve_plot(path: str | os.PathLike, scores: scoring.SubjectScores, threshold: float, *,
+def curve_plot(path: str | os.PathLike, scores: scoring.SubjectScores, threshold: float | None, *,
                truth_segments: np.ndarray | None = None, title: str = "") -> None:
-  """The subject's anomaly curve against the image row (superior left), levels and threshold."""
+  """The subject's anomaly curve against the image row (superior left), levels and threshold
+  (None: no threshold line, e.g. when segment scores are per-level z, not curve units)."""
   fig, ax = plt.subplots(figsize=(7.5, 3.0))
   rows = np.arange(scores.curve.shape[0])
   for curve in scores.slice_curves:
     ax.plot(rows, curve, color="0.75", lw=0.6)
   ax.plot(rows, scores.curve, color="k", lw=1.2, label="anomaly curve (max over slices)")
   ax.axhline(scores.reference, color="tab:blue", ls="--", lw=0.9, label="mean error C2..T1")
-  ax.axhline(threshold, color="tab:red", ls="-", lw=0.9, label="threshold")
+  if threshold is not None:
+    ax.axhline(threshold, color="tab:red", ls="-", lw=0.9, label="threshold")
   bounds = scores.levels.segment_bounds()
   if truth_segments is not None:
     for (start, stop), positive in zip(bounds, truth_segments):

@@ -162,7 +162,9 @@ def write_figures(out_dir: str, result: analysis.CohortResult, images: np.ndarra
         title=f"{s.subject_id} slice {int(slice_index[pos])}: score {s.patient_score:.3g} "
               f"({label_values.SEGMENT_NAMES[s.peak_segment]})")
     figures.curve_plot(
-        os.path.join(out_dir, curve_rel), s, result.decisions.threshold,
+        # Level-normalised scores are z-scores, not curve units: no threshold line then.
+        os.path.join(out_dir, curve_rel), s,
+        None if s.level_normalised else result.decisions.threshold,
         truth_segments=None if truth is None else truth.segments[i],
         title=f"{s.subject_id}: anomaly curve along the cord"
               + ("" if truth is None else " (orange: lesion segments)"))

@@ -5,6 +5,15 @@ into a curve along the cord (curves.py), take the row-wise maximum over the subj
 score each segment C2-3 ... C7-T1 by the maximum of that curve over its rows. The patient score is
 the maximum over segments (hence over slices), so a patient is flagged exactly when one of its
 segments is.
+
+Segment normalisation (`SEGMENT_NORMS`, config.evaluation.segment_norm):
+- 'none': the segment score is the curve maximum (the anomaly map's own units).
+- 'level_z': each segment score becomes a robust z against the cohort's patients AT THAT LEVEL,
+  (score - median over patients) / (1.4826 MAD over patients) (the same robust scale as the
+  threshold, thresholds.robust_location_scale). Normative modelling's answer to level-specific
+  anatomy: a level whose normal residual is large for anatomical reasons (cord width, partial
+  volume, CSF pulsation near C2-3) no longer wins every patient's maximum. It needs the cohort's
+  own statistics (several patients; no labels), so it cannot score a lone later scan.
 """
 
 from __future__ import annotations
@@ -17,6 +26,9 @@ import numpy as np
 from u2ad_jax import labels as label_values
 from u2ad_jax.evaluation import curves
 from u2ad_jax.evaluation import levels as levels_lib
+from u2ad_jax.evaluation import thresholds
+
+SEGMENT_NORMS = ("none", "level_z")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +47,8 @@ class SubjectScores:
     patient_score: max over segments.
     peak_segment: index of the segment holding the patient score.
     reference: mean of the curve between C2 and T1 (the mean-error reference line).
+    level_normalised: True when segment_scores (and so patient_score) are per-level robust z
+      (normalise_levels); the curves stay in the anomaly map's units.
   """
   subject_id: str
   positions: np.ndarray
@@ -47,6 +61,7 @@ class SubjectScores:
   patient_score: float
   peak_segment: int
   reference: float
+  level_normalised: bool = False
 
   @property
   def peak_slice(self) -> int:
@@ -123,6 +138,36 @@ def score_cohort(maps: np.ndarray, subject_ids: Sequence[str],
       score_subject(sid, maps[pos], levels[sid], pos, reduction, window)
       for sid, pos in subject_positions(subject_ids).items()
   ]
+
+
+def normalise_levels(scores: Sequence[SubjectScores], mode: str = "level_z"
+                     ) -> list[SubjectScores]:
+  """Segment scores as robust z per level across the cohort's patients (module docstring).
+
+  Column j of the `[P, 6]` segment matrix becomes (x - median_j) / sigma_j over its finite
+  entries (n/a segments stay NaN); a level where every patient scores the same (sigma 0) gives
+  z = 0. The patient score and peak segment are recomputed from the z-scores; curves, peak rows
+  and peak slices within each segment are unchanged. `mode` 'none' returns the scores as given.
+  """
+  if mode not in SEGMENT_NORMS:
+    raise ValueError(f"unknown segment normalisation {mode!r}; expected one of {SEGMENT_NORMS}")
+  scores = list(scores)
+  if mode == "none" or not scores:
+    return scores
+  raw = segment_matrix(scores)
+  z = np.full_like(raw, np.nan)
+  for j in range(raw.shape[1]):
+    finite = np.isfinite(raw[:, j])
+    if not finite.any():
+      continue
+    med, sigma = thresholds.robust_location_scale(raw[finite, j])
+    z[finite, j] = (raw[finite, j] - med) / (sigma if sigma > 0 else 1.0)
+  out = []
+  for s, row in zip(scores, z):
+    peak = int(np.nanargmax(row))
+    out.append(dataclasses.replace(s, segment_scores=row, patient_score=float(row[peak]),
+                                   peak_segment=peak, level_normalised=True))
+  return out
 
 
 def segment_matrix(scores: Sequence[SubjectScores]) -> np.ndarray:

@@ -80,7 +80,10 @@ class RecordedThreshold(ThresholdRule):
 
 
 # Provenance entries of summary.json that must match for a recorded threshold to apply.
-COMPATIBILITY_KEYS = ("checkpoint_step", "num_samples", "anomaly_map", "curve", "postprocess")
+COMPATIBILITY_KEYS = ("checkpoint_step", "num_samples", "anomaly_map", "curve", "postprocess",
+                      "segment_scores")
+# What an evaluation that predates an entry recorded implicitly.
+LEGACY_PROVENANCE = {"segment_scores": "max of the curve over the segment's rows"}
 
 
 def load_recorded(eval_dir: str | os.PathLike, provenance: Mapping[str, Any]) -> RecordedThreshold:
@@ -119,8 +122,9 @@ def load_recorded(eval_dir: str | os.PathLike, provenance: Mapping[str, Any]) ->
     raise errors.InputError(path, f"threshold recorded for the model in {theirs}, not {ours}")
   for key in COMPATIBILITY_KEYS:
     if key in summary or key in provenance:
-      if summary.get(key) != _plain(provenance.get(key)):
-        raise errors.InputError(path, f"recorded with {key} = {summary.get(key)!r}, this "
+      recorded = summary.get(key, LEGACY_PROVENANCE.get(key))
+      if recorded != _plain(provenance.get(key)):
+        raise errors.InputError(path, f"recorded with {key} = {recorded!r}, this "
                                       f"evaluation uses {_plain(provenance.get(key))!r}; "
                                       f"the threshold does not apply")
   try:
