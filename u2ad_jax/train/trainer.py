@@ -462,6 +462,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   workdir_lib.check_train_workdir(workdir)
   verbose = verbose and jax.process_index() == 0
   devices = list(jax.devices() if devices is None else devices)
+  try:  # a device layout the parallel mode cannot run: refused before anything is written
+    parallel.check_layout(config.parallel, devices)
+    parallel.mesh_positions(devices)
+  except ValueError as e:
+    raise errors.ConfigValueError(str(e)) from e
   if workdir_lib.path(workdir, checkpoint.CONFIG_FILE).exists():
     checkpoint.check_compatible(checkpoint.read_config(workdir), config, workdir)
   model = state_lib.build_model(config)
