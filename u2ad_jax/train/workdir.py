@@ -17,7 +17,7 @@ Workdirs as URIs. A workdir may be anything etils epath / Orbax accept: a local 
 given (os.path would turn `gs://bucket/run` into a local folder `gs:`); every file of the workdir
 is then reached through `path` (an `epath.Path`). The marker checks above are for local paths
 only: on object storage a "directory" is a key prefix shared by whoever writes there, so for a
-URI they are skipped (`check_train_workdir` says it resumes when a checkpoint record is there)
+URI they are skipped (`check_train_workdir` says it resumes when a recorded config.json is there)
 and choosing a fresh prefix is the user's part; the marker is still written.
 """
 
