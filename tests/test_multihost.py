@@ -1,6 +1,14 @@
-"""Multi-host training for real: two processes on 127.0.0.1 (CPU collectives over gloo), one
-CPU device each, train with the real driver and end with the parameters of one process with two
-devices on the same global batches."""
+"""Multi-host training for real: processes on 127.0.0.1 (CPU collectives over gloo).
+
+Two processes with two CPU devices each, their devices INTERLEAVED in the mesh (process 0 owns
+mesh slots 0 and 2, process 1 slots 1 and 3: the layout a launcher or topology may produce),
+train with the real driver (shard_map, the mode that accepts any layout) and must end with the
+parameters AND the refreshed guidance maps of one process with four devices on the same global
+batches. Every per-process block (the batch rows, the first example index of the masks, the map
+rows) is derived from the mesh, so nothing depends on each process's devices being contiguous.
+pmap, whose host-local inputs JAX accepts only for contiguous blocks, refuses such a layout
+up front (`parallel.check_layout`, tested here without processes).
+"""
 
 import os
 import socket
@@ -11,31 +19,49 @@ import textwrap
 import numpy as np
 import pytest
 
-TIMEOUT_S = 300
+TIMEOUT_S = 240
 
-# Runs `trainer.train` in a fresh process: argv = base config path, workdir, out.npz
-# [, port, process_id] (with the last two: one process of a two-process job).
+# Runs `trainer.train` in a fresh process: argv = base config path, workdir, out.npz, mode
+# [, port, process_id] (with the last two: one process of a two-process job, interleaved mesh).
 SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np
-    base_config, workdir, out = sys.argv[1:4]
-    if len(sys.argv) > 4:
+    base_config, workdir, out, mode = sys.argv[1:5]
+    if len(sys.argv) > 5:
       from u2ad_jax.train import distributed
-      distributed.initialize(f"127.0.0.1:{sys.argv[4]}", num_processes=2,
-                             process_id=int(sys.argv[5]))
+      distributed.initialize(f"127.0.0.1:{sys.argv[5]}", num_processes=2,
+                             process_id=int(sys.argv[6]))
     import jax
-    from u2ad_jax.train import config_lib, toy_data, trainer
+    from u2ad_jax.train import config_lib, maps, parallel, toy_data, trainer
     config = config_lib.sibling(base_config, "base").get_config("runlocal")
-    # The guided stage: EU + AU guidance from maps computed across both processes.
+    # The guided stage: EU + AU guidance from maps computed across all devices, refreshed at
+    # both epochs (the second refresh from trained parameters).
     config.stages = ("adapt_eu_au",)
     config.stage_epochs.adapt_eu_au = 2
-    config.checkpoint.every_steps = 2
-    data = {"clinical_dir": toy_data.toy_slice_set(8, 32, seed=22, lesion_fraction=0.5)}
-    assert jax.device_count() == 2, jax.devices()
-    result = trainer.train(config, workdir, slice_sets=data, verbose=False)
+    config.batch_size = 8  # 2 rows per device; 12 slices = one full and one padded batch
+    config.checkpoint.every_steps = 0  # the end-of-stage save only
+    config.parallel = mode
+    data = {"clinical_dir": toy_data.toy_slice_set(12, 32, seed=22, lesion_fraction=0.5)}
+    assert jax.device_count() == 4, jax.devices()
+    devices = jax.devices()
+    if jax.process_count() > 1:
+      by_process = [[d for d in devices if d.process_index == p] for p in range(2)]
+      devices = [d for pair in zip(*by_process) for d in pair]
+      assert parallel.mesh_positions(devices).tolist() == [jax.process_index(),
+                                                          jax.process_index() + 2]
+    refreshed = []
+    original = maps.MapGenerator.__call__
+    def recording(self, *args):
+      result = original(self, *args)
+      refreshed.append(result)
+      return result
+    maps.MapGenerator.__call__ = recording
+    result = trainer.train(config, workdir, slice_sets=data, verbose=False, devices=devices)
     leaves = jax.tree.leaves(result.state.params)
     np.savez(out, step=result.step, process_count=jax.process_count(),
-             **{f"p{i}": x for i, x in enumerate(leaves)})
+             refreshes=len(refreshed), lr=float(config.optim.lr),
+             **{f"p{i}": x for i, x in enumerate(leaves)},
+             **{f"{k}{i}": m[k] for i, m in enumerate(refreshed) for k in m})
 """)
 
 
@@ -70,31 +96,108 @@ def _finish(processes):
   return outputs
 
 
-def test_two_processes_equal_one_process_with_two_devices(tmp_path):
+def test_two_interleaved_processes_equal_one_process_with_four_devices(tmp_path):
   script = tmp_path / "run.py"
   script.write_text(SCRIPT)
   base_config = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "base.py")
   base_config = os.path.abspath(base_config)
   port = str(_free_port())
+  mode = "shard_map"
 
   def start(args, num_devices):
     return subprocess.Popen([sys.executable, str(script), *args], env=_env(num_devices),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-  multi = [start([base_config, str(tmp_path / "multi"), str(tmp_path / f"multi{i}.npz"), port,
-                  str(i)], 1) for i in range(2)]
-  single = start([base_config, str(tmp_path / "single"), str(tmp_path / "single.npz")], 2)
+  multi = [start([base_config, str(tmp_path / "multi"), str(tmp_path / f"multi{i}.npz"), mode,
+                  port, str(i)], 2) for i in range(2)]
+  single = start([base_config, str(tmp_path / "single"), str(tmp_path / "single.npz"), mode], 4)
   _finish(multi + [single])
 
   reference = np.load(tmp_path / "single.npz")
   assert int(reference["process_count"]) == 1
+  refreshes = int(reference["refreshes"])
+  assert refreshes == 2  # epoch 0 and epoch 1 (from parameters trained for one epoch)
   num_leaves = len([k for k in reference.files if k[0] == "p" and k[1:].isdigit()])
+  steps = int(reference["step"])
   for i in range(2):
     result = np.load(tmp_path / f"multi{i}.npz")
     assert int(result["process_count"]) == 2
-    assert int(result["step"]) == int(reference["step"]) == 4
+    assert int(result["step"]) == steps == 4
+    assert int(result["refreshes"]) == refreshes
+    for r in range(refreshes):
+      assert reference[f"patch_eu{r}"].shape[0] == 12
+      # Maps are per slice: equal up to float summation order (the second refresh runs on
+      # parameters that already differ in the last bits, and EU is a variance), candidates
+      # exactly. A map on the wrong slice would be off by its whole value.
+      np.testing.assert_allclose(result[f"patch_eu{r}"], reference[f"patch_eu{r}"],
+                                 rtol=1e-5 if r == 0 else 1e-4, atol=1e-9)
+      np.testing.assert_array_equal(result[f"exclude{r}"], reference[f"exclude{r}"])
+    # The second refresh used trained parameters: it must differ from the first.
+    assert not np.allclose(result["patch_eu0"], result["patch_eu1"], rtol=1e-3, atol=0)
     for k in range(num_leaves):
-      np.testing.assert_allclose(result[f"p{k}"], reference[f"p{k}"], rtol=1e-5, atol=1e-6)
+      got, want = result[f"p{k}"], reference[f"p{k}"]
+      if want.ndim >= 3 and want.shape[-3] == 3:
+        # The attention's qkv bias [..., 3, heads, head_dim]: the KEY bias has an exactly zero
+        # gradient (softmax ignores a constant added to every logit of a query), so what it
+        # gets is reduction-order rounding, which Adam scales to up to `lr` per step in either
+        # run; it is held to Adam's step bound. Query and value biases are compared tightly.
+        key_diff = np.abs(got[..., 1, :, :] - want[..., 1, :, :])
+        assert key_diff.max() <= steps * float(reference["lr"]) * 1.01
+        got, want = np.delete(got, 1, axis=-3), np.delete(want, 1, axis=-3)
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=f"leaf {k}")
   # Both processes wrote one shared checkpoint directory (process 0 the logs).
   assert sorted(os.listdir(tmp_path / "multi" / "checkpoints"))[-1] == "4"
   assert (tmp_path / "multi" / "metrics.jsonl").exists()
+
+
+class _Device:
+  """A stand-in for jax.Device: what the layout rule reads."""
+
+  def __init__(self, process_index, id_):
+    self.process_index, self.id = process_index, id_
+
+
+def test_layout_rule_shard_map_any_order_pmap_contiguous_only():
+  from u2ad_jax.train import parallel
+  contiguous = [_Device(0, 0), _Device(0, 1), _Device(1, 2), _Device(1, 3)]
+  interleaved = [contiguous[i] for i in (0, 2, 1, 3)]
+  unequal = [_Device(0, 0), _Device(1, 1), _Device(1, 2)]
+  for devices in (contiguous, interleaved, unequal):
+    parallel.check_layout("shard_map", devices)
+  parallel.check_layout("pmap", contiguous)
+  parallel.check_layout("pmap", unequal)
+  with pytest.raises(ValueError, match=r"process 0 holds mesh slots \[0, 2\] of 4.*shard_map"):
+    parallel.check_layout("pmap", interleaved)
+  np.testing.assert_array_equal(parallel._slots_of(interleaved, 1), [1, 3])
+  with pytest.raises(ValueError, match="process 2 owns none"):
+    parallel._slots_of(interleaved, 2)
+  with pytest.raises(ValueError, match="repeats devices"):
+    parallel._slots_of(contiguous + contiguous[:1], 0)
+
+
+def test_batch_blocks_follow_the_mesh_slots_of_each_process():
+  """Interleaved processes (slots [0, 2] and [1, 3]) and unequal ones ([0] and [1, 2, 3]) build
+  exactly the rows of their slots: reassembled in mesh order, the one-process batch."""
+  from u2ad_jax.data import pipeline
+  from u2ad_jax.train import toy_data
+  slices = toy_data.toy_slice_set(10, 32, seed=5)
+  common = dict(global_batch=8, seed=3, augment=True, drop_remainder=False)
+  whole = pipeline.BatchIterator(slices, num_devices=4, **common)
+  for layout in ([[0, 2], [1, 3]], [[0], [1, 2, 3]], [[3, 1], [0, 2]]):
+    parts = [pipeline.BatchIterator(slices, num_devices=len(slots), process_index=p,
+                                    process_count=2, device_positions=slots, total_devices=4,
+                                    **common) for p, slots in enumerate(layout)]
+    for epoch in range(2):
+      for reference, *blocks in zip(whole.epoch(epoch), *(it.epoch(epoch) for it in parts)):
+        for key in ("image", "train_roi", "index", "valid"):
+          rebuilt = np.zeros_like(reference[key])
+          for slots, block in zip(layout, blocks):
+            rebuilt[np.asarray(slots)] = block[key]
+          np.testing.assert_array_equal(rebuilt, reference[key], err_msg=f"{layout} {key}")
+  assert (np.concatenate([b["index"].ravel() for b in whole.epoch(0)]) >= 0).sum() == 10
+  with pytest.raises(ValueError, match="distinct mesh slots"):
+    pipeline.BatchIterator(slices, num_devices=2, device_positions=[1, 1], total_devices=4,
+                           **common)
+  with pytest.raises(ValueError, match="does not split over 3 device"):
+    pipeline.BatchIterator(slices, num_devices=1, device_positions=[0], total_devices=3,
+                           **common)

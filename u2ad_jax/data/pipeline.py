@@ -7,8 +7,12 @@ every process, and each example's augmentation draws from its own stream keyed b
 `(seed, e, position in the epoch)`. So epoch e is reproduced exactly on resume, and the global
 batch (images included) does not depend on how it is split across processes or devices.
 
-Multi-host: the global batch of step t is `order[t * G : (t + 1) * G]`; process p takes its
-contiguous `G / process_count` block and splits that over its local devices.
+Multi-host: the global batch of step t is `order[t * G : (t + 1) * G]`, split over the D devices
+of the mesh in mesh order: mesh slot m gets rows `[m * b, (m + 1) * b)`, b = G / D. A process
+builds the blocks of ITS devices' slots (`device_positions`, from `parallel.mesh_positions`), so
+a process's devices need not be contiguous in the mesh nor equal in number across processes.
+Without `device_positions` the layout is the classic one (process p owns slots
+`[p * num_devices, (p + 1) * num_devices)`, equal device counts).
 
 Remainder: `drop_remainder=True` drops the last partial global batch; False pads it to G with
 examples flagged `valid=False`, `index=-1`, zero image and empty ROIs (the step must weight
@@ -79,12 +83,14 @@ class BatchIterator:
   Each batch is a dict:
     image: `[D, b, H, W, 1]` float32;  train_roi, score_roi: `[D, b, H, W]` bool;
     index: `[D, b]` int32 position in the SliceSet (-1 = padding);  valid: `[D, b]` bool,
-  where D = num_devices (local to this process) and b = global_batch / (process_count * D).
+  where D = num_devices (local to this process, row block i for mesh slot device_positions[i])
+  and b = global_batch / total devices.
   """
 
   def __init__(self, slice_set: preprocess.SliceSet, *, global_batch: int, num_devices: int,
                seed: int, augment: bool, drop_remainder: bool, shuffle: bool = True,
-               process_index: int = 0, process_count: int = 1, prefetch: int = 0):
+               process_index: int = 0, process_count: int = 1, prefetch: int = 0,
+               device_positions: Any = None, total_devices: int | None = None):
     """
     Args:
       slice_set: the slices.
@@ -97,6 +103,10 @@ class BatchIterator:
       process_index, process_count: this process's block of each global batch.
       prefetch: > 0 builds up to this many batches ahead in a background thread, overlapping
         host batching with the device step.
+      device_positions: `[num_devices]` mesh slots of this process's devices, in the order of
+        its row blocks (None: `process_index * num_devices + arange(num_devices)`).
+      total_devices: devices of the whole mesh (None: `process_count * num_devices`); required
+        with `device_positions`.
 
     Raises:
       ValueError: the batch does not split evenly, or `drop_remainder` leaves no batch.
@@ -107,9 +117,20 @@ class BatchIterator:
       raise ValueError("global_batch, num_devices and process_count must be positive")
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if global_batch % (process_count * num_devices):
-      raise ValueError(f"global batch {global_batch} does not split over {process_count} "
-                       f"process(es) x {num_devices} device(s)")
+    if device_positions is None:
+      device_positions = process_index * num_devices + np.arange(num_devices)
+      total_devices = process_count * num_devices
+    elif total_devices is None:
+      raise ValueError("device_positions needs total_devices (the mesh size)")
+    positions = np.asarray(device_positions, np.int64).reshape(-1)
+    total_devices = int(total_devices)
+    if (positions.size != num_devices or np.unique(positions).size != positions.size
+        or positions.min() < 0 or positions.max() >= total_devices):
+      raise ValueError(f"device_positions {positions.tolist()} must be {num_devices} distinct "
+                       f"mesh slots in [0, {total_devices})")
+    if global_batch % total_devices:
+      raise ValueError(f"global batch {global_batch} does not split over {total_devices} "
+                       f"device(s) ({process_count} process(es))")
     if seed < 0:
       raise ValueError("seed must be non-negative")
     self.slice_set = slice_set
@@ -117,8 +138,10 @@ class BatchIterator:
     self.num_devices = int(num_devices)
     self.process_index = int(process_index)
     self.process_count = int(process_count)
-    self.local_batch = self.global_batch // self.process_count
-    self.per_device = self.local_batch // self.num_devices
+    self.device_positions = positions
+    self.total_devices = total_devices
+    self.per_device = self.global_batch // total_devices
+    self.local_batch = self.per_device * self.num_devices
     self.seed = int(seed)
     self.augment = bool(augment)
     self.drop_remainder = bool(drop_remainder)
@@ -156,8 +179,9 @@ class BatchIterator:
       yield self._batch(epoch, step, order)
 
   def _batch(self, epoch: int, step: int, order: np.ndarray) -> Batch:
-    start = step * self.global_batch + self.process_index * self.local_batch
-    positions = np.arange(start, start + self.local_batch)  # positions in the epoch
+    # Positions in the epoch of this process's rows: each local device's slot block, in turn.
+    first = step * self.global_batch + self.device_positions * self.per_device
+    positions = (first[:, None] + np.arange(self.per_device)).reshape(-1)
     in_range = positions < order.shape[0]
     index = np.where(in_range, order[np.minimum(positions, order.shape[0] - 1)], -1)
     valid = index >= 0

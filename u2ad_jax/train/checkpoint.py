@@ -12,6 +12,9 @@ regenerated on resume because they were computed from the parameters of the last
 which are not the parameters in the checkpoint; restoring them makes a resume mid-adaptation
 exactly equal to an uninterrupted run. (They are small: two numbers per patch per slice.)
 
+The workdir may be a local path or a URI Orbax accepts (`gs://bucket/run`): it is used as given
+(`workdir.resolve`), every file here is reached through etils epath, never os.path.
+
 The state is saved as host (numpy) arrays, the global unstacked state: the same files serve any
 device count, and multi-process runs (whose pmapped state is process-local) save it too.
 
@@ -31,11 +34,13 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from u2ad_jax import errors
 from u2ad_jax import io_utils
 from u2ad_jax.train import faults
 from u2ad_jax.train import state as state_lib
+from u2ad_jax.train import workdir as workdir_lib
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -97,17 +102,17 @@ def check_compatible(saved: Any, config: Any, where: str) -> None:
 
 
 def config_path(workdir: str | os.PathLike) -> str:
-  return os.path.join(os.fspath(workdir), CONFIG_FILE)
+  return workdir_lib.join(workdir, CONFIG_FILE)
 
 
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   """The config recorded in `workdir`; CheckpointError (naming the file) when absent or bad."""
   path = config_path(workdir)
-  if not os.path.isfile(path):
+  record = workdir_lib.path(workdir, CONFIG_FILE)
+  if not record.is_file():
     raise errors.CheckpointError(path, "no config.json: not a u2ad training workdir")
   try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
+    data = json.loads(record.read_text(encoding="utf-8"))
   except (OSError, ValueError) as e:
     raise errors.CheckpointError(path, f"unreadable config record ({e})") from e
   if not isinstance(data, dict):
@@ -116,8 +121,12 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
 
 def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
-  """Records the resolved config (atomic write)."""
-  io_utils.write_text(config_path(workdir), config.to_json(indent=2, sort_keys=True) + "\n")
+  """Records the resolved config (atomic: a local temporary file renamed, or one object write)."""
+  text = config.to_json(indent=2, sort_keys=True) + "\n"
+  if workdir_lib.is_uri(workdir):
+    workdir_lib.path(workdir, CONFIG_FILE).write_text(text)
+  else:
+    io_utils.write_text(config_path(workdir), text)
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -134,8 +143,9 @@ class Checkpoints:
 
   def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int | None = None,
                read_only: bool = False):
-    self.directory = os.path.abspath(os.path.join(os.fspath(workdir), CHECKPOINT_DIR))
-    if read_only and not os.path.isdir(self.directory):
+    # Used as given for a URI (Orbax / epath read it), absolute for a local path.
+    self.directory = workdir_lib.join(workdir, CHECKPOINT_DIR)
+    if read_only and not epath.Path(self.directory).is_dir():
       raise errors.CheckpointError(self.directory, "no checkpoint directory")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
@@ -153,7 +163,7 @@ class Checkpoints:
     return list(self.manager.all_steps())
 
   def step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(int(step)))
+    return os.fspath(epath.Path(self.directory) / str(int(step)))
 
   def save(self, step: int, state: state_lib.TrainState, meta: dict[str, Any],
            maps: dict[str, np.ndarray] | None = None) -> None:

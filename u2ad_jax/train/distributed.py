@@ -3,8 +3,9 @@
 One process per host (GPU nodes under SLURM, TPU VM workers), each driving its local devices.
 With no arguments JAX detects the cluster itself (SLURM environment variables, TPU pod
 metadata); explicit arguments cover everything else (e.g. several processes on one machine).
-Data are sharded per process by `pipeline.BatchIterator(process_index=..., process_count=...)`:
-every process builds only its block of each global batch.
+Data are sharded per process by `pipeline.BatchIterator(device_positions=...)`: every process
+builds only the rows of its own devices' mesh slots (`parallel.mesh_positions`), wherever those
+devices sit in the mesh.
 """
 
 from __future__ import annotations

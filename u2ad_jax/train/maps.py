@@ -3,7 +3,10 @@
 For each slice (un-augmented), `uncertainty.mc_uncertainty` draws the exact-coverage masked
 reconstructions (all passes in one vmapped call); the slices are sharded over every device of
 every process (pmap or shard_map, like the train step) and the results all-gathered, so each
-process ends with the maps of all slices. The host then keeps two per-patch arrays per slice:
+process ends with the maps of all slices. Chunk rows belong to mesh slots like the train step's
+batch rows (slot m computes chunk rows `[m * c, (m + 1) * c)`, `parallel.mesh_positions`), and
+every row travels with its slice id: the gathered ids are checked against the expected ones, so a
+device layout that put a map on the wrong slice would stop the run instead of training on it. The host then keeps two per-patch arrays per slice:
 
   patch_eu `[S, N]` float32: the EU map summed over each patch (`patches.patch_sum`), the input
     of `masking.guided_mask`;
@@ -34,8 +37,8 @@ from u2ad_jax.train import parallel
 def _maps_body(params: Any, key: jax.Array, images: jax.Array, train_roi: jax.Array,
                slice_ids: jax.Array, *, apply_fn, patch_size: int, ratio: float,
                num_samples: int, pass_chunk: int | None, min_roi: int
-               ) -> tuple[jax.Array, jax.Array]:
-  """Per device: `c` slices -> all devices' `(patch_eu [D*c, N], mean [D*c, H, W])`."""
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per device: `c` slices -> all devices' `(patch_eu [D*c, N], mean [D*c, H, W], ids [D*c])`."""
   def model_fn(p, x, plan):
     return apply_fn({"params": p}, x, plan)
 
@@ -47,7 +50,8 @@ def _maps_body(params: Any, key: jax.Array, images: jax.Array, train_roi: jax.Ar
     return patches.patch_sum(out["eu"], patch_size)[0], out["mean"][0]
 
   patch_eu, mean = jax.vmap(one)(slice_ids, images, train_roi)
-  return parallel.gather_rows(patch_eu), parallel.gather_rows(mean)
+  return (parallel.gather_rows(patch_eu), parallel.gather_rows(mean),
+          parallel.gather_rows(slice_ids))
 
 
 @functools.lru_cache(maxsize=8)
@@ -105,18 +109,24 @@ class MapGenerator:
     num = len(slice_set)
     dp = self.parallel
     chunk = dp.num_devices * self.per_device
-    local = dp.num_local_devices * self.per_device
-    first_local = jax.process_index() * local
+    # Chunk rows of this process's devices: each local device's mesh-slot block, in turn.
+    local_rows = (dp.local_positions[:, None] * self.per_device
+                  + np.arange(self.per_device)).reshape(-1)
     # Pad the last chunk by repeating the last slice (real data, results dropped).
     positions = np.minimum(np.arange(-(-num // chunk) * chunk), num - 1)
     patch_eu, exclude = [], []
     for start in range(0, positions.size, chunk):
-      ids = positions[start + first_local:start + first_local + local]
+      ids = positions[start + local_rows]
       shape = (dp.num_local_devices, self.per_device)
       images = slice_set.images[ids].reshape(shape + slice_set.images.shape[1:] + (1,))
       rois = slice_set.train_roi[ids].reshape(shape + slice_set.train_roi.shape[1:])
-      eu, mean = dp(params, key, images, rois, ids.astype(np.int32).reshape(shape))
-      eu, mean = parallel.to_host((eu, mean))
+      eu, mean, got = dp(params, key, images, rois, ids.astype(np.int32).reshape(shape))
+      eu, mean, got = parallel.to_host((eu, mean, got))
+      expected = positions[start:start + chunk]
+      if not np.array_equal(got, expected):
+        raise RuntimeError(
+            f"map refresh: the gathered rows belong to slices {got.tolist()}, expected "
+            f"{expected.tolist()}; the processes disagree on the device layout of the mesh")
       rows = positions[start:start + min(chunk, num - start)]
       score_roi = slice_set.score_roi[rows]
       # Per-slice centring (each slice its own group): see u2ad_jax.anomaly.

@@ -8,10 +8,15 @@ checkpoint of s), so the log reads as one uninterrupted run.
 
 `workdir/train_curves.png`: loss terms, gradient norm and learning rate against the step, with
 stage boundaries, written atomically at the end of every stage.
+
+Both are written by process 0 only. In a URI workdir (`gs://...`, through etils epath) objects
+cannot be appended to: the log is kept in memory and the whole object rewritten per record, and
+the figure is one object write.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -19,7 +24,10 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from etils import epath
+
 from u2ad_jax import io_utils
+from u2ad_jax.train import workdir as workdir_lib
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "train_curves.png"
@@ -39,11 +47,20 @@ class MetricsLog:
   """Append-only JSONL log. Only the writing process (process 0) should create one."""
 
   def __init__(self, workdir: str | os.PathLike):
-    self.path = os.path.join(os.fspath(workdir), METRICS_FILE)
+    self.path = workdir_lib.join(workdir, METRICS_FILE)
+    self._uri = workdir_lib.is_uri(workdir)
+    self._cached: str | None = None  # URI: the object's text as last written
+
+  def _write_all(self, text: str) -> None:
+    if self._uri:
+      epath.Path(self.path).write_text(text)
+      self._cached = text
+    else:
+      io_utils.write_text(self.path, text)
 
   def truncate_for_resume(self, step: int) -> None:
     """Prepares the log for a run resuming from the checkpoint of `step` (atomic rewrite)."""
-    if not os.path.exists(self.path):
+    if not epath.Path(self.path).exists():
       return
     step = int(step)
 
@@ -51,23 +68,30 @@ class MetricsLog:
       s = int(r.get("step", 0))
       return s < step or (s == step and r.get("event") not in RELOGGED_EVENTS)
     kept = [r for r in self.read() if keep(r)]
-    io_utils.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+    self._write_all("".join(json.dumps(r) + "\n" for r in kept))
 
   def write(self, record: dict[str, Any]) -> None:
+    line = json.dumps({k: _plain(v) for k, v in record.items()}) + "\n"
+    if self._uri:
+      if self._cached is None:
+        target = epath.Path(self.path)
+        self._cached = target.read_text() if target.exists() else ""
+      self._write_all(self._cached + line)
+      return
     with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+      f.write(line)
 
   def read(self) -> list[dict[str, Any]]:
     """All complete records (a torn last line from a kill is skipped)."""
-    if not os.path.exists(self.path):
+    target = epath.Path(self.path)
+    if not target.exists():
       return []
     records = []
-    with open(self.path, encoding="utf-8") as f:
-      for line in f:
-        try:
-          records.append(json.loads(line))
-        except ValueError:
-          continue
+    for line in target.read_text(encoding="utf-8").splitlines():
+      try:
+        records.append(json.loads(line))
+      except ValueError:
+        continue
     return records
 
 
@@ -108,6 +132,11 @@ def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike) -> None:
   # Fixed margins: tight_layout measures every text object and cost more than the rest of the
   # figure (seconds per stage end on a small CPU); these margins fit the titles and labels.
   fig.subplots_adjust(left=0.04, right=0.99, bottom=0.15, top=0.9, wspace=0.22)
-  with io_utils.atomic_path(path, suffix=".png") as tmp:
-    fig.savefig(tmp, dpi=90, format="png")
+  if workdir_lib.is_uri(path):
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=90, format="png")
+    epath.Path(path).write_bytes(buffer.getvalue())  # one object write
+  else:
+    with io_utils.atomic_path(path, suffix=".png") as tmp:
+      fig.savefig(tmp, dpi=90, format="png")
   plt.close(fig)

@@ -11,7 +11,11 @@ A per-device function `f(replicated..., sharded..., ...)` that reduces its outpu
   host batches are `[D_local * b, ...]` per process, assembled into the global array.
 
 Both work across processes after `jax.distributed.initialize`: each process passes only its own
-devices' rows of the global batch. `Replicated` values that leave the step are host-local under
+devices' rows of the global batch. Which rows those are is derived from the mesh, never assumed:
+device `m` of the mesh (`axis_index == m`) holds rows `[m * b, (m + 1) * b)` of the global batch,
+and a process's devices need not be contiguous in the mesh nor equal in number across processes
+(`mesh_positions` gives a process its slots; `DataParallel.shard` places each local row block on
+its own device explicitly). `Replicated` values that leave the step are host-local under
 multi-process pmap and global under shard_map; `to_host` reads either.
 """
 
@@ -41,6 +45,48 @@ def local_devices_of(devices: Sequence[jax.Device]) -> list[jax.Device]:
   """The devices of `devices` that belong to this process, in mesh order."""
   me = jax.process_index()
   return [d for d in devices if d.process_index == me]
+
+
+def mesh_positions(devices: Sequence[jax.Device]) -> np.ndarray:
+  """`[D_local]` int: the mesh slot (= `axis_index`) of each of this process's devices.
+
+  In the order of `local_devices_of(devices)`, the order in which a host batch `[D_local, b, ...]`
+  is laid out: local row block i belongs to mesh slot `mesh_positions(devices)[i]`, i.e. to rows
+  `[slot * b, (slot + 1) * b)` of the global batch. Any layout of processes over the mesh works
+  (interleaved, unequal device counts); a process without devices in `devices` is an error.
+  """
+  return _slots_of(list(devices), jax.process_index())
+
+
+def _slots_of(devices: list, process: int) -> np.ndarray:
+  ids = [(d.process_index, d.id) for d in devices]
+  if len(set(ids)) != len(ids):
+    raise ValueError(f"the device list repeats devices: {ids}")
+  slots = np.array([m for m, d in enumerate(devices) if d.process_index == process], np.int64)
+  if slots.size == 0:
+    raise ValueError(f"process {process} owns none of the {len(devices)} devices it was given; "
+                     "every process of the job must drive at least one of them")
+  return slots
+
+
+def check_layout(mode: str, devices: Sequence[Any]) -> None:
+  """Raises ValueError (one line, naming the fix) for a device order `mode` cannot run.
+
+  shard_map runs any order: `shard` places every row block on its device explicitly. pmap takes
+  host-local inputs, which JAX accepts only when each process's devices form a contiguous block
+  of the device order (its own check fails later, mid-run, with a generic message); so this
+  check runs when the wrapper is built.
+  """
+  devices = list(devices)
+  if mode != "pmap":
+    return
+  for process in sorted({d.process_index for d in devices}):
+    slots = _slots_of(devices, process)
+    if slots[-1] - slots[0] + 1 != slots.size:
+      raise ValueError(
+          f"config.parallel='pmap' needs each process's devices contiguous in the device order, "
+          f"but process {process} holds mesh slots {slots.tolist()} of {len(devices)}; use "
+          "config.parallel='shard_map' (any order) or order the devices by process")
 
 
 def gather_rows(x: jax.Array) -> jax.Array:
@@ -96,9 +142,11 @@ class DataParallel:
       raise ValueError(f"parallel mode must be one of {MODES}, got {mode!r}")
     self.mode = mode
     self.devices = list(jax.devices() if devices is None else devices)
+    check_layout(mode, self.devices)
     self.local_devices = local_devices_of(self.devices)
     self.num_devices = len(self.devices)
     self.num_local_devices = len(self.local_devices)
+    self.local_positions = mesh_positions(self.devices)
     self.mesh = make_mesh(self.devices)
     self.sharded = tuple(sharded)
     self.num_args = int(num_args)
@@ -124,7 +172,10 @@ class DataParallel:
     return jax.device_put(tree, self._replicated)
 
   def shard(self, tree: Any) -> Any:
-    """Host pytree of this process's rows `[D_local, b, ...]` -> the wrapper's sharded input."""
+    """Host pytree of this process's rows `[D_local, b, ...]` -> the wrapper's sharded input.
+
+    Row block i goes to `self.local_devices[i]`, mesh slot `self.local_positions[i]`.
+    """
     def check(x):
       if x.shape[0] != self.num_local_devices:
         raise ValueError(f"sharded inputs must lead with the {self.num_local_devices} local "
@@ -134,10 +185,12 @@ class DataParallel:
       return tree
 
     def place(x):
+      # Each local row block onto its own device, explicitly: the global row range of a device
+      # is its mesh slot's, wherever the process's devices sit in the mesh.
       x = np.asarray(x)
-      local = x.reshape((-1,) + x.shape[2:])
       global_shape = (self.num_devices * x.shape[1],) + x.shape[2:]
-      return jax.make_array_from_process_local_data(self._batch_sharding, local, global_shape)
+      blocks = [jax.device_put(x[i], d) for i, d in enumerate(self.local_devices)]
+      return jax.make_array_from_single_device_arrays(global_shape, self._batch_sharding, blocks)
     return jax.tree.map(place, tree)
 
   def __call__(self, *args):

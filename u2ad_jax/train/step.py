@@ -6,7 +6,9 @@ ONE body, written with named-axis collectives over `parallel.AXIS`, wrapped by
 
 Randomness. The step key is `fold_in(key, state.step)`: reproducible from (seed, step), so a
 resumed run draws the same masks. Each example then folds in its position in the GLOBAL batch,
-`axis_index * b + i`: examples on different devices (and different examples on one device) get
+`axis_index * b + i` (the mesh slot of the device, whose rows the pipeline builds from the same
+slot, `parallel.mesh_positions`, so the index is right wherever a process's devices sit in the
+mesh): examples on different devices (and different examples on one device) get
 different masks, as with the usual `fold_in(step_key, axis_index)`, but the draw does not depend
 on how the global batch is split, so 1 device, 2 devices and 2 processes train identically.
 

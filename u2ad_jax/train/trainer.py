@@ -264,9 +264,9 @@ def _find_start(config: Any, workdir: str, model: Any,
       `init_from` is not a usable run.
     ConfigMismatchError: see above.
   """
-  directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+  directory = workdir_lib.join(workdir, checkpoint.CHECKPOINT_DIR)
   steps = []
-  if os.path.isdir(directory):
+  if workdir_lib.path(directory).is_dir():
     with checkpoint.Checkpoints(workdir, read_only=True) as ckpts:
       steps = sorted(ckpts.all_steps(), reverse=True)
       template = checkpoint.abstract_train_state(model, config)
@@ -283,7 +283,7 @@ def _find_start(config: Any, workdir: str, model: Any,
         if failures:
           _warn(f"resuming from step {step}, the newest complete checkpoint; the damaged "
                 f"step(s) {list(start.damaged)} are moved to "
-                f"{os.path.join(workdir, DAMAGED_DIR)}")
+                f"{workdir_lib.join(workdir, DAMAGED_DIR)}")
         if init_from:
           start.message += f"; --init_from {init_from} ignored"
         return start
@@ -336,6 +336,41 @@ def _restore_start(config: Any, workdir: str, ckpts: checkpoint.Checkpoints, ste
                         f"{epoch}, batch {batch})")
 
 
+def _start_record(start: _Start) -> np.ndarray:
+  """`[5]` int32: what must be equal in every process, (step or -1, stage, epoch, batch, from
+  init_from or fresh: 0 / 1)."""
+  step = -1 if start.step is None else int(start.step)
+  return np.array([step, start.position.stage_index, start.position.epoch, start.position.batch,
+                   int(start.params is not None)], np.int32)
+
+
+def check_same_start(workdir: str, records: np.ndarray) -> None:
+  """Raises WorkdirError unless every process found the same start (`records [P, 5]`).
+
+  Processes that see different checkpoints (a local --workdir on each host instead of shared
+  storage, a host with a stale mount) would otherwise train from different states and mix
+  their checkpoints.
+  """
+  records = np.asarray(records).reshape(-1, 5)
+  if (records == records[0]).all():
+    return
+  seen = "; ".join(
+      f"process {p}: " + ("no checkpoint" if r[0] < 0 else f"checkpoint step {r[0]}")
+      + f" (stage {r[1]}, epoch {r[2]}, batch {r[3]})" for p, r in enumerate(records))
+  raise errors.WorkdirError(
+      workdir, f"the processes disagree on where to resume ({seen}); every process must see the "
+      "same workdir (shared storage or a URI such as gs://bucket/run); nothing was written")
+
+
+def _check_same_start(workdir: str, start: _Start) -> None:
+  """Gathers every process's start (a collective: all processes call it) and checks them."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  records = multihost_utils.process_allgather(_start_record(start))
+  check_same_start(workdir, np.asarray(records))
+
+
 def _stages_to_run(config: Any, start: _Start) -> list[str]:
   """The stages that still have batches to run from `start`."""
   stages = tuple(config.stages)
@@ -369,7 +404,7 @@ def _load_inputs(config: Any, workdir: str, start: _Start, slice_sets: dict | No
     slices = cohorts[STAGE_DATA[todo[0]]]
     if start.maps["patch_eu"].shape[0] != len(slices):
       raise errors.CheckpointError(
-          os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(start.step)),
+          workdir_lib.join(workdir, checkpoint.CHECKPOINT_DIR, str(start.step)),
           f"its maps cover {start.maps['patch_eu'].shape[0]} slices but the "
           f"{STAGE_DATA[todo[0]]} cohort now has {len(slices)}: the data changed; use a new "
           "--workdir")
@@ -379,16 +414,16 @@ def _load_inputs(config: Any, workdir: str, start: _Start, slice_sets: dict | No
 def _set_aside(workdir: str, steps: tuple[int, ...]) -> None:
   """Moves damaged checkpoint steps out of checkpoints/ (kept for inspection, never deleted);
   the resumed run will write those steps again."""
-  target_root = os.path.join(workdir, DAMAGED_DIR)
-  os.makedirs(target_root, exist_ok=True)
+  target_root = workdir_lib.path(workdir, DAMAGED_DIR)
+  target_root.mkdir(parents=True, exist_ok=True)
   for step in steps:
-    source = os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(int(step)))
-    target = os.path.join(target_root, str(int(step)))
+    source = workdir_lib.path(workdir, checkpoint.CHECKPOINT_DIR, str(int(step)))
+    target = target_root / str(int(step))
     suffix = 1
-    while os.path.exists(target):
-      target = os.path.join(target_root, f"{int(step)}.{suffix}")
+    while target.exists():
+      target = target_root / f"{int(step)}.{suffix}"
       suffix += 1
-    os.replace(source, target)
+    source.rename(target)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
@@ -422,20 +457,27 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     WorkdirError, CheckpointError, InputError: bad workdir, checkpoint or data.
   """
   validate_config(config)
-  workdir = os.path.abspath(os.fspath(workdir))
+  # A URI (gs://bucket/run) is used as given, a local path made absolute (workdir_lib.resolve).
+  workdir = workdir_lib.resolve(workdir)
   workdir_lib.check_train_workdir(workdir)
   verbose = verbose and jax.process_index() == 0
   devices = list(jax.devices() if devices is None else devices)
-  if os.path.exists(checkpoint.config_path(workdir)):
+  try:  # a device layout the parallel mode cannot run: refused before anything is written
+    parallel.check_layout(config.parallel, devices)
+    parallel.mesh_positions(devices)
+  except ValueError as e:
+    raise errors.ConfigValueError(str(e)) from e
+  if workdir_lib.path(workdir, checkpoint.CONFIG_FILE).exists():
     checkpoint.check_compatible(checkpoint.read_config(workdir), config, workdir)
   model = state_lib.build_model(config)
   start = _find_start(config, workdir, model, init_from)
+  _check_same_start(workdir, start)
   cohorts = _load_inputs(config, workdir, start, slice_sets, verbose)
   if start.host_state is None and start.params is None:
     start.params = state_lib.init_params(
         model, jax.random.fold_in(jax.random.key(int(config.seed)), _INIT_TAG))
   # ---- every input is checked; from here on the workdir is written.
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.path(workdir).mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     workdir_lib.mark(workdir)
     if start.damaged:
@@ -508,7 +550,8 @@ def _run(config: Any, workdir: str, model: Any, ckpts: checkpoint.Checkpoints, s
           num_devices=len(parallel.local_devices_of(devices)),
           seed=data_seed(config.seed, stage), augment=bool(config.data.augment),
           drop_remainder=False, process_index=jax.process_index(),
-          process_count=jax.process_count(), prefetch=int(config.data.prefetch))
+          process_count=jax.process_count(), prefetch=int(config.data.prefetch),
+          device_positions=parallel.mesh_positions(devices), total_devices=len(devices))
       steps_per_epoch = iterator.steps_per_epoch
       optimizer = state_lib.make_optimizer(config.optim, steps_per_epoch)
       fresh_stage = (start_epoch, start_batch) == (0, 0)
@@ -630,7 +673,7 @@ def _run(config: Any, workdir: str, model: Any, ckpts: checkpoint.Checkpoints, s
       progress.message(f"done in {progress_lib.format_duration(seconds)} (step {step})")
       if chief:
         log.write({"event": "stage_end", "stage": stage, "step": step, "seconds": seconds})
-        metrics_log.plot_curves(log.read(), os.path.join(workdir, metrics_log.CURVES_FILE))
+        metrics_log.plot_curves(log.read(), workdir_lib.join(workdir, metrics_log.CURVES_FILE))
       run_state = device_state
   except _Stop:
     stopped = True

@@ -11,15 +11,50 @@ resume, rewrites them. It must never do that in a folder that holds someone else
 
 `check_train_workdir` is the one rule; the marker is the one every command writes
 (`u2ad_jax/output_guard.py`), so an evaluation or a demo folder is never taken for a run.
+
+Workdirs as URIs. A workdir may be anything etils epath / Orbax accept: a local path or a URI
+(`gs://bucket/run`, `s3://...`). `resolve` makes a local path absolute and leaves a URI exactly as
+given (os.path would turn `gs://bucket/run` into a local folder `gs:`); every file of the workdir
+is then reached through `path` (an `epath.Path`). The marker checks above are for local paths
+only: on object storage a "directory" is a key prefix shared by whoever writes there, so for a
+URI they are skipped (`check_train_workdir` says it resumes when a recorded config.json is there)
+and choosing a fresh prefix is the user's part; the marker is still written.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+
+from etils import epath
 
 from u2ad_jax import errors
 from u2ad_jax import output_guard
+
+# 'scheme://...': a URI (gs, s3, az, hf, ...); anything else is a local path.
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_uri(workdir: str | os.PathLike) -> bool:
+  """True for a URI workdir (`gs://bucket/run`), False for a local path."""
+  return bool(_URI.match(os.fspath(workdir)))
+
+
+def resolve(workdir: str | os.PathLike) -> str:
+  """The workdir as used everywhere: a URI unchanged, a local path made absolute."""
+  text = os.fspath(workdir)
+  return text if is_uri(text) else os.path.abspath(text)
+
+
+def path(workdir: str | os.PathLike, *parts: str) -> epath.Path:
+  """`epath.Path` of `workdir / parts` (a URI keeps its scheme, a local path its meaning)."""
+  return epath.Path(resolve(workdir)).joinpath(*parts)
+
+
+def join(workdir: str | os.PathLike, *parts: str) -> str:
+  """`path(...)` as a string (for Orbax, messages and records)."""
+  return os.fspath(path(workdir, *parts))
 
 COMMAND = "train"  # what the marker of a training workdir names
 # What a run written before the marker existed may hold (config.json identifies it).
@@ -55,10 +90,15 @@ def is_train_run(workdir: str | os.PathLike) -> bool:
 def check_train_workdir(workdir: str | os.PathLike) -> bool:
   """Refuses a workdir `u2ad train` must not write into; returns True when it is a run to resume.
 
+  For a URI the local marker rule is skipped (see the module docstring): True when the prefix
+  holds a recorded config (a run to resume), else False.
+
   Raises:
     WorkdirError: `workdir` is a file, or a non-empty directory that is not a u2ad training run.
   """
   workdir = os.fspath(workdir)
+  if is_uri(workdir):
+    return path(workdir, "config.json").exists()
   if not os.path.exists(workdir):
     return False
   if not os.path.isdir(workdir):
@@ -75,6 +115,12 @@ def check_train_workdir(workdir: str | os.PathLike) -> bool:
 
 def mark(workdir: str | os.PathLike) -> None:
   """Writes the marker that makes `workdir` a u2ad training run (atomic; idempotent)."""
+  if is_uri(workdir):
+    # Object stores replace a whole object per write: no temporary file needed.
+    from u2ad_jax import __version__  # pylint: disable=g-import-not-at-top
+    path(workdir, output_guard.MARKER).write_text(
+        json.dumps({"command": COMMAND, "version": __version__}, indent=2) + "\n")
+    return
   marker = output_guard.read_marker(workdir)
   if marker is None or marker["command"] != COMMAND:
     output_guard.write_marker(workdir, COMMAND)
