@@ -275,4 +275,6 @@ def ladder_figure(path: str, summary: Mapping[str, Any]) -> None:
     ax.set_ylim(-0.05, 1.05)
   fig.suptitle(f"{summary['benchmark']}: mean and {int(round(100 * summary['level']))} % interval "
                f"over {summary['num_cohorts']} cohorts", fontsize=9)
+  # Room for the title above the panels' own titles, and for the rotated rung names below.
+  fig.subplots_adjust(top=0.82, bottom=0.2, wspace=0.3)
   figures._save(fig, path)  # pylint: disable=protected-access
