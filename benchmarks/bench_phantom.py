@@ -28,7 +28,8 @@ def bench(profile: str, subjects: int, seed: int) -> dict[str, float]:
   with tempfile.TemporaryDirectory() as tmp:
     for i in range(subjects):
       start = time.perf_counter()
-      subject = generator.generate_subject(f"sub-{i:03d}", profile, cohort_writer.subject_seed(seed, i, profile))
+      subject = generator.generate_subject(f"sub-{i:03d}", profile,
+                                           cohort_writer.subject_seed(seed, i, profile))
       seconds = time.perf_counter() - start
       start = time.perf_counter()
       cohort_writer.write_subject(tmp, subject)
