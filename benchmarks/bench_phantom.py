@@ -2,7 +2,7 @@
 
   python benchmarks/bench_phantom.py [--subjects 5] [--seed 0]
 
-Times `phantom.generate_subject` (anatomy, rendering with through-plane partial volume,
+Times `generator.generate_subject` (anatomy, rendering with through-plane partial volume,
 acquisition, lesion contrast solve, truth) on one core, median over a few subjects, and prints a
 Markdown table row per profile plus the command that produced it. File writing (gzip NIfTI) is
 timed separately as `write_subject`.
@@ -19,7 +19,8 @@ import time
 
 import numpy as np
 
-from u2ad_jax.data import phantom
+from u2ad_jax.phantom import cohort_writer
+from u2ad_jax.phantom import generator
 
 
 def bench(profile: str, subjects: int, seed: int) -> dict[str, float]:
@@ -27,10 +28,11 @@ def bench(profile: str, subjects: int, seed: int) -> dict[str, float]:
   with tempfile.TemporaryDirectory() as tmp:
     for i in range(subjects):
       start = time.perf_counter()
-      subject = phantom.generate_subject(f"sub-{i:03d}", profile, phantom.subject_seed(seed, i, profile))
+      subject = generator.generate_subject(f"sub-{i:03d}", profile,
+                                           cohort_writer.subject_seed(seed, i, profile))
       seconds = time.perf_counter() - start
       start = time.perf_counter()
-      phantom.write_subject(tmp, subject)
+      cohort_writer.write_subject(tmp, subject)
       write = time.perf_counter() - start
       per_slice.append(seconds / subject.num_slices)
       write_per_slice.append(write / subject.num_slices)

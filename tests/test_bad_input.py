@@ -217,7 +217,7 @@ def test_missing_label_file(tmp_path):
   os.remove(files.label)
   expect(errors.InputError, files.label, cohort.list_subjects, tmp_path)
   with pytest.raises(errors.InputError, match="sub-001_T2w_label"):
-    cohort.load_cohort(tmp_path, CFG, progress=False)
+    preprocess.load_cohort(tmp_path, CFG, progress=False)
 
 
 def test_empty_or_missing_cohort(tmp_path):

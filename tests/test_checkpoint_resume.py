@@ -10,40 +10,27 @@ maps restored from the checkpoint (not regenerated) reproduce the uninterrupted 
 kill (after step 10) resumes mid-epoch in adapt_eu_au.
 """
 
+import functools
 import json
 import os
-import pathlib
 import shutil
 
 import jax
 import numpy as np
 import pytest
 
+import support
 from u2ad_jax import errors
 from u2ad_jax.train import checkpoint
-from u2ad_jax.train import config_lib
 from u2ad_jax.train import metrics_log
-from u2ad_jax.train import toy_data
 from u2ad_jax.train import trainer
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
-
-
-def _config():
-  config = config_lib.sibling(str(CONFIG_DIR / "base.py"), "base").get_config("runlocal")
-  config.stage_epochs.adapt_eu = 2
-  config.uncertainty.refresh_epochs = 2
-  config.checkpoint.every_steps = 2
-  config.checkpoint.max_to_keep = 2
-  config.log_every_steps = 100
-  return config
+_config = functools.partial(support.resume_config, max_to_keep=2)
 
 
 @pytest.fixture(scope="module")
 def data():
-  return {"public_dir": toy_data.toy_slice_set(8, 32, seed=11),
-          "clinical_dir": toy_data.toy_slice_set(10, 32, seed=12, lesion_fraction=0.5,
-                                                 subject_prefix="clin")}
+  return support.toy_train_data()
 
 
 @pytest.fixture(scope="module")

@@ -234,9 +234,9 @@ def test_model_maps_do_not_depend_on_the_device_count():
 
   import jax
 
+  import toy_data
   from u2ad_jax.train import config_lib
   from u2ad_jax.train import state as state_lib
-  from u2ad_jax.train import toy_data
 
   devices = jax.local_devices()
   assert len(devices) == 4, "conftest asks for 4 CPU devices"

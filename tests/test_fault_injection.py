@@ -15,6 +15,7 @@ Every scenario is seeded and compares against an uninterrupted run:
 
 import concurrent.futures
 import errno
+import functools
 import os
 import pathlib
 import shutil
@@ -25,13 +26,11 @@ import jax
 import numpy as np
 import pytest
 
+import support
 from u2ad_jax import errors
-from u2ad_jax.data import phantom
 from u2ad_jax.train import checkpoint
-from u2ad_jax.train import config_lib
 from u2ad_jax.train import faults
 from u2ad_jax.train import metrics_log
-from u2ad_jax.train import toy_data
 from u2ad_jax.train import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -60,17 +59,12 @@ def _step_losses(workdir):
 @pytest.fixture(scope="module")
 def cli_env(tmp_path_factory):
   root = tmp_path_factory.mktemp("fault_cli")
-  phantom.write_cohort(root / "public", 3, "public", seed=1, num_slices=3)
-  phantom.write_cohort(root / "clinical", 3, "clinical", seed=2, num_slices=3,
-                       lesion_fraction=0.67)
+  support.write_small_cohorts(root)
   # One device, cheap compilation, and a compilation cache shared by the runs of this module:
   # most of a run is process start-up, so the ~12 runs below stay affordable.
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1 "
-                       "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
-             JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env = support.cpu_subprocess_env(1, JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
+                                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   env.pop(faults.ENV_VAR, None)
   return root, env
 
@@ -179,21 +173,12 @@ def test_sigkill_at_random_points_resumes_bit_identical(tmp_path, cli_env):
 # ------------------------------------------------------------------------ in-process faults
 
 
-def _config():
-  config = config_lib.sibling(str(REPO / "configs" / "base.py"), "base").get_config("runlocal")
-  config.stage_epochs.adapt_eu = 2
-  config.uncertainty.refresh_epochs = 2
-  config.checkpoint.every_steps = 2
-  config.checkpoint.max_to_keep = 3
-  config.log_every_steps = 100
-  return config
+_config = functools.partial(support.resume_config, max_to_keep=3)
 
 
 @pytest.fixture(scope="module")
 def data():
-  return {"public_dir": toy_data.toy_slice_set(8, 32, seed=11),
-          "clinical_dir": toy_data.toy_slice_set(10, 32, seed=12, lesion_fraction=0.5,
-                                                 subject_prefix="clin")}
+  return support.toy_train_data()
 
 
 @pytest.fixture(scope="module")

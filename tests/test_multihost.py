@@ -19,6 +19,8 @@ import textwrap
 import numpy as np
 import pytest
 
+import support
+
 TIMEOUT_S = 240
 
 # Runs `trainer.train` in a fresh process: argv = base config path, workdir, out.npz, mode
@@ -32,7 +34,8 @@ SCRIPT = textwrap.dedent("""
       distributed.initialize(f"127.0.0.1:{sys.argv[5]}", num_processes=2,
                              process_id=int(sys.argv[6]))
     import jax
-    from u2ad_jax.train import config_lib, maps, parallel, toy_data, trainer
+    import toy_data
+    from u2ad_jax.train import config_lib, maps, parallel, trainer
     config = config_lib.sibling(base_config, "base").get_config("runlocal")
     # The guided stage: EU + AU guidance from maps computed across all devices, refreshed at
     # both epochs (the second refresh from trained parameters).
@@ -71,15 +74,6 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _env(num_devices):
-  env = dict(os.environ)
-  # Cheap XLA compilation: these runs take a few milliseconds per step but seconds to compile.
-  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={num_devices} "
-                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
-
-
 def _finish(processes):
   """Waits for all processes (killing everything on timeout); returns their outputs."""
   outputs = []
@@ -105,7 +99,8 @@ def test_two_interleaved_processes_equal_one_process_with_four_devices(tmp_path)
   mode = "shard_map"
 
   def start(args, num_devices):
-    return subprocess.Popen([sys.executable, str(script), *args], env=_env(num_devices),
+    return subprocess.Popen([sys.executable, str(script), *args],
+                            env=support.cpu_subprocess_env(num_devices),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
   multi = [start([base_config, str(tmp_path / "multi"), str(tmp_path / f"multi{i}.npz"), mode,
@@ -178,8 +173,8 @@ def test_layout_rule_shard_map_any_order_pmap_contiguous_only():
 def test_batch_blocks_follow_the_mesh_slots_of_each_process():
   """Interleaved processes (slots [0, 2] and [1, 3]) and unequal ones ([0] and [1, 2, 3]) build
   exactly the rows of their slots: reassembled in mesh order, the one-process batch."""
+  import toy_data
   from u2ad_jax.data import pipeline
-  from u2ad_jax.train import toy_data
   slices = toy_data.toy_slice_set(10, 32, seed=5)
   common = dict(global_batch=8, seed=3, augment=True, drop_remainder=False)
   whole = pipeline.BatchIterator(slices, num_devices=4, **common)

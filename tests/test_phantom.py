@@ -15,8 +15,9 @@ import pytest
 from scipy import ndimage
 
 from u2ad_jax import labels as L
-from u2ad_jax.data import phantom
-from u2ad_jax.data import phantom_anatomy
+from u2ad_jax.phantom import anatomy as pa
+from u2ad_jax.phantom import cohort_writer
+from u2ad_jax.phantom import generator
 
 NUM_SLICES = 5  # the central slices: enough for the cord, small enough to be fast
 # Fixed seeds: two lesion subjects (grades 1 and 2) and two lesion-free clinical subjects.
@@ -26,24 +27,24 @@ HEALTHY_SEEDS = (15, 16)
 
 @pytest.fixture(scope="module")
 def clinical():
-  subjects = {f"g{g}": phantom.generate_subject(f"sub-g{g}", "clinical", seed, True, grade=g,
+  subjects = {f"g{g}": generator.generate_subject(f"sub-g{g}", "clinical", seed, True, grade=g,
                                                 num_slices=NUM_SLICES)
               for g, seed in LESION_SEEDS.items()}
   for seed in HEALTHY_SEEDS:
-    subjects[f"h{seed}"] = phantom.generate_subject(f"sub-h{seed}", "clinical", seed, False,
+    subjects[f"h{seed}"] = generator.generate_subject(f"sub-h{seed}", "clinical", seed, False,
                                                     num_slices=NUM_SLICES)
   return subjects
 
 
 @pytest.fixture(scope="module")
 def public():
-  return phantom.generate_subject("sub-p", "public", 3, None, num_slices=NUM_SLICES)
+  return generator.generate_subject("sub-p", "public", 3, None, num_slices=NUM_SLICES)
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
   root = tmp_path_factory.mktemp("cohort")
-  tsv = phantom.write_cohort(root, 3, "clinical", seed=5, lesion_fraction=0.67, num_slices=NUM_SLICES)
+  tsv = cohort_writer.write_cohort(root, 3, "clinical", seed=5, lesion_fraction=0.67, num_slices=NUM_SLICES)
   return root, tsv
 
 
@@ -111,7 +112,7 @@ def test_public_profile_is_the_darker_domain(clinical, public):
   cli, _ = normalise(clinical_subject.image, clinical_subject.affine[1, 1])
   # Real samples: median 0.045 public vs 0.15 clinical.
   assert np.median(pub) < 0.08 < 0.1 < np.median(cli) < 0.2
-  snr = {s.profile: phantom.CSF_UNITS / s.noise_sigma for s in (public, clinical_subject)}
+  snr = {s.profile: generator.CSF_UNITS / s.noise_sigma for s in (public, clinical_subject)}
   assert snr["public"] > 1.5 * snr["clinical"]
 
 
@@ -203,7 +204,7 @@ def test_lesion_placement_statistics():
   levels, grades = [], []
   for seed in range(60):
     rng = np.random.default_rng(seed)
-    anatomy = phantom_anatomy.sample_anatomy(rng, fov_si=240.0, fov_ap=230.0, lesion=True,
+    anatomy = pa.sample_anatomy(rng, fov_si=240.0, fov_ap=230.0, lesion=True,
                                              healthy_profile=False, slice_positions=np.arange(-2, 3) * 3.5)
     for les in anatomy.lesions:
       assert les.level in anatomy.compression  # only at compressed levels
@@ -219,10 +220,10 @@ def test_lesion_placement_statistics():
 
 
 def test_anatomy_ranges():
-  s = phantom_anatomy.S_GRID
+  s = pa.S_GRID
   curvatures = set()
   for seed in range(30):
-    anatomy = phantom_anatomy.sample_anatomy(np.random.default_rng(seed), fov_si=240.0, fov_ap=230.0,
+    anatomy = pa.sample_anatomy(np.random.default_rng(seed), fov_si=240.0, fov_ap=230.0,
                                              lesion=False, healthy_profile=False)
     curvatures.add(anatomy.curvature)
     p = anatomy.profiles
@@ -266,9 +267,9 @@ def test_bright_normal_lookalikes_exist(clinical):
 
 
 def test_same_seed_same_bytes_different_seed_differs():
-  a = phantom.generate_subject("sub-a", "clinical", 21, True, num_slices=3)
-  b = phantom.generate_subject("sub-a", "clinical", 21, True, num_slices=3)
-  c = phantom.generate_subject("sub-a", "clinical", 22, True, num_slices=3)
+  a = generator.generate_subject("sub-a", "clinical", 21, True, num_slices=3)
+  b = generator.generate_subject("sub-a", "clinical", 21, True, num_slices=3)
+  c = generator.generate_subject("sub-a", "clinical", 22, True, num_slices=3)
   for name in ("image", "labels", "vertebrae", "lesion_ids"):
     assert getattr(a, name).tobytes() == getattr(b, name).tobytes(), name
   assert a.image.shape != c.image.shape or a.image.tobytes() != c.image.tobytes()
@@ -277,9 +278,9 @@ def test_same_seed_same_bytes_different_seed_differs():
 def test_write_cohort_is_byte_deterministic(tmp_path, cohort):
   root, _ = cohort
   again = tmp_path / "again"
-  phantom.write_cohort(again, 3, "clinical", seed=5, lesion_fraction=0.67, num_slices=NUM_SLICES)
+  cohort_writer.write_cohort(again, 3, "clinical", seed=5, lesion_fraction=0.67, num_slices=NUM_SLICES)
   for sid in ("sub-001", "sub-002", "sub-003"):
-    for path in phantom.subject_paths(root, sid).values():
+    for path in cohort_writer.subject_paths(root, sid).values():
       other = os.path.join(again, os.path.relpath(path, root))
       with open(path, "rb") as f, open(other, "rb") as g:
         assert f.read() == g.read(), path
@@ -321,7 +322,7 @@ def test_cohort_layout_loads_with_consistent_truth(cohort):
   assert sum(int(r["has_lesion"]) for r in rows) == 2  # round(0.67 * 3) lesion subjects
   for row in rows:
     sid = row["participant_id"]
-    paths = phantom.subject_paths(root, sid)
+    paths = cohort_writer.subject_paths(root, sid)
     image, label, vert = (nib.load(paths[k]) for k in ("image", "label", "vertebrae"))
     assert image.shape == label.shape == vert.shape and image.shape[0] == NUM_SLICES
     for img in (label, vert):

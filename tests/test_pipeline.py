@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from u2ad_jax.data import pipeline
-from u2ad_jax.data import preprocess
+from u2ad_jax.data import sliceset
 
 
 def make_slice_set(num_slices=23, size=16, seed=0):
@@ -16,9 +16,9 @@ def make_slice_set(num_slices=23, size=16, seed=0):
   labels[:, 4:12, 6:9] = 3
   labels[:, 4:12, 9:11] = 4
   ids = [f"sub-{i // 5}" for i in range(num_slices)]
-  return preprocess.SliceSet(
-      images=images, train_roi=preprocess.train_roi_from_labels(labels),
-      score_roi=preprocess.score_roi_from_labels(labels), labels=labels,
+  return sliceset.SliceSet(
+      images=images, train_roi=sliceset.train_roi_from_labels(labels),
+      score_roi=sliceset.score_roi_from_labels(labels), labels=labels,
       vertebrae=np.zeros_like(labels), subject_ids=ids,
       slice_index=np.arange(num_slices) % 5, geometries={i: None for i in ids})
 

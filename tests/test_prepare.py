@@ -22,7 +22,8 @@ from u2ad_jax import labels as L
 from u2ad_jax.commands import prepare
 from u2ad_jax.data import cohort
 from u2ad_jax.data import nifti
-from u2ad_jax.data import phantom
+from u2ad_jax.phantom import cohort_writer
+from u2ad_jax.phantom import generator
 from u2ad_jax.data import spine_tools as st
 from u2ad_jax.evaluation import evaluator
 from u2ad_jax.evaluation import levels as levels_lib
@@ -91,7 +92,7 @@ def save(path, data, affine, dtype=None):
 
 @pytest.fixture(scope="module")
 def subject():
-  return phantom.generate_subject("sub-001", "clinical", 3, True, num_slices=NUM_SLICES)
+  return generator.generate_subject("sub-001", "clinical", 3, True, num_slices=NUM_SLICES)
 
 
 def write_inputs(root, subject, tool, name="sub-001_T2w", labels=None, vertebrae=None):
@@ -117,7 +118,7 @@ def data_config(size=128):
 
 
 def native_cohort(root, subject):
-  phantom.write_subject(root, subject)
+  cohort_writer.write_subject(root, subject)
   return root
 
 
@@ -184,7 +185,7 @@ def crop_below_c2(subject):
   cut = int(np.flatnonzero((subject.vertebrae == c2).any(axis=(0, 1))).min())
   arrays = {k: getattr(subject, k)[:, :, :cut]
             for k in ("image", "clean", "labels", "vertebrae", "lesion_ids")}
-  return phantom.Subject(**{**subject.__dict__, **arrays})
+  return generator.Subject(**{**subject.__dict__, **arrays})
 
 
 def test_field_of_view_from_c3_is_scored_at_the_right_levels(tmp_path, subject):
@@ -244,18 +245,18 @@ def test_no_complete_segment_is_refused(tmp_path, subject):
   for name in ("C3", "C4", "C5", "C6", "C7", "T1"):
     v[v == L.VERTEBRA_INSTANCE_IDS[name]] = 0
   with pytest.raises(errors.LabelError, match="only C2 of C2 ... T1"):
-    levels_lib.find_levels(phantom.volume_to_model(subject.labels),
-                           vertebrae=phantom.volume_to_model(v), source="x_vertebrae.nii.gz")
+    levels_lib.find_levels(generator.volume_to_model(subject.labels),
+                           vertebrae=generator.volume_to_model(v), source="x_vertebrae.nii.gz")
 
 
 def test_unlabelled_body_does_not_shift_levels(subject):
   # C4 missing from the body label (fused / not segmented): counting shifts, identity does not.
   from_identity = levels_lib.find_levels(
-      phantom.volume_to_model(subject.labels), vertebrae=phantom.volume_to_model(subject.vertebrae))
+      generator.volume_to_model(subject.labels), vertebrae=generator.volume_to_model(subject.vertebrae))
   labels = subject.labels.copy()
   labels[subject.vertebrae == L.VERTEBRA_INSTANCE_IDS["C4"]] = 0
-  model_labels = phantom.volume_to_model(labels)
-  still = levels_lib.find_levels(model_labels, vertebrae=phantom.volume_to_model(subject.vertebrae))
+  model_labels = generator.volume_to_model(labels)
+  still = levels_lib.find_levels(model_labels, vertebrae=generator.volume_to_model(subject.vertebrae))
   np.testing.assert_allclose(still.centroid_rows, from_identity.centroid_rows)
   counted = levels_lib.find_levels(model_labels)
   assert counted.method == "count"
@@ -269,8 +270,8 @@ def _real_volume(samples_dir, name, copies=3):
   """A thin 3D volume (RAS, 1 mm / 3 mm slices) from one real 2D sample slice."""
   data = np.load(os.path.join(samples_dir, name))
   image, labels = data[0], np.rint(data[2]).astype(np.uint8)
-  image_vol = phantom.model_to_volume(np.repeat(image[None], copies, 0)).astype(np.float32) * 1000
-  label_vol = phantom.model_to_volume(np.repeat(labels[None], copies, 0))
+  image_vol = generator.model_to_volume(np.repeat(image[None], copies, 0)).astype(np.float32) * 1000
+  label_vol = generator.model_to_volume(np.repeat(labels[None], copies, 0))
   # Identities by counting the sample's own bodies top-down (its label map has none).
   model = np.repeat(labels[None], copies, 0)
   bodies = levels_lib.vertebral_bodies(model[copies // 2])
@@ -282,7 +283,7 @@ def _real_volume(samples_dir, name, copies=3):
     if comp:
       vert_model[:, comps == comp] = k + 2
   affine = np.diag([3.0, 200 / 256, 200 / 256, 1.0])
-  return image_vol, label_vol, phantom.model_to_volume(vert_model), affine
+  return image_vol, label_vol, generator.model_to_volume(vert_model), affine
 
 
 def test_real_clinical_slice_through_totalspineseg_format(tmp_path, samples_dir):
@@ -304,7 +305,7 @@ def test_real_clinical_slice_through_totalspineseg_format(tmp_path, samples_dir)
   assert np.array_equal((label.data == L.VERTEBRA) & identified, identified)
   cfg = data_config(256)
   got = evaluator.prepare_cohort(out, cfg, progress=False).levels["sub-clinical1"]
-  counted = levels_lib.find_levels(phantom.volume_to_model(labels))
+  counted = levels_lib.find_levels(generator.volume_to_model(labels))
   np.testing.assert_allclose(got.centroid_rows, counted.centroid_rows, atol=0.5)
 
 

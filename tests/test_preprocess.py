@@ -20,6 +20,8 @@ from u2ad_jax.data import cohort
 from u2ad_jax.data import nifti
 from u2ad_jax.data import npy_slices
 from u2ad_jax.data import preprocess
+from u2ad_jax.data import slice_geometry
+from u2ad_jax.data import sliceset
 
 # Stored axis codes -> (canonical world axis, sign).
 _AXES = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1), "I": (2, -1)}
@@ -198,7 +200,7 @@ def test_cord_mask_round_trip_overlays_input(tmp_path, codes, image_size):
   geometry = slices.geometries["sub-1"]
   cord_slices = slices.labels == 3
   # The fixture crops S-I (110 mm > 96) and pads A-P (72 mm < 96): both inverted.
-  back = preprocess.slices_to_volume(cord_slices.astype(np.float32), slices.slice_index, geometry)
+  back = slice_geometry.slices_to_volume(cord_slices.astype(np.float32), slices.slice_index, geometry)
   assert back.shape == labels.shape  # the STORED grid, not the canonical one
   assert dice(back > 0.5, labels == 3) > 0.9
   out = tmp_path / "cord_map.nii.gz"
@@ -207,7 +209,7 @@ def test_cord_mask_round_trip_overlays_input(tmp_path, codes, image_size):
   np.testing.assert_allclose(written.affine, affine, atol=1e-6)
   assert dice(written.get_fdata() > 0.5, nib.load(files.label).get_fdata() == 3) > 0.9
   # Integer maps default to nearest-neighbour: the output holds only the input's values.
-  back_nearest = preprocess.slices_to_volume(slices.labels, slices.slice_index, geometry)
+  back_nearest = slice_geometry.slices_to_volume(slices.labels, slices.slice_index, geometry)
   assert set(np.unique(back_nearest)) <= set(np.unique(labels))
   assert dice(back_nearest == 3, labels == 3) > 0.9
 
@@ -224,7 +226,7 @@ def test_single_voxel_forward_and_back(tmp_path, codes):
   spike = np.zeros(CANONICAL_SHAPE, np.float32)
   target = (5, 31, 62)
   spike[target] = 1.0
-  model = preprocess.to_model_slices(spike, geometry, order=1, antialias=False)
+  model = slice_geometry.to_model_slices(spike, geometry, order=1, antialias=False)
   s, r, c = np.unravel_index(np.argmax(model), model.shape)
   assert s == target[0]
   world_target = volume.affine[:3, :3] @ np.array(target) + volume.affine[:3, 3]
@@ -232,7 +234,7 @@ def test_single_voxel_forward_and_back(tmp_path, codes):
   # Back: one bright model pixel lands on the stored voxel under it (within one voxel).
   maps = np.zeros((1, 96, 96), np.float32)
   maps[0, 30, 70] = 1.0
-  back = preprocess.slices_to_volume(maps, [3], geometry)
+  back = slice_geometry.slices_to_volume(maps, [3], geometry)
   ijk = np.array(np.unravel_index(np.argmax(back), back.shape))
   world_back = affine[:3, :3] @ ijk + affine[:3, 3]
   assert np.all(np.abs(world_back - geometry.model_to_world(3, 30, 70)) <= voxel_size)
@@ -243,7 +245,7 @@ def test_pixels_outside_acquired_volume_are_zero(tmp_path):
   image, labels, vertebrae, affine = make_subject()
   files = write_subject(tmp_path, "sub-1", image, labels, vertebrae, affine)
   slices = preprocess.load_subject(files, data_cfg())
-  inside = preprocess.model_inside(slices.geometries["sub-1"])
+  inside = slice_geometry.model_inside(slices.geometries["sub-1"])
   # A-P extent is 72 mm of 96: 12 padded columns on each side (within one pixel of rounding).
   covered_cols = np.flatnonzero(inside.any(axis=0))
   assert 11 <= covered_cols[0] <= 13 and 11 <= 95 - covered_cols[-1] <= 13
@@ -283,8 +285,8 @@ def test_loaded_images_follow_percentile_rule(tmp_path):
   slices = preprocess.load_subject(files, cfg)
   geometry = slices.geometries["sub-1"]
   assert len(slices) == CANONICAL_SHAPE[0]
-  raw = preprocess.to_model_slices(nifti.read_volume(files.image).data, geometry, order=3)
-  inside = preprocess.model_inside(geometry)
+  raw = slice_geometry.to_model_slices(nifti.read_volume(files.image).data, geometry, order=3)
+  inside = slice_geometry.model_inside(geometry)
   values = raw[:, inside]
   foreground = values[values > 0.01 * values.max()]
   lo, hi = np.percentile(foreground.astype(np.float64), [0.2, 99.8])
@@ -306,8 +308,8 @@ def test_rois_from_labels():
   labels[0, 4:12, 9:11] = 4
   labels[1, 4:12, 7] = 6  # 1 px wide lesion-only cord: erosion empties it -> fallback
   cross = ndimage.generate_binary_structure(2, 1)
-  train = preprocess.train_roi_from_labels(labels)
-  score = preprocess.score_roi_from_labels(labels)
+  train = sliceset.train_roi_from_labels(labels)
+  score = sliceset.score_roi_from_labels(labels)
   for i in range(2):
     np.testing.assert_array_equal(train[i], ndimage.binary_dilation(np.isin(labels[i], (3, 4, 6)), cross))
   np.testing.assert_array_equal(score[0], ndimage.binary_erosion(labels[0] == 3, cross))
@@ -319,7 +321,7 @@ def test_slice_filter_by_roi_patches(tmp_path):
   image, labels, vertebrae, affine = make_subject()
   files = write_subject(tmp_path, "sub-1", image, labels, vertebrae, affine)
   every = preprocess.load_subject(files, data_cfg(min_roi_patches=0))
-  counts = preprocess.roi_patch_count(every.train_roi, 8)
+  counts = sliceset.roi_patch_count(every.train_roi, 8)
   threshold = int(np.sort(counts)[-3]) if np.sort(counts)[-3] > 0 else 1
   kept = preprocess.load_subject(files, data_cfg(min_roi_patches=threshold))
   np.testing.assert_array_equal(kept.slice_index, np.flatnonzero(counts >= threshold))
@@ -338,7 +340,7 @@ def test_slice_set_subset_and_concat(tmp_path):
     image, labels, vertebrae, affine = make_subject(codes, seed=k)
     parts.append(preprocess.load_subject(write_subject(tmp_path, f"sub-{k}", image, labels,
                                                        vertebrae, affine), data_cfg()))
-  both = preprocess.SliceSet.concat(parts)
+  both = sliceset.SliceSet.concat(parts)
   assert len(both) == len(parts[0]) + len(parts[1])
   assert both.subjects == ["sub-0", "sub-1"]
   np.testing.assert_array_equal(both.subject("sub-1").images, parts[1].images)
@@ -352,7 +354,7 @@ def test_slice_set_subset_and_concat(tmp_path):
   # The same subject loaded twice carries two geometries: concatenating them is refused.
   again = preprocess.load_subject(cohort.list_subjects(tmp_path, ["sub-0"])[0], data_cfg())
   with pytest.raises(ValueError):
-    preprocess.SliceSet.concat([parts[0], again])
+    sliceset.SliceSet.concat([parts[0], again])
 
 
 # ----------------------------------------------------------------------------- cohort
@@ -377,7 +379,7 @@ def test_list_subjects_and_participants(tmp_path):
   assert table["sub-001"]["lesion_levels"] == ["C4-5", "C5-6"]
   assert table["sub-001"]["C5-6"] == 1 and table["sub-001"]["profile"] == "clinical"
   assert table["sub-002"]["lesion_levels"] == []
-  loaded = cohort.load_cohort(tmp_path, data_cfg(), progress=False)
+  loaded = preprocess.load_cohort(tmp_path, data_cfg(), progress=False)
   assert loaded.subjects == ["sub-001", "sub-002"]
   assert loaded.subject("sub-002").vertebrae.max() == 0
   assert loaded.subject("sub-001").vertebrae.max() > 0
@@ -416,12 +418,12 @@ def test_npy_samples_load(samples_dir):
   assert len(slice_set) == 5 and slice_set.images.shape == (5, 256, 256)
   assert slice_set.subject_ids == [n[:-4] for n in names]
   assert all(g is None for g in slice_set.geometries.values())
-  np.testing.assert_array_equal(slice_set.score_roi, preprocess.score_roi_from_labels(slice_set.labels))
+  np.testing.assert_array_equal(slice_set.score_roi, sliceset.score_roi_from_labels(slice_set.labels))
   assert slice_set.subject("clinical_1").score_roi.sum() > 0
   assert slice_set.subject("public_1").score_roi.sum() == 0
   recomputed = npy_slices.load_npy_dir(samples_dir, recompute_train_roi=True)
   np.testing.assert_array_equal(recomputed.train_roi,
-                                preprocess.train_roi_from_labels(slice_set.labels))
+                                sliceset.train_roi_from_labels(slice_set.labels))
 
 
 # ----------------------------------------------------------------------------- io_utils

@@ -1,4 +1,4 @@
-"""The real-anatomy benchmark generator (u2ad_jax/data/pseudo_patients.py): truth, layout, realism.
+"""The real-anatomy benchmark generator (u2ad_jax/phantom/pseudo_patients.py): truth, layout, realism.
 
 Two sources: the release's real sample slices (skipped where absent) and, always, a small phantom
 cohort in our layout (the generator's other input format).
@@ -17,8 +17,12 @@ import pytest
 from u2ad_jax import errors
 from u2ad_jax import labels as L
 from u2ad_jax.data import cohort
-from u2ad_jax.data import phantom
-from u2ad_jax.data import pseudo_patients as pp
+from u2ad_jax.phantom import cohort_writer
+from u2ad_jax.phantom import contrast
+from u2ad_jax.phantom import generator
+from u2ad_jax.phantom import pseudo_lesions
+from u2ad_jax.phantom import pseudo_patients as pp
+from u2ad_jax.phantom import real_slices
 from u2ad_jax.evaluation import evaluator
 from u2ad_jax.evaluation import levels
 from u2ad_jax.evaluation import workflow
@@ -35,12 +39,12 @@ NOISE_RANGE = (0.9, 1.45)
 @pytest.fixture(scope="module")
 def phantom_source(tmp_path_factory):
   root = tmp_path_factory.mktemp("phantom_source")
-  phantom.write_cohort(root, 2, "clinical", seed=11, lesion_fraction=0.0, num_slices=3)
+  cohort_writer.write_cohort(root, 2, "clinical", seed=11, lesion_fraction=0.0, num_slices=3)
   return root
 
 
 def _model(path):
-  return phantom.volume_to_model(np.asarray(nib.load(path).dataobj))
+  return generator.volume_to_model(np.asarray(nib.load(path).dataobj))
 
 
 def _check_cohort(root, num_subjects):
@@ -50,12 +54,12 @@ def _check_cohort(root, num_subjects):
   table = cohort.read_participants(root)
   records = []
   for f in files:
-    record = json.load(open(phantom.subject_paths(root, f.subject_id)["lesions"]))
+    record = json.load(open(cohort_writer.subject_paths(root, f.subject_id)["lesions"]))
     lab = _model(f.label)
     image = nib.load(f.image)
     assert image.shape == nib.load(f.label).shape and image.shape[0] == pp.DEFAULT_NUM_SLICES
     np.testing.assert_allclose(np.diag(image.affine)[:3],
-                               [pp.DEFAULT_SLICE_SPACING_MM, pp.DEFAULT_PIXEL_MM, pp.DEFAULT_PIXEL_MM])
+                               [pp.DEFAULT_SLICE_SPACING_MM, real_slices.DEFAULT_PIXEL_MM, real_slices.DEFAULT_PIXEL_MM])
     row = table[f.subject_id]
     assert row["has_lesion"] == int((lab == L.LESION).any()) == int(bool(record["lesions"]))
     lv = levels.find_levels(lab)
@@ -66,7 +70,7 @@ def _check_cohort(root, num_subjects):
       # The lesion lies in the segment it was drawn for (and only there: it is kept inside).
       assert lesion["segments"] == [lesion["level"]]
       truth.add(lesion["level"])
-      lo, hi = pp.GRADE_RATIO[lesion["grade"]]
+      lo, hi = contrast.GRADE_RATIO[lesion["grade"]]
       assert lo - 1e-3 <= lesion["ratio"] <= hi + 1e-3
       assert lesion["ratio"] == pytest.approx(lesion["target_ratio"], abs=2e-3)
       if lesion["grade"] == 2:
@@ -88,7 +92,7 @@ def test_from_the_real_samples(samples_dir, tmp_path):
   config = workflow.load_config("cpu.py")
   prepared = evaluator.prepare_cohort(root, config.data, progress=False)
   assert len(prepared.slice_set.subjects) == 8
-  assert os.path.isfile(phantom.subject_paths(root, "sub-001")["vertebrae"])
+  assert os.path.isfile(cohort_writer.subject_paths(root, "sub-001")["vertebrae"])
   realism = pp.read_realism(root)
   assert realism["bases"] == ["clinical_1"]
   assert set(realism["rejected"]) == {"clinical_3", "public_1", "public_2", "public_3"}
@@ -97,12 +101,12 @@ def test_from_the_real_samples(samples_dir, tmp_path):
   image, _, lab = __import__("u2ad_jax.data.npy_slices", fromlist=["x"]).load_npy_slice(
       samples_dir / "clinical_1.npy")
   assert realism["source_stats"]["noise_sigma"] == pytest.approx(
-      pp.noise_sigma(image, pp.foreground(image, lab)))
+      real_slices.noise_sigma(image, real_slices.foreground(image, lab)))
 
 
 def _check_realism(realism):
   source, generated = realism["source_stats"], realism["generated_stats"]
-  for tissue in pp.REALISM_TISSUES:
+  for tissue in real_slices.REALISM_TISSUES:
     s, g = source[tissue], generated[tissue]
     assert abs(g["mean"] - s["mean"]) <= MEAN_TOLERANCE, (tissue, s, g)
     assert 1 / SD_FACTOR <= g["sd"] / s["sd"] <= SD_FACTOR, (tissue, s, g)
@@ -121,24 +125,24 @@ def test_from_a_cohort_in_our_layout(phantom_source, tmp_path):
 
 
 def test_subject_ratio_is_measured_on_the_image(phantom_source):
-  bases, _ = pp.load_bases(phantom_source)
+  bases, _ = real_slices.load_bases(phantom_source)
   for seed in range(3):
     subject = pp.generate_subject("sub-x", bases[0], seed, lesion=True)
-    clean = phantom.volume_to_model(subject.clean)
-    lab = phantom.volume_to_model(subject.labels)
-    ids = phantom.volume_to_model(subject.lesion_ids)
+    clean = generator.volume_to_model(subject.clean)
+    lab = generator.volume_to_model(subject.labels)
+    ids = generator.volume_to_model(subject.lesion_ids)
     # The same seed without lesions has the same geometry (drawn first): every lesion voxel was
     # cord there, and nothing else changed in the label map.
-    healthy_lab = phantom.volume_to_model(pp.generate_subject("sub-x", bases[0], seed, lesion=False).labels)
+    healthy_lab = generator.volume_to_model(pp.generate_subject("sub-x", bases[0], seed, lesion=False).labels)
     assert np.all(healthy_lab[lab == L.LESION] == L.CORD)
     assert np.array_equal(healthy_lab[lab != L.LESION], lab[lab != L.LESION])
     assert subject.lesions
     for lesion in subject.lesions:
       mask = ids == lesion["index"]
-      ratio, _ = pp.lesion_ratio(clean, lab, mask, bases[0].pixel_mm)
+      ratio, _ = pseudo_lesions.lesion_ratio(clean, lab, mask, bases[0].pixel_mm)
       assert ratio == pytest.approx(lesion["ratio"], rel=1e-4)
       # The lesion is brighter than its cord in the NOISY image too (it shares the noise).
-      noisy = phantom.volume_to_model(subject.image)
+      noisy = generator.volume_to_model(subject.image)
       cord = (lab == L.CORD) & mask.any(axis=(1, 2))[:, None, None]
       assert noisy[mask].mean() > noisy[cord].mean()
 
@@ -147,7 +151,7 @@ def test_deterministic_and_seed_dependent(phantom_source, tmp_path):
   paths = []
   for name, seed in (("a", 5), ("b", 5), ("c", 6)):
     pp.write_cohort(tmp_path / name, phantom_source, 2, seed=seed, lesion_fraction=0.5)
-    paths.append(open(phantom.subject_paths(tmp_path / name, "sub-001")["image"], "rb").read())
+    paths.append(open(cohort_writer.subject_paths(tmp_path / name, "sub-001")["image"], "rb").read())
   assert paths[0] == paths[1] and paths[0] != paths[2]
 
 
@@ -156,7 +160,7 @@ def test_noise_estimator_reads_white_noise():
   rr, cc = np.mgrid[:128, :128]
   smooth = 0.3 + 0.002 * rr + 0.001 * cc + 0.1 * np.sin(rr / 20.0)
   for sigma in (0.01, 0.05):
-    assert pp.noise_sigma(smooth + sigma * rng.standard_normal(smooth.shape)) == pytest.approx(sigma, rel=0.06)
+    assert real_slices.noise_sigma(smooth + sigma * rng.standard_normal(smooth.shape)) == pytest.approx(sigma, rel=0.06)
 
 
 def test_unusable_sources_fail_with_the_reasons(samples_dir, tmp_path):
@@ -165,9 +169,9 @@ def test_unusable_sources_fail_with_the_reasons(samples_dir, tmp_path):
   for name in ("public_1.npy", "clinical_3.npy"):
     shutil.copy(samples_dir / name, only_public / name)
   with pytest.raises(errors.InputError, match="no slice with a usable cord ROI.*clinical_3: cord on"):
-    pp.load_bases(only_public)
+    real_slices.load_bases(only_public)
   with pytest.raises(errors.InputError, match="not found"):
-    pp.load_bases(tmp_path / "missing")
+    real_slices.load_bases(tmp_path / "missing")
 
 
 def test_synth_command_healthy(phantom_source, tmp_path):
@@ -180,7 +184,7 @@ def test_synth_command_healthy(phantom_source, tmp_path):
   assert "wrote real-anatomy cohort" in proc.stdout and "0 with lesions" in proc.stdout
   table = cohort.read_participants(out)
   assert [r["has_lesion"] for r in table.values()] == [0, 0]
-  assert nib.load(phantom.subject_paths(out, "sub-001")["image"]).shape[0] == 3
+  assert nib.load(cohort_writer.subject_paths(out, "sub-001")["image"]).shape[0] == 3
   bad = subprocess.run([sys.executable, "-m", "u2ad_jax.cli", "synth", "--out", str(tmp_path / "x"),
                         "--from-slices", str(phantom_source), "--healthy", "--lesion-fraction", "0.5"],
                        capture_output=True, text=True, check=False)

@@ -226,11 +226,12 @@ def test_phantom_levels_and_lesion_segments(tmp_path):
   patient's peak in one of its true lesion segments."""
   import ml_collections
   from u2ad_jax.data import cohort
-  from u2ad_jax.data import phantom
   from u2ad_jax.data import preprocess
+  from u2ad_jax.phantom import cohort_writer
+  from u2ad_jax.phantom import generator
 
   root = str(tmp_path / "clinical")
-  phantom.write_cohort(root, 3, "clinical", seed=5, lesion_fraction=1.0)
+  cohort_writer.write_cohort(root, 3, "clinical", seed=5, lesion_fraction=1.0)
   cfg = ml_collections.ConfigDict(dict(image_size=128, fov_mm=200.0, pixel_mm=1.0,
                                        clip_percentiles=(0.2, 99.8), min_roi_patches=4,
                                        patch_size=8))
@@ -239,7 +240,7 @@ def test_phantom_levels_and_lesion_segments(tmp_path):
   levels = scoring.cohort_levels(s.labels, s.score_roi, s.subject_ids)
   for sid in s.subjects:
     pos = s.indices_of(sid)
-    expected = phantom.reference_centroids(s.labels[pos], s.vertebrae[pos])
+    expected = generator.reference_centroids(s.labels[pos], s.vertebrae[pos])
     np.testing.assert_allclose(levels[sid].centroid_rows, expected, atol=0.5)
   oracle = (s.labels == L.LESION).astype(np.float32)
   result = analysis.analyse("oracle", images=s.images, labels=s.labels, score_roi=s.score_roi,

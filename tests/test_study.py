@@ -15,7 +15,7 @@ import pytest
 
 from u2ad_jax import errors
 from u2ad_jax.data import cohort
-from u2ad_jax.data import phantom
+from u2ad_jax.phantom import cohort_writer
 from u2ad_jax.evaluation import study
 from u2ad_jax.evaluation import workflow
 
@@ -30,7 +30,7 @@ def _config():
 
 def test_study_smoke(tmp_path):
   source = tmp_path / "source"
-  phantom.write_cohort(source, 2, "clinical", seed=11, lesion_fraction=0.0, num_slices=3)
+  cohort_writer.write_cohort(source, 2, "clinical", seed=11, lesion_fraction=0.0, num_slices=3)
   out = tmp_path / "study"
   first = study.run_study(out, [0], source=str(source), smoke=True, config=_config(), methods=["eu_au"],
                           num_resamples=200, verbose=False)

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+import support
 from u2ad_jax import output_guard
-from u2ad_jax.data import phantom
 from u2ad_jax.train import checkpoint
 from u2ad_jax.train import metrics_log
 
@@ -21,18 +21,11 @@ TIMEOUT_S = 300
 
 @pytest.fixture(scope="module")
 def cohorts(tmp_path_factory):
-  root = tmp_path_factory.mktemp("cohorts")
-  phantom.write_cohort(root / "public", 3, "public", seed=1, num_slices=3)
-  phantom.write_cohort(root / "clinical", 3, "clinical", seed=2, num_slices=3,
-                       lesion_fraction=0.67)
-  return root / "public", root / "clinical"
+  return support.write_small_cohorts(tmp_path_factory.mktemp("cohorts"))
 
 
 def _train(workdir, public, clinical):
-  # Cheap XLA compilation: these runs take milliseconds per step but seconds to compile.
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2 "
-                       "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+  env = support.cpu_subprocess_env(2)
   command = [sys.executable, "-m", "u2ad_jax.cli", "train",
              "--config", str(REPO / "configs" / "cpu.py") + ":runlocal",
              "--workdir", str(workdir),

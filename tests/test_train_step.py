@@ -15,12 +15,12 @@ import numpy as np
 import optax
 import pytest
 
+import toy_data
 from u2ad_jax import patches
 from u2ad_jax.train import config_lib
 from u2ad_jax.train import parallel
 from u2ad_jax.train import state as state_lib
 from u2ad_jax.train import step as step_lib
-from u2ad_jax.train import toy_data
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 GLOBAL_BATCH = 4

@@ -18,6 +18,7 @@ import textwrap
 import numpy as np
 import pytest
 
+import support
 from u2ad_jax import errors
 from u2ad_jax import output_guard
 from u2ad_jax.train import checkpoint
@@ -94,7 +95,8 @@ TRAIN_SCRIPT = textwrap.dedent("""
     import fsspec
     from fsspec.implementations import memory
     from u2ad_jax import output_guard
-    from u2ad_jax.train import checkpoint, config_lib, metrics_log, toy_data, trainer
+    import toy_data
+    from u2ad_jax.train import checkpoint, config_lib, metrics_log, trainer
     from u2ad_jax.train import workdir as workdir_lib
 
     class FakeS3(memory.MemoryFileSystem):
@@ -164,9 +166,7 @@ def test_train_on_a_uri_workdir(tmp_path):
   out = tmp_path / "report.json"
   cwd = tmp_path / "cwd"
   cwd.mkdir()
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1 "
-                       "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+  env = support.cpu_subprocess_env(1)
   run = subprocess.run([sys.executable, str(script), str(out), os.path.abspath(BASE)], env=env,
                        cwd=str(cwd), capture_output=True, text=True, timeout=TIMEOUT_S)
   assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

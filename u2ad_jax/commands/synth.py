@@ -22,20 +22,21 @@ from absl import flags
 from u2ad_jax import errors
 from u2ad_jax import labels
 from u2ad_jax import output_guard
-from u2ad_jax.data import phantom
+from u2ad_jax.phantom import cohort_writer
+from u2ad_jax.phantom import generator
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "cohort root directory to write (created)")
 flags.DEFINE_bool("overwrite", False, "replace DIR when it holds a cohort written by u2ad synth")
 flags.DEFINE_integer("subjects", 8, "number of subjects", lower_bound=1)
-flags.DEFINE_enum("profile", "clinical", sorted(phantom.PROFILES), "scanner profile")
+flags.DEFINE_enum("profile", "clinical", sorted(generator.PROFILES), "scanner profile")
 flags.DEFINE_integer("seed", 0, "cohort seed (same seed -> identical files)")
 flags.DEFINE_float("lesion_fraction", None,
                    "fraction of subjects with lesions (default: 0.5 clinical, 0.0 public)",
                    lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_alias("lesion-fraction", "lesion_fraction")
 flags.DEFINE_integer("slices", None, "override the profile's number of sagittal slices", lower_bound=1)
-# Real-anatomy benchmark (u2ad_jax/data/pseudo_patients.py).
+# Real-anatomy benchmark (u2ad_jax/phantom/pseudo_patients.py).
 flags.DEFINE_string("from_slices", None,
                     "build pseudo-patients from the labelled real slices in this folder (.npy "
                     "release slices or a cohort in our layout) instead of the phantom")
@@ -43,7 +44,7 @@ flags.DEFINE_alias("from-slices", "from_slices")
 flags.DEFINE_bool("healthy", False, "with --from-slices: pseudo-healthy cohort (lesion fraction 0)")
 
 
-def summarize(subjects: list[phantom.Subject], seconds: float) -> str:
+def summarize(subjects: list[generator.Subject], seconds: float) -> str:
   """Multi-line summary of a generated cohort."""
   num_slices = sum(s.num_slices for s in subjects)
   by_grade = collections.Counter()
@@ -74,10 +75,10 @@ def main(argv: list[str]) -> None:
   out = output_guard.check_output_dir(FLAGS.out, "synth", overwrite=FLAGS.overwrite)
   if FLAGS.from_slices:
     return _synth_from_slices(out)
-  subjects: list[phantom.Subject] = []
+  subjects: list[generator.Subject] = []
   total = FLAGS.subjects
 
-  def progress(index: int, subject: phantom.Subject, seconds: float) -> None:
+  def progress(index: int, subject: generator.Subject, seconds: float) -> None:
     subjects.append(subject)
     truth = subject.truth
     what = (f"lesion grade {truth['grade']} at {';'.join(truth['lesion_levels'])}" if truth["has_lesion"]
@@ -88,7 +89,7 @@ def main(argv: list[str]) -> None:
 
   start = time.perf_counter()
   with output_guard.staged_directory(out, "synth") as staging:
-    phantom.write_cohort(staging, total, FLAGS.profile, FLAGS.seed, FLAGS.lesion_fraction,
+    cohort_writer.write_cohort(staging, total, FLAGS.profile, FLAGS.seed, FLAGS.lesion_fraction,
                          num_slices=FLAGS.slices, progress=progress)
   seconds = time.perf_counter() - start
   print(f"wrote {FLAGS.profile} cohort to {out} (participants: "
@@ -98,14 +99,14 @@ def main(argv: list[str]) -> None:
 
 def _synth_from_slices(out: str) -> None:
   """`--from-slices SRC`: the real-anatomy pseudo-patient cohort (pseudo_patients.write_cohort)."""
-  from u2ad_jax.data import pseudo_patients  # pylint: disable=g-import-not-at-top
+  from u2ad_jax.phantom import pseudo_patients  # pylint: disable=g-import-not-at-top
   if FLAGS.healthy and FLAGS.lesion_fraction:
     raise errors.UsageError("--healthy and a non-zero --lesion-fraction contradict each other")
   fraction = 0.0 if FLAGS.healthy else (0.5 if FLAGS.lesion_fraction is None else FLAGS.lesion_fraction)
-  subjects: list[phantom.Subject] = []
+  subjects: list[generator.Subject] = []
   total = FLAGS.subjects
 
-  def progress(index: int, subject: phantom.Subject, seconds: float) -> None:
+  def progress(index: int, subject: generator.Subject, seconds: float) -> None:
     subjects.append(subject)
     what = ", ".join(f"grade {l['grade']} ratio {l['ratio']:.2f} at {l['level']}" for l in subject.lesions)
     print(f"[{index + 1}/{total}] {subject.subject_id} from {subject.meta['base']}: "

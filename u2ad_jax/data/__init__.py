@@ -1,0 +1,13 @@
+"""Real-data I/O: reading and validating scans, the cohort layout, and preprocessing to slices.
+
+  nifti.py           validated NIfTI reading (canonical RAS+) and aligned writing of output maps.
+  cohort.py          the BIDS-like cohort layout and its participants table.
+  preprocess.py      loading: a subject's volumes -> its normalised model slices; whole cohorts.
+  slice_geometry.py  the model grid (1 mm, 200 mm field of view) and the exact way back.
+  sliceset.py        SliceSet (slices, ROIs, provenance) and the train / scoring ROI rules.
+  npy_slices.py      the original release's `.npy` slices.
+  pipeline.py        seeded training batches and augmentation.
+  spine_tools.py     TotalSpineSeg / SCT segmentations -> our label maps (`u2ad prepare`).
+
+The synthetic cohorts that produce data in this layout live in `u2ad_jax.phantom`.
+"""

@@ -137,17 +137,6 @@ def check_participants(root: PathLike, subject_ids: Sequence[str],
                                   f"({len(listed - folders)} listed subject(s) without one)")
 
 
-def load_cohort(root: PathLike, data_cfg: Any, *, subjects: Sequence[str] | None = None,
-                require_vertebrae: bool = False, progress: bool = True, skip_bad: bool = False):
-  """Discovers and loads a cohort into one `preprocess.SliceSet`; see `preprocess.load_cohort`
-  (this entry point keeps the cohort API in one place)."""
-  # Imported here because preprocess imports this module (for SubjectFiles / list_subjects).
-  from u2ad_jax.data import preprocess  # pylint: disable=g-import-not-at-top
-  return preprocess.load_cohort(root, data_cfg, subjects=subjects,
-                                require_vertebrae=require_vertebrae, progress=progress,
-                                skip_bad=skip_bad)
-
-
 def _find_nifti(stem: str) -> str | None:
   for ext in _NIFTI_EXTENSIONS:
     if os.path.isfile(stem + ext):

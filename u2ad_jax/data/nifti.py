@@ -188,9 +188,9 @@ def write_like(path: PathLike, volume: np.ndarray, reference: Any, dtype: Any = 
   Args:
     path: output file; `.nii.gz` is gzip-compressed, `.nii` is not.
     volume: `[I, J, K]` array on the reference's STORED voxel grid (what
-      `preprocess.slices_to_volume` returns).
+      `slice_geometry.slices_to_volume` returns).
     reference: the input it must overlay: a NIfTI path, a nibabel image, an object with
-      `affine` and `header` attributes (`Orientation`, `preprocess.SliceGeometry`), or a tuple
+      `affine` and `header` attributes (`Orientation`, `slice_geometry.SliceGeometry`), or a tuple
       `(affine, header_or_None)`.
     dtype: stored data type (float32 by default; the header's scaling is reset).
   """

@@ -14,7 +14,7 @@ import numpy as np
 
 from u2ad_jax import errors
 from u2ad_jax import labels as label_defs
-from u2ad_jax.data import preprocess
+from u2ad_jax.data import sliceset
 
 PathLike = str | os.PathLike
 
@@ -67,7 +67,7 @@ def load_npy_slice(path: PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   return (np.clip(image, 0.0, 1.0).astype(np.float32), roi > 0.5, rounded.astype(np.uint8))
 
 
-def load_npy_dir(directory: PathLike, recompute_train_roi: bool = False) -> preprocess.SliceSet:
+def load_npy_dir(directory: PathLike, recompute_train_roi: bool = False) -> sliceset.SliceSet:
   """Loads every `*.npy` file of a directory (sorted by name) into a SliceSet.
 
   Subject id = file name without extension, slice index 0, geometry None (no volume).
@@ -94,11 +94,11 @@ def load_npy_dir(directory: PathLike, recompute_train_roi: bool = False) -> prep
   images = np.stack([s[0] for s in slices])
   labels = np.stack([s[2] for s in slices])
   if recompute_train_roi:
-    train_roi = preprocess.train_roi_from_labels(labels)
+    train_roi = sliceset.train_roi_from_labels(labels)
   else:
     train_roi = np.stack([s[1] for s in slices])
   ids = [n[:-len(".npy")] for n in names]
-  return preprocess.SliceSet(
-      images=images, train_roi=train_roi, score_roi=preprocess.score_roi_from_labels(labels),
+  return sliceset.SliceSet(
+      images=images, train_roi=train_roi, score_roi=sliceset.score_roi_from_labels(labels),
       labels=labels, vertebrae=np.zeros_like(labels), subject_ids=ids,
       slice_index=np.zeros(len(ids), np.int32), geometries={i: None for i in ids})

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from u2ad_jax.data import preprocess
+from u2ad_jax.data import sliceset
 
 BRIGHTNESS_RANGE = (0.8, 1.2)
 CONTRAST_RANGE = (0.8, 1.2)
@@ -41,7 +41,7 @@ def augment_batch(images: np.ndarray, roi: np.ndarray, rng: np.random.Generator,
                   brightness_range: tuple[float, float] = BRIGHTNESS_RANGE,
                   contrast_range: tuple[float, float] = CONTRAST_RANGE,
                   noise_std: float = NOISE_STD, return_params: bool = False) -> Any:
-  """Training augmentation of method.md section 5, per image.
+  """Training augmentation (`docs/method.md`), per image.
 
   x -> contrast c about the image's ROI mean (whole-image mean when the ROI is empty; pivoting on
   the cord / CSF level keeps that level while stretching its contrast) -> brightness factor b ->
@@ -87,7 +87,7 @@ class BatchIterator:
   and b = global_batch / total devices.
   """
 
-  def __init__(self, slice_set: preprocess.SliceSet, *, global_batch: int, num_devices: int,
+  def __init__(self, slice_set: sliceset.SliceSet, *, global_batch: int, num_devices: int,
                seed: int, augment: bool, drop_remainder: bool, shuffle: bool = True,
                process_index: int = 0, process_count: int = 1, prefetch: int = 0,
                device_positions: Any = None, total_devices: int | None = None):

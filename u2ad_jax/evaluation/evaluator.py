@@ -294,7 +294,7 @@ def write_subject_outputs(out_dir: str, result: analysis.CohortResult, slice_set
                           provenance: Mapping[str, Any]) -> dict[str, dict[str, str]]:
   """Per-subject NIfTI maps on the input grid and the JSON sidecar; returns written files."""
   from u2ad_jax.data import nifti  # pylint: disable=g-import-not-at-top
-  from u2ad_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  from u2ad_jax.data import slice_geometry  # pylint: disable=g-import-not-at-top
 
   written = {}
   voxels = peak_positions(result, slice_set)
@@ -313,7 +313,7 @@ def write_subject_outputs(out_dir: str, result: analysis.CohortResult, slice_set
       if result.recon is not None:
         volumes["recon"] = _denormalise(result.recon[pos], geometry.intensity_range)
       for name, maps in volumes.items():
-        volume = preprocess.slices_to_volume(maps.astype(np.float32), slice_index, geometry)
+        volume = slice_geometry.slices_to_volume(maps.astype(np.float32), slice_index, geometry)
         rel = f"{sid}_{name}.nii.gz"
         nifti.write_like(os.path.join(subject_dir, rel), volume, geometry)
         files[name] = rel
@@ -367,7 +367,7 @@ def write_subject_outputs(out_dir: str, result: analysis.CohortResult, slice_set
 
 def model_to_voxel(geometry: Any, slice_index: int, row: int, column: int) -> tuple[int, int, int]:
   """Model-frame pixel (row, column) of the slice at canonical x `slice_index` -> the nearest
-  voxel `(i, j, k)` of the INPUT file's stored grid (`preprocess.SliceGeometry`: model pixel
+  voxel `(i, j, k)` of the INPUT file's stored grid (`slice_geometry.SliceGeometry`: model pixel
   (r, c) is grid index m_y = S-1-c, m_z = S-1-r at canonical voxel `scale * m + offset`; the
   canonical axes are the stored ones permuted and flipped, `geometry.orientation.ornt`)."""
   s = int(geometry.image_size)

@@ -86,15 +86,15 @@ def make_study_cohorts(data_dir: str, seed: int, size: workflow.DemoSize, source
   """(public, clinical) cohort directories of one seed (see the module docstring)."""
   if source is None:
     return workflow.make_cohorts(data_dir, size, seed, verbose)
-  from u2ad_jax.data import phantom  # pylint: disable=g-import-not-at-top
-  from u2ad_jax.data import pseudo_patients  # pylint: disable=g-import-not-at-top
+  from u2ad_jax.phantom import cohort_writer  # pylint: disable=g-import-not-at-top
+  from u2ad_jax.phantom import pseudo_patients  # pylint: disable=g-import-not-at-top
   public = os.path.join(data_dir, "public")
   clinical = os.path.join(data_dir, "real")
   # Regenerated only when the generation record differs (generation is deterministic per seed).
   for root, record, write in (
       (public, {"profile": "public", "num_subjects": size.num_public, "seed": seed,
                 "num_slices": size.num_slices},
-       lambda root: phantom.write_cohort(root, size.num_public, "public", seed, 0.0,
+       lambda root: cohort_writer.write_cohort(root, size.num_public, "public", seed, 0.0,
                                          num_slices=size.num_slices)),
       (clinical, {"source": os.path.abspath(source), "num_subjects": size.num_clinical,
                   "seed": seed, "num_slices": size.num_slices},

@@ -99,7 +99,7 @@ def make_cohorts(data_dir: str, size: DemoSize, seed: int,
   cohort is (re)written through a staged swap, as `u2ad synth` does, so its folders and
   participants.tsv always agree.
   """
-  from u2ad_jax.data import phantom  # pylint: disable=g-import-not-at-top
+  from u2ad_jax.phantom import cohort_writer  # pylint: disable=g-import-not-at-top
 
   dirs = []
   for profile, num, offset, lesion_fraction in (("public", size.num_public, 0, 0.0),
@@ -115,7 +115,7 @@ def make_cohorts(data_dir: str, size: DemoSize, seed: int,
           continue
     t0 = time.monotonic()
     with output_guard.staged_directory(root, "synth") as staging:
-      phantom.write_cohort(staging, num, profile, seed + offset, lesion_fraction=lesion_fraction,
+      cohort_writer.write_cohort(staging, num, profile, seed + offset, lesion_fraction=lesion_fraction,
                            num_slices=size.num_slices)
       io_utils.write_json(os.path.join(staging, "u2ad_demo_cohort.json"), record)
     if verbose:

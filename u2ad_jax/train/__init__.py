@@ -10,5 +10,4 @@
   trainer.py      the stage driver (pretrain -> adapt_eu -> adapt_eu_au), resume logic.
   distributed.py  multi-process start-up (jax.distributed.initialize).
   config_lib.py   helpers of the config files in configs/ (arguments, ablations, runlocal).
-  toy_data.py     a tiny in-memory SliceSet for smoke runs.
 """

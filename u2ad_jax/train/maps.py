@@ -96,7 +96,7 @@ class MapGenerator:
         max(1, int(config.data.min_roi_patches)), mode, devices)
 
   def __call__(self, params: Any, key: jax.Array, slice_set: Any) -> dict[str, np.ndarray]:
-    """Maps of every slice of `slice_set` (a preprocess.SliceSet).
+    """Maps of every slice of `slice_set` (a sliceset.SliceSet).
 
     Args:
       params: replicated parameters (as held by the train state).

@@ -46,6 +46,7 @@ from u2ad_jax import errors
 from u2ad_jax import schedules
 from u2ad_jax.data import pipeline
 from u2ad_jax.data import preprocess
+from u2ad_jax.data import sliceset
 from u2ad_jax.evaluation import postprocess as postprocess_lib
 from u2ad_jax.train import checkpoint
 from u2ad_jax.train import faults
@@ -206,7 +207,7 @@ def maps_key(root: jax.Array, stage: str, epoch: int) -> jax.Array:
   return jax.random.fold_in(key, int(epoch))
 
 
-def _load_slices(config: Any, field: str, verbose: bool) -> preprocess.SliceSet:
+def _load_slices(config: Any, field: str, verbose: bool) -> sliceset.SliceSet:
   """Loads and validates the cohort of `config.data.<field>` (InputError naming the file)."""
   root = str(config.data[field])
   stage = [s for s in config.stages if STAGE_DATA[s] == field][0]
@@ -384,13 +385,13 @@ def _stages_to_run(config: Any, start: _Start) -> list[str]:
 
 
 def _load_inputs(config: Any, workdir: str, start: _Start, slice_sets: dict | None,
-                 verbose: bool) -> dict[str, preprocess.SliceSet]:
+                 verbose: bool) -> dict[str, sliceset.SliceSet]:
   """Loads and validates every cohort the remaining stages train on, before any compute.
 
   A bad cohort (labels, shapes, NaN, empty ROI, ...) therefore stops the run here, not after
   hours of pretraining; and the maps restored with a checkpoint must still fit their cohort.
   """
-  cohorts: dict[str, preprocess.SliceSet] = {}
+  cohorts: dict[str, sliceset.SliceSet] = {}
   todo = _stages_to_run(config, start)
   for stage in todo:
     field = STAGE_DATA[stage]
@@ -428,7 +429,7 @@ def _set_aside(workdir: str, steps: tuple[int, ...]) -> None:
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           init_from: str | os.PathLike | None = None,
-          slice_sets: dict[str, preprocess.SliceSet] | None = None,
+          slice_sets: dict[str, sliceset.SliceSet] | None = None,
           verbose: bool = True, devices: list | None = None) -> TrainResult:
   """Runs (or resumes) the configured stages in `workdir`.
 
@@ -506,7 +507,7 @@ def _write_failure(ckpts: checkpoint.Checkpoints, error: OSError) -> str:
 
 
 def _run(config: Any, workdir: str, model: Any, ckpts: checkpoint.Checkpoints, start: _Start,
-         cohorts: dict[str, preprocess.SliceSet], verbose: bool, devices: list) -> TrainResult:
+         cohorts: dict[str, sliceset.SliceSet], verbose: bool, devices: list) -> TrainResult:
   """The body of `train` (the checkpoint manager is opened and closed by the caller)."""
   chief = jax.process_index() == 0
   stages = tuple(config.stages)

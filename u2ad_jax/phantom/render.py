@@ -1,15 +1,16 @@
 """Object model of one synthetic subject: tissue signal and labels of each sagittal slice.
 
-The renderer turns an `Anatomy` (phantom_anatomy) into, per sagittal slice, the noise-free
+The renderer turns an `Anatomy` (`anatomy`) into, per sagittal slice, the noise-free
 object signal BEFORE acquisition effects (so lesion and normal tissue later share blur, bias and
 noise), the label map and the vertebra instance map. Everything is evaluated analytically per
 pixel from the cord coordinates (s, t) of the pixel and the lateral position u of the slice,
 with edges ramped over one pixel (anti-aliased partial volume). A thick slice is the average of
 several thin sub-slices, which gives through-plane partial volume.
 
-Signal of a tissue: S = PD (1 - exp(-TR / T1)) exp(-TE / T2) with the tissue's PD / T1 / T2
-jittered by +-10 % per subject, times 1 + a low-frequency texture of 3-8 % (marrow and fat also
-get a finer trabecular / septal texture).
+Tissue signals and textures come from `tissue`, the pixels' cord coordinates from `cord_frame`.
+The module is longer than the others (about 470 lines) because `Renderer` is one class: it paints
+every structure over the same per-pixel coordinates in a fixed order (later paint covers earlier
+paint, and the random draws follow that order), so the order is the object and stays in one place.
 """
 
 from __future__ import annotations
@@ -17,63 +18,11 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from scipy import ndimage
 
 from u2ad_jax import labels as L
-from u2ad_jax.data import phantom_anatomy as pa
-
-# Tissue relaxation properties: proton density (relative), T1 and T2 (ms). Reference values from
-# phantom.md for CSF, cord, disc, desiccated disc and marrow; fat's T2 is set per scanner profile
-# (apparent T2 of fat is long in 2D TSE, short in 3D variable-flip-angle sequences).
-TISSUES: dict[str, tuple[float, float, float]] = {
-    "csf": (0.95, 4273.0, 1578.0),
-    "cord": (0.62, 780.0, 102.0),
-    "disc_nucleus": (0.80, 1165.0, 102.0),
-    "disc_desiccated": (0.62, 554.0, 56.0),
-    "annulus": (0.55, 900.0, 48.0),
-    "marrow": (0.80, 515.0, 80.0),
-    "marrow_posterior": (0.75, 515.0, 80.0),
-    "cortex": (0.10, 600.0, 14.0),
-    "fat": (1.00, 290.0, 160.0),
-    "muscle": (0.80, 1000.0, 38.0),
-    "skin": (0.80, 900.0, 60.0),
-    "neck_soft": (0.80, 1100.0, 45.0),
-    "prevertebral": (0.80, 900.0, 45.0),
-    "ligament": (0.30, 600.0, 22.0),
-    "protrusion": (0.40, 800.0, 34.0),
-    "soft_protrusion": (0.85, 1100.0, 100.0),
-    "nerve": (0.72, 1000.0, 78.0),
-    "joint": (0.90, 2000.0, 140.0),
-    "cerebellum": (0.82, 1100.0, 95.0),
-    "thyroid": (0.90, 1000.0, 88.0),
-}
-
-# Multiplicative low-frequency texture amplitude per tissue (phantom.md: 3-8 %).
-TEXTURE = {"csf": 0.03, "cord": 0.03, "marrow": 0.06, "fat": 0.06, "muscle": 0.07, "skin": 0.04,
-           "neck_soft": 0.07, "prevertebral": 0.05, "cerebellum": 0.05}
-
-
-def tissue_signals(rng: np.random.Generator, tr: float, te: float, fat_t2: float,
-                   fat_pd: float, marrow_fat: float, muscle_fat: float) -> dict[str, float]:
-  """Per-subject tissue signal S = PD (1 - exp(-TR/T1)) exp(-TE/T2), properties jittered +-10 %.
-
-  Bone marrow and muscle are water / fat mixtures (fat fractions `marrow_fat`, higher in the
-  posterior elements, and `muscle_fat`, the fatty infiltration of older patients' muscles), so
-  they follow the profile's fat contrast: bright in 2D TSE, dark in 3D VFA.
-  """
-  signals = {}
-  for name, (pd_, t1, t2) in TISSUES.items():
-    if name == "fat":
-      pd_, t2 = fat_pd, fat_t2
-    jitter = rng.uniform(0.9, 1.1, 3)
-    pd_, t1, t2 = pd_ * jitter[0], t1 * jitter[1], t2 * jitter[2]
-    signals[name] = float(pd_ * (1.0 - np.exp(-tr / t1)) * np.exp(-te / t2))
-  mixtures = (("marrow", marrow_fat), ("marrow_posterior", marrow_fat + 0.12), ("muscle", muscle_fat),
-              ("neck_soft", muscle_fat + 0.04), ("prevertebral", muscle_fat + 0.04))
-  for name, fraction in mixtures:
-    ff = min(fraction, 0.9)
-    signals[name] = (1.0 - ff) * signals[name] + ff * signals["fat"]
-  return signals
+from u2ad_jax.phantom import anatomy as pa
+from u2ad_jax.phantom import cord_frame
+from u2ad_jax.phantom import tissue
 
 
 def ramp(inside: np.ndarray, edge: float) -> np.ndarray:
@@ -93,59 +42,6 @@ def rounded_box(ds: np.ndarray, dt: np.ndarray, hs: np.ndarray | float, ht: np.n
   b = (dt / ht) ** 2
   r = (a ** (power // 2) + b ** (power // 2)) ** (1.0 / power)
   return (1.0 - r) * np.minimum(hs, ht)
-
-
-@dataclasses.dataclass
-class Frame:
-  """Per-pixel cord coordinates of the subject's in-plane grid (shared by all slices).
-
-  Attributes:
-    pixel: in-plane pixel size (mm).
-    s, t: `[H, W]` float32 cord coordinates (mm) of each pixel (rows S->I, cols A->P).
-    index: `[H, W]` int32 index of s into `pa.S_GRID`.
-    z: `[H]` row positions (mm from the top of the field of view).
-  """
-  pixel: float
-  s: np.ndarray
-  t: np.ndarray
-  index: np.ndarray
-  z: np.ndarray
-  _cache: dict = dataclasses.field(default_factory=dict)
-
-  def g(self, profile: np.ndarray, key: str | None = None) -> np.ndarray:
-    """Gathers an s-profile at every pixel (cached by key)."""
-    if key is not None and key in self._cache:
-      return self._cache[key]
-    value = profile[self.index]
-    if key is not None:
-      self._cache[key] = value
-    return value
-
-
-def make_frame(anatomy: pa.Anatomy, rows: int, cols: int, pixel: float) -> Frame:
-  """Cord coordinates of every pixel: nearest point on the centreline (Newton on its foot point)."""
-  z = (np.arange(rows, dtype=np.float64) + 0.5) * pixel
-  y = (np.arange(cols, dtype=np.float64) + 0.5) * pixel
-  zz, yy = np.meshgrid(z, y, indexing="ij")
-  c = np.polynomial.Polynomial(anatomy.centreline)
-  dc, ddc = c.deriv(1), c.deriv(2)
-  foot = zz.copy()
-  for _ in range(3):
-    yc, d1, d2 = c(foot), dc(foot), ddc(foot)
-    f = (zz - foot) + (yy - yc) * d1
-    fp = -1.0 - d1 * d1 + (yy - yc) * d2
-    foot = foot - f / fp
-  yc, d1 = c(foot), dc(foot)
-  t = ((yy - yc) - (zz - foot) * d1) / np.sqrt(1.0 + d1 * d1)
-  # Arc length along the centreline, 0 at the dens tip.
-  zs = np.linspace(-200.0, z[-1] + 200.0, 4001)
-  speed = np.sqrt(1.0 + dc(zs) ** 2)
-  arc = np.concatenate([[0.0], np.cumsum(0.5 * (speed[1:] + speed[:-1]) * np.diff(zs))])
-  arc -= np.interp(anatomy.s_of_dens, zs, arc)
-  s = np.interp(foot, zs, arc)
-  index = np.clip(np.rint((s - pa.S_MIN) / pa.S_STEP), 0, pa.S_GRID.size - 1).astype(np.int32)
-  return Frame(pixel=pixel, s=s.astype(np.float32), t=t.astype(np.float32), index=index,
-               z=z.astype(np.float32))
 
 
 @dataclasses.dataclass
@@ -177,7 +73,7 @@ class Renderer:
   slice costs a few dozen array operations per sub-slice.
   """
 
-  def __init__(self, anatomy: pa.Anatomy, frame: Frame, signals: dict[str, float],
+  def __init__(self, anatomy: pa.Anatomy, frame: cord_frame.Frame, signals: dict[str, float],
                rng: np.random.Generator):
     self.a = anatomy
     self.f = frame
@@ -244,13 +140,13 @@ class Renderer:
       amp[...] += m * (tex - amp)
 
     inside_body = np.minimum(T - G["skin_ant"], G["skin_post"] - T)
-    paint(ramp(inside_body, e), sig["skin"], TEXTURE["skin"])
+    paint(ramp(inside_body, e), sig["skin"], tissue.TEXTURE["skin"])
     # Fat septa: thin dark lines along the zero crossings of a fine random field.
-    septa = _smooth_noise(rng, S.shape, 1.6 / f.pixel)
+    septa = tissue.smooth_noise(rng, S.shape, 1.6 / f.pixel)
     fat_signal = sig["fat"] * (1.0 - 0.35 * np.exp(-(septa / 0.12) ** 2))
-    paint(ramp(inside_body - skin, e), fat_signal, TEXTURE["fat"])
+    paint(ramp(inside_body - skin, e), fat_signal, tissue.TEXTURE["fat"])
     muscle_in = np.minimum(T - (G["skin_ant"] + skin + fat_ant), (G["skin_post"] - skin - G["fat_post"]) - T)
-    paint(ramp(muscle_in, e), sig["muscle"], TEXTURE["muscle"])
+    paint(ramp(muscle_in, e), sig["muscle"], tissue.TEXTURE["muscle"])
     # Intermuscular fat planes of the posterior neck (thin bright curved lines).
     back = G["skin_post"] - skin - G["fat_post"]
     depth_back = np.maximum(back - G["t_lam"], 1.0)
@@ -263,12 +159,12 @@ class Renderer:
       scale = rng.uniform(0.3, 0.9)
       half = scale * (1.0 + _wave(rng, S, (1.0, 1.0), (20.0, 60.0)))
       m = ramp(half - np.abs(T - centre), e) * behind_occiput
-      paint(m, sig["fat"], TEXTURE["fat"])
+      paint(m, sig["fat"], tissue.TEXTURE["fat"])
     # Anterior neck soft tissue (strap muscles, glands), prevertebral tissue, thyroid.
     paint(ramp(np.minimum(T - (G["skin_ant"] + skin + fat_ant), G["t_air_lo"] - T), e), sig["neck_soft"],
-          TEXTURE["neck_soft"])
+          tissue.TEXTURE["neck_soft"])
     paint(ramp(np.minimum(T - G["t_air_hi"], G["t_pvb"] - G["depth"] + 0.5 - T), e), sig["prevertebral"],
-          TEXTURE["prevertebral"])
+          tissue.TEXTURE["prevertebral"])
     thy_s = a.body_center(5)
     thy = rounded_box(S - thy_s, T - (G["t_air_lo"] - 6.0), 14.0, 5.0, 2)
     paint(ramp(thy, e), sig["thyroid"], 0.05)
@@ -301,7 +197,7 @@ class Renderer:
       q = ((S - sv) / rs) ** 2 + ((T - tv) / rt) ** 2
       void *= 1.0 - depth * np.exp(-q)
     # Pulsatile flow dephasing: patchy CSF signal loss (mm-scale dark patches), beyond the voids.
-    patch = _smooth_noise(rng, S.shape, 2.0 / f.pixel)
+    patch = tissue.smooth_noise(rng, S.shape, 2.0 / f.pixel)
     void *= 1.0 - a.misc["csf_patchiness"] * np.clip(patch, 0.0, 2.5) / 2.5
     self.void = void.astype(np.float32)
 
@@ -321,11 +217,11 @@ class Renderer:
     # Lateral-invariant background textured per slice; textured signals shared by sub-slices.
     textured_base = self.base * (1.0 + self.base_amp * tex_low)
     signals = {
-        "marrow": self.sig["marrow"] * (1.0 + TEXTURE["marrow"] * tex_low + 0.14 * tex_fine),
+        "marrow": self.sig["marrow"] * (1.0 + tissue.TEXTURE["marrow"] * tex_low + 0.14 * tex_fine),
         "marrow_posterior": self.sig["marrow_posterior"] * (1.0 + 0.06 * tex_low + 0.14 * tex_fine),
-        "cord": self.sig["cord"] * (1.0 + TEXTURE["cord"] * tex_low),
-        "csf": self.sig["csf"] * (1.0 + TEXTURE["csf"] * tex_low) * self.void,
-        "cerebellum": self.sig["cerebellum"] * (1.0 + TEXTURE["cerebellum"] * tex_low + 0.08 * tex_fine),
+        "cord": self.sig["cord"] * (1.0 + tissue.TEXTURE["cord"] * tex_low),
+        "csf": self.sig["csf"] * (1.0 + tissue.TEXTURE["csf"] * tex_low) * self.void,
+        "cerebellum": self.sig["cerebellum"] * (1.0 + tissue.TEXTURE["cerebellum"] * tex_low + 0.08 * tex_fine),
     }
     centre = int(np.argmin(np.abs(sub_offsets)))
     total = np.zeros(shape, np.float32)
@@ -572,36 +468,3 @@ def _wave(rng: np.random.Generator, s: np.ndarray, amplitude: tuple[float, float
   p = rng.uniform(*period)
   return (a * np.sin(s * (2 * np.pi / p) + rng.uniform(0, 6.3))).astype(np.float32)
 
-
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma_px: float) -> np.ndarray:
-  """Unit-variance Gaussian-smoothed white noise `[H, W]` float32 (sigma in pixels)."""
-  field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_px, mode="wrap")
-  return field / max(float(field.std()), 1e-6)
-
-
-def texture_fields(rng: np.random.Generator, shape: tuple[int, int], pixel: float, num_slices: int,
-                   slice_spacing: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
-  """Per-slice texture fields: low frequency (~8 mm) correlated across neighbouring slices,
-  and fine (~1.2 mm trabecular) independent per slice. Each is unit-variance float32 `[H, W]`.
-  """
-  coarse_px = 4.0  # mm per coarse cell
-  ch, cw = int(np.ceil(shape[0] * pixel / coarse_px)) + 2, int(np.ceil(shape[1] * pixel / coarse_px)) + 2
-  # Lateral correlation: smooth along x over ~6 mm.
-  nx = num_slices
-  vol = rng.standard_normal((nx, ch, cw)).astype(np.float32)
-  sig_x = max(6.0 / max(slice_spacing, 1e-3), 0.01)
-  vol = ndimage.gaussian_filter(vol, (sig_x, 2.0, 2.0), mode="wrap")
-  low = []
-  for i in range(nx):
-    zoom = (shape[0] / ch * 1.0001, shape[1] / cw * 1.0001)  # slightly over, then cropped
-    up = ndimage.zoom(vol[i], zoom, order=1)[:shape[0], :shape[1]]
-    up = up - up.mean()
-    low.append((up / max(float(up.std()), 1e-6)).astype(np.float32))
-  fine = []
-  half = (max(shape[0] // 2, 1), max(shape[1] // 2, 1))
-  for _ in range(nx):
-    f = _smooth_noise(rng, half, max(0.6 / pixel, 0.5))
-    zoom = (shape[0] / half[0] * 1.0001, shape[1] / half[1] * 1.0001)
-    up = ndimage.zoom(f, zoom, order=1)[:shape[0], :shape[1]]
-    fine.append((up / max(float(up.std()), 1e-6)).astype(np.float32))
-  return low, fine

@@ -8,10 +8,14 @@ gathers per pixel. The centreline itself lives in the image frame (rows superior
 columns anterior -> posterior, both in mm from the field-of-view corner) as the polynomial
 `y = centreline(z)`.
 
-Sizes follow adult cervical anatomy (phantom.md): vertebral bodies about 15 mm AP x 13-15 mm
+Sizes follow adult cervical anatomy: vertebral bodies about 15 mm AP x 13-15 mm
 high (C2 taller, with the dens), discs 5-6 mm, canal 14-17 mm AP, cord 7-8 mm AP and 10-13 mm
 wide (thicker over C4-C6). Degenerated levels lose disc height, desiccate and bulge; stenotic
 levels compress the cord to 35-80 % of its normal AP diameter.
+
+The module is somewhat over 400 lines because `sample_anatomy` is one draw: it consumes the
+subject's random generator in a fixed order (that order is what makes a seed reproduce a
+subject), so it is kept whole rather than spread over modules.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ S_MIN, S_MAX, S_STEP = -200.0, 360.0, 0.2
 S_GRID = np.arange(S_MIN, S_MAX + 0.5 * S_STEP, S_STEP)
 
 # How often each scored segment hosts degenerative cord compression and therefore lesions:
-# most often C5-6, then C4-5, C6-7, C3-4 (phantom.md); C2-3 and C7-T1 are rare.
+# most often C5-6, then C4-5, C6-7, C3-4; C2-3 and C7-T1 are rare.
 LEVEL_WEIGHTS = np.array([0.03, 0.12, 0.27, 0.38, 0.17, 0.03])
 
 # Mean heights (mm, before the subject scale) of the bodies C2 (with the dens) ... T2, and

@@ -1,9 +1,11 @@
-"""A tiny in-memory SliceSet for smoke runs of the trainer (tests, notebooks).
+"""A tiny in-memory SliceSet for smoke runs of the trainer in tests (test data, not library).
 
 Each slice is a smooth background with a bright vertical "cord" band bordered by a darker
 "CSF" band, a few random intensity blobs, and optional bright "lesion" spots inside the cord,
-at any image size. It is NOT the phantom (data/phantom.py writes realistic NIfTI cohorts); it
-exists so the training loop can run in seconds without reading files.
+at any image size. It is NOT the phantom (u2ad_jax/phantom/ writes realistic NIfTI cohorts); it
+exists so the training loop can run in seconds without reading files. Test modules import it as
+`toy_data` (pytest puts tests/ on sys.path; subprocesses get it through
+`support.cpu_subprocess_env`).
 """
 
 from __future__ import annotations
@@ -11,16 +13,16 @@ from __future__ import annotations
 import numpy as np
 
 from u2ad_jax import labels as label_defs
-from u2ad_jax.data import preprocess
+from u2ad_jax.data import sliceset
 
 
 def toy_slice_set(num_slices: int, image_size: int = 32, seed: int = 0,
-                  lesion_fraction: float = 0.0, subject_prefix: str = "toy") -> preprocess.SliceSet:
+                  lesion_fraction: float = 0.0, subject_prefix: str = "toy") -> sliceset.SliceSet:
   """`num_slices` slices of `image_size`^2 pixels, 2 slices per subject.
 
   Returns:
     SliceSet with images in [0, 1], labels (cord 3, CSF 4, lesion 6), train ROI = labels
-    {3, 4, 6} dilated, score ROI = {3, 6} eroded (preprocess's own ROI functions).
+    {3, 4, 6} dilated, score ROI = {3, 6} eroded (the library's own ROI functions).
   """
   rng = np.random.default_rng(seed)
   size = int(image_size)
@@ -49,9 +51,9 @@ def toy_slice_set(num_slices: int, image_size: int = 32, seed: int = 0,
     images[i] = image
     labels[i] = label
   subject_ids = [f"{subject_prefix}-{i // 2:03d}" for i in range(num_slices)]
-  return preprocess.SliceSet(
-      images=images, train_roi=preprocess.train_roi_from_labels(labels),
-      score_roi=preprocess.score_roi_from_labels(labels), labels=labels,
+  return sliceset.SliceSet(
+      images=images, train_roi=sliceset.train_roi_from_labels(labels),
+      score_roi=sliceset.score_roi_from_labels(labels), labels=labels,
       vertebrae=np.zeros_like(labels), subject_ids=subject_ids,
       slice_index=np.arange(num_slices) % 2,
       geometries={s: None for s in subject_ids})
