@@ -20,8 +20,8 @@ from u2ad_jax import labels as L
 from u2ad_jax import anomaly
 from u2ad_jax.evaluation.rungs import base as rung_base
 from u2ad_jax.evaluation.rungs import model as model_rung
-from u2ad_jax.workflows import demo as demo_workflow
 from u2ad_jax.train import checkpoint
+from u2ad_jax.workflows import demo as demo_workflow
 
 
 def test_smoke_demo_end_to_end(tmp_path):

@@ -14,12 +14,13 @@ from u2ad_jax import errors
 from u2ad_jax import labels as L
 from u2ad_jax.evaluation import analysis
 from u2ad_jax.evaluation import outputs
+from u2ad_jax.evaluation import postprocess
 from u2ad_jax.evaluation import settings as eval_settings
+from u2ad_jax.evaluation import thresholds
 from u2ad_jax.evaluation.rungs import base as rung_base
+from u2ad_jax.evaluation.rungs import intensity
 from u2ad_jax.evaluation.rungs import model as model_rung
 from u2ad_jax.evaluation.rungs import registry
-from u2ad_jax.evaluation import postprocess
-from u2ad_jax.evaluation import thresholds
 
 S = 64  # model size = field of view in mm = in-plane voxels: the geometry is the identity
 BODY_TOPS = (4, 12, 19, 26, 33, 40, 47, 54)  # C2 ... T2, 5 rows each (C2: 6)
@@ -175,6 +176,40 @@ def test_report_and_tables(tmp_path):
   assert set(metrics) >= {"patient", "segment", "pixel", "threshold"}
   # No staging directories are left beside the output.
   assert sorted(p.name for p in tmp_path.iterdir()) == ["cohort", "intensity"]
+
+
+def test_rungs_are_looked_up_by_name_and_share_the_driver(tmp_path):
+  """The registry names every rung; a rung is a class with `name` and `maps`, and the shared
+  driver scores and writes it like the built-in ones."""
+  assert registry.get("intensity") is intensity.IntensityRung
+  assert registry.get("model") is model_rung.ModelRung
+  with pytest.raises(errors.UsageError, match="unknown rung 'oracle'.*'intensity', 'model'"):
+    registry.get("oracle")
+
+  class OracleRung:
+    """Anomaly = the lesion label itself: a perfect detector."""
+    name = "oracle"
+
+    def maps(self, prepared, settings):
+      del settings
+      s = prepared.slice_set
+      return rung_base.RungMaps(anomaly=(s.labels == L.LESION).astype(np.float32),
+                                provenance={"model": {"name": "oracle"}},
+                                header=["- Rung: the lesion label."])
+
+  root = str(tmp_path / "cohort")
+  write_cohort(root, num_subjects=4)
+  prepared = rung_base.prepare_cohort(root, data_config(), progress=False)
+  settings = eval_settings.EvalSettings(postprocess.PostprocessParams(90, 1, None),
+                                        thresholds.ThresholdRule(k=1.0))
+  out = tmp_path / "oracle"
+  result = rung_base.evaluate(OracleRung(), prepared, settings, out)
+  assert result.name == "oracle"
+  assert result.metrics["pixel"]["auroc"] == pytest.approx(1.0)
+  assert result.metrics["patient"]["auroc"] == pytest.approx(1.0)
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["model"] == {"name": "oracle"} and "sub-002" in summary["patients"]
+  assert (out / "report.md").read_text().startswith("# U2AD evaluation: oracle")
 
 
 def test_staged_directory_leaves_nothing_on_error(tmp_path):

@@ -49,7 +49,7 @@ def fake_model(monkeypatch):
     return {"mean": mean, "eu": np.zeros_like(mean)}
 
   monkeypatch.setattr(checkpoint, "restore_for_eval", restore)
-  monkeypatch.setattr(evaluator, "model_maps", maps)
+  monkeypatch.setattr(model_rung, "model_maps", maps)
   return state
 
 
