@@ -5,8 +5,8 @@ segment normalisation, postprocessing, threshold rule, K at evaluation) may chan
 retraining. `EvalSettings.from_config` reads those sections once, over configs/base.py's defaults
 (the one source of defaults, so a run recorded before a setting existed gets today's value),
 refuses keys these sections do not define, and resolves what depends on other sections (the
-curve window in rows from the pixel size, K from the training K): the rungs then take the
-settings object and never read the config themselves.
+curve window in rows from the pixel size, K from the training K): the scoring code then takes
+the settings object and never reads a scoring key from the config itself.
 """
 
 from __future__ import annotations
