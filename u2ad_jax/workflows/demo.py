@@ -48,10 +48,6 @@ def _log(text: str) -> None:
   print(f"[u2ad] {text}", file=sys.stderr, flush=True)
 
 
-def _log(text: str) -> None:
-  print(f"[u2ad] {text}", file=sys.stderr, flush=True)
-
-
 def load_config(spec: str | None, smoke: bool = False) -> ml_collections.ConfigDict:
   """`path/to/config.py[:args]` -> ConfigDict (`config_files.load`); without `spec`, the demo's
   configs/cpu.py, or configs/smoke.py when `smoke`.
