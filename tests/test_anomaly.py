@@ -8,7 +8,7 @@ import pytest
 
 from u2ad_jax import errors
 from u2ad_jax import anomaly
-from u2ad_jax.evaluation import evaluator
+from u2ad_jax.evaluation import settings as eval_settings
 
 
 def _cohort():
@@ -83,20 +83,20 @@ def _recorded_config():
 
 
 def test_scoring_overrides_change_the_settings():
-  config = evaluator.apply_scoring_overrides(_recorded_config(), [
+  config = eval_settings.apply_scoring_overrides(_recorded_config(), [
       "evaluation.residual=absolute", "evaluation.num_samples=12", "postprocess.percentile=95",
       "postprocess.top_k=3", "evaluation.curve_reduction='max'", "evaluation.mad_k=2"])
-  settings = evaluator.EvalSettings.from_config(config)
+  settings = eval_settings.EvalSettings.from_config(config)
   assert settings.residual == "absolute" and settings.num_samples == 12
   assert settings.postprocess.percentile == 95.0 and settings.postprocess.top_k == 3
   assert settings.reduction == "max" and settings.rule.k == 2.0
   # A recorded config without the newer keys gets the defaults.
-  default = evaluator.EvalSettings.from_config(_recorded_config())
+  default = eval_settings.EvalSettings.from_config(_recorded_config())
   assert default.residual == anomaly.DEFAULT_RESIDUAL and default.num_samples is None
   assert default.curve_window == 11  # 8 mm at the default 200 mm / 256 px
-  per_row = evaluator.apply_scoring_overrides(_recorded_config(),
-                                              ["evaluation.curve_window_mm=0"])
-  assert evaluator.EvalSettings.from_config(per_row).curve_window == 1
+  per_row = eval_settings.apply_scoring_overrides(_recorded_config(),
+                                                  ["evaluation.curve_window_mm=0"])
+  assert eval_settings.EvalSettings.from_config(per_row).curve_window == 1
 
 
 @pytest.mark.parametrize("override, message", [
@@ -110,7 +110,7 @@ def test_scoring_overrides_change_the_settings():
 ])
 def test_bad_scoring_overrides_fail_clearly(override, message):
   with pytest.raises(errors.UsageError, match=message):
-    evaluator.apply_scoring_overrides(_recorded_config(), [override])
+    eval_settings.apply_scoring_overrides(_recorded_config(), [override])
 
 
 def test_distinct_ids_centre_each_slice_alone():

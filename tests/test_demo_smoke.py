@@ -18,13 +18,14 @@ import pytest
 from u2ad_jax import errors
 from u2ad_jax import labels as L
 from u2ad_jax import anomaly
-from u2ad_jax.evaluation import evaluator
-from u2ad_jax.evaluation import workflow
+from u2ad_jax.evaluation.rungs import base as rung_base
+from u2ad_jax.evaluation.rungs import model as model_rung
 from u2ad_jax.train import checkpoint
+from u2ad_jax.workflows import demo as demo_workflow
 
 
 def test_smoke_demo_end_to_end(tmp_path):
-  demo = workflow.run_demo(tmp_path / "demo", smoke=True, verbose=False)
+  demo = demo_workflow.run_demo(tmp_path / "demo", smoke=True, verbose=False)
   check_report(demo)
   check_output_rule(demo)
   check_re_evaluation(demo, tmp_path / "reeval")
@@ -45,7 +46,7 @@ def check_report(demo):
     assert os.path.isfile(os.path.join(out, link)), link
   ev = os.path.join(out, "evaluation")
   rows = list(csv.DictReader(open(os.path.join(ev, "patients.csv"))))
-  assert len(rows) == workflow.SMOKE_SIZE.num_clinical
+  assert len(rows) == demo_workflow.SMOKE_SIZE.num_clinical
   assert len(list(csv.DictReader(open(os.path.join(ev, "segments.csv"))))) == 6 * len(rows)
   metrics = json.load(open(os.path.join(ev, "metrics.json")))
   for level in ("patient", "segment"):
@@ -78,7 +79,7 @@ def check_output_rule(demo):
   assert output_guard.read_marker(clinical)["command"] == "synth"
   before = sorted(os.listdir(demo.out_dir))
   with pytest.raises(errors.InputError, match="pass --overwrite"):
-    workflow.run_demo(demo.out_dir, smoke=True, verbose=False)
+    demo_workflow.run_demo(demo.out_dir, smoke=True, verbose=False)
   assert sorted(os.listdir(demo.out_dir)) == before
   # Positions in the tables are voxels of the input NIfTI.
   ev = os.path.join(demo.out_dir, "evaluation")
@@ -94,14 +95,14 @@ def check_re_evaluation(demo, tmp_path):
   tmp_path.mkdir()
   run = os.path.join(demo.out_dir, "run")
   clinical = os.path.join(demo.out_dir, "data", "clinical")
-  again = evaluator.evaluate_checkpoint(run, clinical, None, verbose=False)
+  again = model_rung.evaluate_checkpoint(run, clinical, None, verbose=False)
   np.testing.assert_allclose(again.segment_scores, demo.u2ad.segment_scores, rtol=1e-5,
                              atol=1e-7)
   # The default anomaly map is the centred positive residual of the mean reconstruction; an
   # evaluation-time override switches to the method's |x - mean| without retraining.
-  cohort = evaluator.prepare_cohort(clinical, checkpoint.read_config(run).data,
+  cohort = rung_base.prepare_cohort(clinical, checkpoint.read_config(run).data,
                                     progress=False).slice_set
-  absolute = evaluator.evaluate_checkpoint(
+  absolute = model_rung.evaluate_checkpoint(
       run, clinical, None, overrides=["evaluation.residual=absolute"], verbose=False)
   np.testing.assert_allclose(absolute.recon, demo.u2ad.recon, atol=1e-6)
   residual = cohort.images - demo.u2ad.recon
@@ -112,10 +113,10 @@ def check_re_evaluation(demo, tmp_path):
   np.testing.assert_allclose(demo.u2ad.anomaly, expected, atol=1e-6)
   assert absolute.info["anomaly_map"].startswith("anomaly = |x - mean")
   with pytest.raises(errors.UsageError, match="model"):
-    evaluator.evaluate_checkpoint(run, clinical, None, overrides=["model.variant=paper"],
-                                  verbose=False)
+    model_rung.evaluate_checkpoint(run, clinical, None, overrides=["model.variant=paper"],
+                                   verbose=False)
   with pytest.raises(errors.CheckpointError, match="no checkpoint at step 99999"):
-    evaluator.evaluate_checkpoint(run, clinical, tmp_path / "out", step=99999, verbose=False)
+    model_rung.evaluate_checkpoint(run, clinical, tmp_path / "out", step=99999, verbose=False)
   assert not (tmp_path / "out").exists()
 
 
@@ -130,8 +131,8 @@ def check_corrupt_checkpoint(demo, tmp_path):
         f.write(b"\x00garbage")
   out = tmp_path / "out"
   with pytest.raises(errors.CheckpointError) as info:
-    evaluator.evaluate_checkpoint(run, os.path.join(demo.out_dir, "data", "clinical"), out,
-                                  verbose=False)
+    model_rung.evaluate_checkpoint(run, os.path.join(demo.out_dir, "data", "clinical"), out,
+                                   verbose=False)
   assert str(latest) in str(info.value)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
@@ -149,7 +150,7 @@ def check_cohort_without_vertebral_labels(demo, tmp_path):
   os.remove(label_dir / "sub-002_T2w_vertebrae.nii.gz")
   out = tmp_path / "out"
   with pytest.raises(errors.LabelError) as info:
-    evaluator.evaluate_checkpoint(os.path.join(demo.out_dir, "run"), cohort, out, verbose=False)
+    model_rung.evaluate_checkpoint(os.path.join(demo.out_dir, "run"), cohort, out, verbose=False)
   assert "sub-002_T2w_label.nii.gz" in str(info.value) and "vertebra" in str(info.value)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["clinical"]
 
@@ -164,5 +165,5 @@ def check_cohort_disagreeing_with_its_table(demo, tmp_path):
                                                      if not l.startswith("sub-003")) + "\n")
   out = tmp_path / "out"
   with pytest.raises(errors.InputError, match="sub-003 has a folder but no row"):
-    evaluator.evaluate_checkpoint(os.path.join(demo.out_dir, "run"), cohort, out, verbose=False)
+    model_rung.evaluate_checkpoint(os.path.join(demo.out_dir, "run"), cohort, out, verbose=False)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["clinical"]

@@ -13,9 +13,14 @@ import pytest
 from u2ad_jax import errors
 from u2ad_jax import labels as L
 from u2ad_jax.evaluation import analysis
-from u2ad_jax.evaluation import evaluator
+from u2ad_jax.evaluation import outputs
 from u2ad_jax.evaluation import postprocess
+from u2ad_jax.evaluation import settings as eval_settings
 from u2ad_jax.evaluation import thresholds
+from u2ad_jax.evaluation.rungs import base as rung_base
+from u2ad_jax.evaluation.rungs import intensity
+from u2ad_jax.evaluation.rungs import model as model_rung
+from u2ad_jax.evaluation.rungs import registry
 
 S = 64  # model size = field of view in mm = in-plane voxels: the geometry is the identity
 BODY_TOPS = (4, 12, 19, 26, 33, 40, 47, 54)  # C2 ... T2, 5 rows each (C2: 6)
@@ -83,7 +88,7 @@ def test_maps_overlay_the_input(tmp_path):
   root = str(tmp_path / "cohort")
   marker = (2, 30, 29)  # slice 2, row 30 (segment C5-6), column 29 (cord)
   write_cohort(root, marker=marker)
-  prepared = evaluator.prepare_cohort(root, data_config(), progress=False)
+  prepared = rung_base.prepare_cohort(root, data_config(), progress=False)
   s = prepared.slice_set
   # The marker is the brightest model pixel: the preprocessing put it where we expect.
   first = s.indices_of("sub-001")
@@ -98,7 +103,7 @@ def test_maps_overlay_the_input(tmp_path):
       participants=prepared.participants, levels=prepared.levels, recon=s.images, eu=anomaly)
   assert result.scores[0].peak_segment == 3  # row 30: between the C5 (28) and C6 (35) centroids
   out = str(tmp_path / "out")
-  evaluator.write_subject_outputs(out, result, s, {"model": {"name": "marker"}})
+  outputs.write_subject_outputs(out, result, s, {"model": {"name": "marker"}})
   ref = nib.load(os.path.join(root, "sub-001", "anat", "sub-001_T2w.nii.gz"))
   for name in ("anomaly", "eu", "recon", "anomaly_postprocessed"):
     written = nib.load(os.path.join(out, "subjects", "sub-001", f"sub-001_{name}.nii.gz"))
@@ -131,18 +136,18 @@ def test_cohort_without_vertebrae_fails_before_work(tmp_path):
   root = str(tmp_path / "cohort")
   paths = write_cohort(root, vertebrae=False)
   with pytest.raises(errors.LabelError) as info:
-    evaluator.prepare_cohort(root, data_config(), progress=False)
+    rung_base.prepare_cohort(root, data_config(), progress=False)
   assert paths["sub-001"] in str(info.value) and "vertebra" in str(info.value)
 
 
 def test_report_and_tables(tmp_path):
   root = str(tmp_path / "cohort")
   write_cohort(root, num_subjects=4)
-  prepared = evaluator.prepare_cohort(root, data_config(), progress=False)
-  settings = evaluator.EvalSettings(postprocess.PostprocessParams(90, 2, None),
-                                    thresholds.ThresholdRule(k=1.0))
+  prepared = rung_base.prepare_cohort(root, data_config(), progress=False)
+  settings = eval_settings.EvalSettings(postprocess.PostprocessParams(90, 2, None),
+                                        thresholds.ThresholdRule(k=1.0))
   out = tmp_path / "intensity"
-  result = evaluator.evaluate_intensity(prepared, settings, out)
+  result = rung_base.evaluate(registry.get("intensity")(), prepared, settings, out)
   # The lesions are twice the cord's brightness: the intensity rung ranks them first.
   assert result.metrics["patient"]["auroc"] == pytest.approx(1.0)
   for name in ("report.md", "patients.csv", "segments.csv", "metrics.json", "summary.json",
@@ -173,10 +178,44 @@ def test_report_and_tables(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["cohort", "intensity"]
 
 
+def test_rungs_are_looked_up_by_name_and_share_the_driver(tmp_path):
+  """The registry names every rung; a rung is a class with `name` and `maps`, and the shared
+  driver scores and writes it like the built-in ones."""
+  assert registry.get("intensity") is intensity.IntensityRung
+  assert registry.get("model") is model_rung.ModelRung
+  with pytest.raises(errors.UsageError, match="unknown rung 'oracle'.*'intensity', 'model'"):
+    registry.get("oracle")
+
+  class OracleRung:
+    """Anomaly = the lesion label itself: a perfect detector."""
+    name = "oracle"
+
+    def maps(self, prepared, settings):
+      del settings
+      s = prepared.slice_set
+      return rung_base.RungMaps(anomaly=(s.labels == L.LESION).astype(np.float32),
+                                provenance={"model": {"name": "oracle"}},
+                                header=["- Rung: the lesion label."])
+
+  root = str(tmp_path / "cohort")
+  write_cohort(root, num_subjects=4)
+  prepared = rung_base.prepare_cohort(root, data_config(), progress=False)
+  settings = eval_settings.EvalSettings(postprocess.PostprocessParams(90, 1, None),
+                                        thresholds.ThresholdRule(k=1.0))
+  out = tmp_path / "oracle"
+  result = rung_base.evaluate(OracleRung(), prepared, settings, out)
+  assert result.name == "oracle"
+  assert result.metrics["pixel"]["auroc"] == pytest.approx(1.0)
+  assert result.metrics["patient"]["auroc"] == pytest.approx(1.0)
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["model"] == {"name": "oracle"} and "sub-002" in summary["patients"]
+  assert (out / "report.md").read_text().startswith("# U2AD evaluation: oracle")
+
+
 def test_staged_directory_leaves_nothing_on_error(tmp_path):
   out = tmp_path / "out"
   with pytest.raises(RuntimeError):
-    with evaluator.staged_directory(out) as staging:
+    with outputs.staged_directory(out) as staging:
       open(os.path.join(staging, "report.md"), "w").write("partial")
       raise RuntimeError("boom")
   assert list(tmp_path.iterdir()) == []
@@ -184,13 +223,13 @@ def test_staged_directory_leaves_nothing_on_error(tmp_path):
   out.mkdir()
   (out / "old.txt").write_text("previous run")
   with pytest.raises(errors.InputError, match="not a previous output"):
-    with evaluator.staged_directory(out) as staging:
+    with outputs.staged_directory(out) as staging:
       open(os.path.join(staging, "report.md"), "w").write("new")
   assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
   (out / "old.txt").unlink()
-  with evaluator.staged_directory(out) as staging:
+  with outputs.staged_directory(out) as staging:
     open(os.path.join(staging, "report.md"), "w").write("new")
-  with evaluator.staged_directory(out) as staging:  # its own previous output: replaced
+  with outputs.staged_directory(out) as staging:  # its own previous output: replaced
     open(os.path.join(staging, "report2.md"), "w").write("newer")
   assert sorted(p.name for p in out.iterdir()) == [".u2ad-output.json", "report2.md"]
   assert [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -213,7 +252,7 @@ def test_missing_and_corrupt_workdir_fail_cleanly(tmp_path):
   bad.mkdir()
   (bad / "config.json").write_text("{not json")
   with pytest.raises(errors.CheckpointError) as info:
-    evaluator.evaluate_checkpoint(bad, root, out, verbose=False)
+    model_rung.evaluate_checkpoint(bad, root, out, verbose=False)
   assert "config.json" in str(info.value)
   assert not out.exists()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "cohort"]
@@ -221,12 +260,12 @@ def test_missing_and_corrupt_workdir_fail_cleanly(tmp_path):
 
 def test_eval_devices_split_batches_evenly():
   devices = ["d0", "d1", "d2", "d3"]
-  assert evaluator.eval_devices(8, devices) == devices
-  assert evaluator.eval_devices(6, devices) == devices[:3]
-  assert evaluator.eval_devices(5, devices) == devices[:1]
-  assert evaluator.eval_devices(2, devices) == devices[:2]
+  assert model_rung.eval_devices(8, devices) == devices
+  assert model_rung.eval_devices(6, devices) == devices[:3]
+  assert model_rung.eval_devices(5, devices) == devices[:1]
+  assert model_rung.eval_devices(2, devices) == devices[:2]
   with pytest.raises(ValueError, match="no devices"):
-    evaluator.eval_devices(4, [])
+    model_rung.eval_devices(4, [])
 
 
 def test_model_maps_do_not_depend_on_the_device_count():
@@ -248,10 +287,10 @@ def test_model_maps_do_not_depend_on_the_device_count():
   slices = toy_data.toy_slice_set(7, config.data.image_size, seed=5)
   messages = []
   kwargs = dict(batch_size=4, num_samples=2)
-  one = evaluator.model_maps(model, params, config, slices.images, slices.train_roi,
-                             devices=devices[:1], **kwargs)
-  many = evaluator.model_maps(model, params, config, slices.images, slices.train_roi,
-                              devices=devices, progress=messages.append, **kwargs)
+  one = model_rung.model_maps(model, params, config, slices.images, slices.train_roi,
+                              devices=devices[:1], **kwargs)
+  many = model_rung.model_maps(model, params, config, slices.images, slices.train_roi,
+                               devices=devices, progress=messages.append, **kwargs)
   assert "on 4 device(s)" in messages[-1]
   for name in ("eu", "mean", "au"):
     np.testing.assert_allclose(many[name], one[name], rtol=1e-5, atol=1e-6, err_msg=name)
@@ -274,17 +313,17 @@ def test_eval_settings_take_missing_keys_from_base_and_refuse_aliases():
   from u2ad_jax import config_files
   base_k = config_files.default_section("evaluation")["mad_k"]
   recorded = ml_collections.ConfigDict({"evaluation": {"threshold": "mad"}, "postprocess": {}})
-  settings = evaluator.EvalSettings.from_config(recorded)
+  settings = eval_settings.EvalSettings.from_config(recorded)
   assert settings.rule.k == base_k == 2.5
   assert settings.postprocess.percentile == config_files.default_section(
       "postprocess")["percentile"]
   assert settings.segment_norm == "none"  # configs/base.py's default
   recorded.evaluation.segment_norm = "level_z"
-  assert evaluator.EvalSettings.from_config(recorded).segment_norm == "level_z"
+  assert eval_settings.EvalSettings.from_config(recorded).segment_norm == "level_z"
   recorded.evaluation.segment_norm = "per_patient"
   with pytest.raises(ValueError, match="segment_norm"):
-    evaluator.EvalSettings.from_config(recorded)
+    eval_settings.EvalSettings.from_config(recorded)
   for alias in ("threshold_k", "reduction", "threshold_rule"):
     old = ml_collections.ConfigDict({"evaluation": {alias: 3.0}})
     with pytest.raises(ValueError, match=f"unknown setting.*{alias}"):
-      evaluator.EvalSettings.from_config(old)
+      eval_settings.EvalSettings.from_config(old)

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from u2ad_jax.evaluation import metric_registry
 from u2ad_jax.evaluation import metrics
 
 
@@ -116,3 +117,35 @@ def test_ssim_properties():
   a, b = np.full((20, 20), 0.5), np.full((20, 20), 0.6)
   c1 = 0.01**2
   assert metrics.ssim(a, b) == pytest.approx((2 * 0.5 * 0.6 + c1) / (0.25 + 0.36 + c1))
+
+
+def test_metric_registry_levels_and_order():
+  """Each level reports the metrics registered for it, in registration order (the keys and
+  order of metrics.json)."""
+  scores = np.array([0.9, 0.1, 0.8, 0.3, 0.6])
+  truth = np.array([1, 0, 0, 1, 1], bool)
+  flags = scores > 0.5
+  patient = metric_registry.level_metrics("patient", scores, truth, flags)
+  want = {**metrics.binary_metrics(flags, truth), **metrics.ranking_metrics(scores, truth)}
+  assert list(patient) == list(want) and patient == want
+  assert metric_registry.level_metrics("segment", scores, truth, flags) == want
+  pixel = metric_registry.level_metrics("pixel", scores, truth)
+  assert list(pixel) == ["auroc", "ap", "num_positive", "num_negative", "best_dice",
+                         "best_dice_threshold"]
+  assert (pixel["best_dice"], pixel["best_dice_threshold"]) == metrics.best_dice(scores, truth)
+  with pytest.raises(ValueError, match="unknown metric level 'voxel'"):
+    metric_registry.level_metrics("voxel", scores, truth)
+
+
+def test_a_registered_metric_reaches_its_levels_only(monkeypatch):
+  """Adding a metric is one entry in METRICS: it appears at the levels it names."""
+  def num_flagged(scores, flags, truth):
+    del scores, truth
+    return {"num_flagged": float(flags.sum())}
+
+  monkeypatch.setitem(metric_registry.METRICS, "num_flagged", (("patient",), num_flagged))
+  scores = np.array([0.9, 0.1, 0.8])
+  truth = np.array([1, 0, 0], bool)
+  flags = scores > 0.5
+  assert metric_registry.level_metrics("patient", scores, truth, flags)["num_flagged"] == 2.0
+  assert "num_flagged" not in metric_registry.level_metrics("segment", scores, truth, flags)

@@ -25,7 +25,9 @@ from u2ad_jax.data import nifti
 from u2ad_jax.phantom import cohort_writer
 from u2ad_jax.phantom import generator
 from u2ad_jax.data import spine_tools as st
-from u2ad_jax.evaluation import evaluator
+from u2ad_jax.evaluation import settings as eval_settings
+from u2ad_jax.evaluation.rungs import base as rung_base
+from u2ad_jax.evaluation.rungs import registry
 from u2ad_jax.evaluation import levels as levels_lib
 
 NUM_SLICES = 5
@@ -151,13 +153,13 @@ def test_prepare_totalspineseg_cohort_matches_native_levels(tmp_path, subject):
   np.testing.assert_array_equal(image.data, subject.image)
 
   native = native_cohort(str(tmp_path / "native"), subject)
-  got = evaluator.prepare_cohort(out, data_config(), progress=False).levels["sub-001"]
-  want = evaluator.prepare_cohort(native, data_config(), progress=False).levels["sub-001"]
+  got = rung_base.prepare_cohort(out, data_config(), progress=False).levels["sub-001"]
+  want = rung_base.prepare_cohort(native, data_config(), progress=False).levels["sub-001"]
   assert got.method == want.method == "identity"
   np.testing.assert_allclose(got.centroid_rows, want.centroid_rows)
   # Without identities (counting bodies) the native cohort agrees too: same bodies, same order.
   counted = levels_lib.find_levels(
-      evaluator.prepare_cohort(native, data_config(), progress=False).slice_set.labels)
+      rung_base.prepare_cohort(native, data_config(), progress=False).slice_set.labels)
   np.testing.assert_allclose(counted.centroid_rows, want.centroid_rows)
 
 
@@ -170,9 +172,9 @@ def test_prepare_sct_cohort_same_cord_csf_and_levels(tmp_path, subject):
   assert np.array_equal(label.data == L.CORD, np.isin(subject.labels, L.CORD_LABELS))
   assert np.array_equal(label.data == L.CSF, subject.labels == L.CSF)
   assert not (label.data == L.VERTEBRA).any()  # SCT gives no bodies (documented)
-  got = evaluator.prepare_cohort(out, data_config(), progress=False).levels["sub-001"]
+  got = rung_base.prepare_cohort(out, data_config(), progress=False).levels["sub-001"]
   native = native_cohort(str(tmp_path / "native"), subject)
-  want = evaluator.prepare_cohort(native, data_config(), progress=False).levels["sub-001"]
+  want = rung_base.prepare_cohort(native, data_config(), progress=False).levels["sub-001"]
   assert got.method == "identity"
   # Cord-projected level centres vs body centroids: same order, within 3 model pixels (2.3 mm
   # at 128 px over 200 mm), far below a level's height (~15 mm): every segment keeps its name.
@@ -206,11 +208,11 @@ def test_field_of_view_from_c3_is_scored_at_the_right_levels(tmp_path, subject):
 
   # ... by identity, C2 is n/a and the five segments in view keep their names: the same
   # levels from the converted cohort as from the native one (phantom labels + vertebra map).
-  prepared = evaluator.prepare_cohort(out, data_config(), progress=False)
+  prepared = rung_base.prepare_cohort(out, data_config(), progress=False)
   lv = prepared.levels["sub-001"]
   assert lv.method == "identity" and np.isnan(lv.centroid_rows[0])
   assert lv.segments_present.tolist() == [False, True, True, True, True, True]
-  native = evaluator.prepare_cohort(native_cohort(str(tmp_path / "native"), cropped),
+  native = rung_base.prepare_cohort(native_cohort(str(tmp_path / "native"), cropped),
                                     data_config(), progress=False)
   np.testing.assert_allclose(native.levels["sub-001"].centroid_rows, lv.centroid_rows)
   # The lesion (C5-6 and C6-7 in the phantom's own truth) lands in the same named segments.
@@ -220,10 +222,10 @@ def test_field_of_view_from_c3_is_scored_at_the_right_levels(tmp_path, subject):
   assert names == subject.truth["lesion_levels"] == ["C5-6", "C6-7"]
 
   # Scoring writes n/a for C2-3 in every table (the intensity rung: no training needed).
-  settings = evaluator.EvalSettings.from_config(ml_collections.ConfigDict(
+  settings = eval_settings.EvalSettings.from_config(ml_collections.ConfigDict(
       {"data": data_config().to_dict(), "evaluation": {"mad_k": 2.5}}))
   report_dir = tmp_path / "eval"
-  result = evaluator.evaluate_intensity(prepared, settings, str(report_dir))
+  result = rung_base.evaluate(registry.get("intensity")(), prepared, settings, str(report_dir))
   assert np.isnan(result.segment_scores[0, 0]) and np.isfinite(result.segment_scores[0, 1:]).all()
   assert not result.decisions.segment_flags[0, 0]
   rows = (report_dir / "segments.csv").read_text().splitlines()
@@ -304,7 +306,7 @@ def test_real_clinical_slice_through_totalspineseg_format(tmp_path, samples_dir)
   # Every identified body is converted (bodies lie in front of the canal on a real slice too).
   assert np.array_equal((label.data == L.VERTEBRA) & identified, identified)
   cfg = data_config(256)
-  got = evaluator.prepare_cohort(out, cfg, progress=False).levels["sub-clinical1"]
+  got = rung_base.prepare_cohort(out, cfg, progress=False).levels["sub-clinical1"]
   counted = levels_lib.find_levels(generator.volume_to_model(labels))
   np.testing.assert_allclose(got.centroid_rows, counted.centroid_rows, atol=0.5)
 

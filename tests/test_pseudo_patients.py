@@ -23,9 +23,9 @@ from u2ad_jax.phantom import generator
 from u2ad_jax.phantom import pseudo_lesions
 from u2ad_jax.phantom import pseudo_patients as pp
 from u2ad_jax.phantom import real_slices
-from u2ad_jax.evaluation import evaluator
+from u2ad_jax import config_files
+from u2ad_jax.evaluation.rungs import base as rung_base
 from u2ad_jax.evaluation import levels
-from u2ad_jax.evaluation import workflow
 
 # Realism tolerances, generated cohort vs its source, after the standard normalisation: tissue
 # means within 0.025 (intensities in [0, 1]; the phantom's own calibration is within 0.013), tissue
@@ -89,8 +89,8 @@ def test_from_the_real_samples(samples_dir, tmp_path):
   records = _check_cohort(root, 8)
   assert len(records) >= 4  # 4 lesion patients, one lesion each or more
   # Loadable for scoring: vertebral bodies (C2 identified on clinical_1) and levels.
-  config = workflow.load_config("cpu.py")
-  prepared = evaluator.prepare_cohort(root, config.data, progress=False)
+  config = config_files.load("cpu.py")
+  prepared = rung_base.prepare_cohort(root, config.data, progress=False)
   assert len(prepared.slice_set.subjects) == 8
   assert os.path.isfile(cohort_writer.subject_paths(root, "sub-001")["vertebrae"])
   realism = pp.read_realism(root)
@@ -121,7 +121,7 @@ def test_from_a_cohort_in_our_layout(phantom_source, tmp_path):
   realism = pp.read_realism(root)
   assert len(realism["bases"]) >= 2  # midline slices of both phantom subjects
   _check_realism(realism)
-  evaluator.prepare_cohort(root, workflow.load_config("cpu.py").data, progress=False)
+  rung_base.prepare_cohort(root, config_files.load("cpu.py").data, progress=False)
 
 
 def test_subject_ratio_is_measured_on_the_image(phantom_source):

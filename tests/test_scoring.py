@@ -7,7 +7,7 @@ from u2ad_jax import errors
 from u2ad_jax import labels as L
 from u2ad_jax.evaluation import analysis
 from u2ad_jax.evaluation import curves
-from u2ad_jax.evaluation import intensity_baseline
+from u2ad_jax.evaluation.rungs import intensity
 from u2ad_jax.evaluation import levels as levels_lib
 from u2ad_jax.evaluation import postprocess
 from u2ad_jax.evaluation import scoring
@@ -215,7 +215,7 @@ def test_intensity_rung_map():
   cord = np.isin(lab, L.CORD_LABELS)
   images = np.where(cord, 0.2, 0.6).astype(np.float32)  # bright CSF / background is outside
   images[lab == L.LESION] = 0.3
-  maps = intensity_baseline.intensity_maps(images, cord, ["s"] * 3)
+  maps = intensity.intensity_maps(images, cord, ["s"] * 3)
   np.testing.assert_allclose(maps[lab == L.LESION], 0.5, rtol=1e-6)
   assert np.all(maps[(lab != L.LESION)] == 0)
 

@@ -13,17 +13,17 @@ import shutil
 import numpy as np
 import pytest
 
+from u2ad_jax import config_files
 from u2ad_jax import errors
 from u2ad_jax.data import cohort
 from u2ad_jax.phantom import cohort_writer
-from u2ad_jax.evaluation import study
-from u2ad_jax.evaluation import workflow
+from u2ad_jax.workflows import study
 
 
 def _config():
   # The smoke config without pretraining: one training compile instead of two (the ladder code
   # path is the same; run_ablation skips the shared pretraining when the stages do not list it).
-  config = workflow.smoke_config()
+  config = config_files.load("smoke.py")
   config.stages = ("adapt_eu_au",)
   return config
 

@@ -20,7 +20,7 @@ import test_evaluate as te  # noqa: E402  (its tiny NIfTI cohort writer)
 
 from u2ad_jax import errors  # noqa: E402
 from u2ad_jax import labels as L  # noqa: E402
-from u2ad_jax.evaluation import evaluator  # noqa: E402
+from u2ad_jax.evaluation.rungs import model as model_rung  # noqa: E402
 from u2ad_jax.evaluation import thresholds  # noqa: E402
 from u2ad_jax.train import checkpoint  # noqa: E402
 
@@ -49,7 +49,7 @@ def fake_model(monkeypatch):
     return {"mean": mean, "eu": np.zeros_like(mean)}
 
   monkeypatch.setattr(checkpoint, "restore_for_eval", restore)
-  monkeypatch.setattr(evaluator, "model_maps", maps)
+  monkeypatch.setattr(model_rung, "model_maps", maps)
   return state
 
 
@@ -74,12 +74,12 @@ def _cohorts(tmp_path):
 
 def test_new_patient_uses_the_recorded_threshold(tmp_path, fake_model):
   workdir, full, one = _cohorts(tmp_path)
-  first = evaluator.evaluate_checkpoint(workdir, full, str(tmp_path / "eval"), verbose=False)
-  alone = evaluator.evaluate_checkpoint(workdir, one, str(tmp_path / "eval_new"), verbose=False,
-                                        threshold_from=str(tmp_path / "eval"))
+  first = model_rung.evaluate_checkpoint(workdir, full, str(tmp_path / "eval"), verbose=False)
+  alone = model_rung.evaluate_checkpoint(workdir, one, str(tmp_path / "eval_new"), verbose=False,
+                                         threshold_from=str(tmp_path / "eval"))
   assert alone.decisions.threshold == pytest.approx(first.decisions.threshold)
   # Its own statistics would give another threshold (one patient: six segment scores).
-  own = evaluator.evaluate_checkpoint(workdir, one, None, verbose=False)
+  own = model_rung.evaluate_checkpoint(workdir, one, None, verbose=False)
   assert own.decisions.threshold != pytest.approx(first.decisions.threshold)
   # Same subject, same scores, same threshold -> the same decisions as in the cohort.
   k = first.subject_ids.index("sub-002")
@@ -98,22 +98,22 @@ def test_new_patient_uses_the_recorded_threshold(tmp_path, fake_model):
 
 def test_incompatible_or_foreign_directories_are_refused(tmp_path, fake_model):
   workdir, full, one = _cohorts(tmp_path)
-  evaluator.evaluate_checkpoint(workdir, full, str(tmp_path / "eval"), verbose=False)
+  model_rung.evaluate_checkpoint(workdir, full, str(tmp_path / "eval"), verbose=False)
   summary = str(tmp_path / "eval" / "summary.json")
   out = str(tmp_path / "eval_new")
 
   fake_model["step"] = 8  # another checkpoint of the same run
   with pytest.raises(errors.InputError, match="checkpoint_step = 7") as e:
-    evaluator.evaluate_checkpoint(workdir, one, out, verbose=False,
-                                  threshold_from=str(tmp_path / "eval"))
+    model_rung.evaluate_checkpoint(workdir, one, out, verbose=False,
+                                   threshold_from=str(tmp_path / "eval"))
   assert e.value.path == summary and "\n" not in str(e.value)
   fake_model["step"] = 7
   with pytest.raises(errors.InputError, match="postprocess"):
-    evaluator.evaluate_checkpoint(workdir, one, out, verbose=False, overrides=[
+    model_rung.evaluate_checkpoint(workdir, one, out, verbose=False, overrides=[
         "postprocess.percentile=95"], threshold_from=str(tmp_path / "eval"))
   # Per-level z needs the cohort's own statistics: refused before any work.
   with pytest.raises(errors.UsageError, match="segment_norm"):
-    evaluator.evaluate_checkpoint(workdir, one, out, verbose=False, overrides=[
+    model_rung.evaluate_checkpoint(workdir, one, out, verbose=False, overrides=[
         "evaluation.segment_norm=level_z"], threshold_from=str(tmp_path / "eval"))
   # An evaluation from before segment scores were recorded scored them raw: still compatible.
   with open(summary) as f:
@@ -121,21 +121,21 @@ def test_incompatible_or_foreign_directories_are_refused(tmp_path, fake_model):
   assert recorded.pop("segment_scores") == "max of the curve over the segment's rows"
   with open(summary, "w") as f:
     json.dump(recorded, f)
-  evaluator.evaluate_checkpoint(workdir, one, out, verbose=False,
-                                threshold_from=str(tmp_path / "eval"))
+  model_rung.evaluate_checkpoint(workdir, one, out, verbose=False,
+                                 threshold_from=str(tmp_path / "eval"))
   shutil.rmtree(out)
   other = tmp_path / "other_run"
   other.mkdir()
   with pytest.raises(errors.InputError, match="threshold recorded for the model in"):
-    evaluator.evaluate_checkpoint(str(other), one, out, verbose=False,
-                                  threshold_from=str(tmp_path / "eval"))
+    model_rung.evaluate_checkpoint(str(other), one, out, verbose=False,
+                                   threshold_from=str(tmp_path / "eval"))
   with pytest.raises(errors.InputError, match="not a u2ad evaluation directory"):
-    evaluator.evaluate_checkpoint(workdir, one, out, verbose=False, threshold_from=full)
+    model_rung.evaluate_checkpoint(workdir, one, out, verbose=False, threshold_from=full)
   with open(summary, "w") as f:
     f.write("{\"name\": \"x\"}\n")
   with pytest.raises(errors.CorruptFileError, match="not a u2ad evaluation summary"):
-    evaluator.evaluate_checkpoint(workdir, one, out, verbose=False,
-                                  threshold_from=str(tmp_path / "eval"))
+    model_rung.evaluate_checkpoint(workdir, one, out, verbose=False,
+                                   threshold_from=str(tmp_path / "eval"))
   assert not os.path.exists(out)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from absl import flags
 from absl import logging
 
-from u2ad_jax.evaluation import workflow
+from u2ad_jax.workflows import ablate
 
 _OUT = flags.DEFINE_string("out", None, "output directory")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "reuse / replace --out when it holds an "
@@ -21,7 +21,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "reuse / replace --out when i
 _PUBLIC = flags.DEFINE_string("public", None, "healthy public cohort (pretraining)")
 _CLINICAL = flags.DEFINE_string("clinical", None, "clinical cohort (adaptation and evaluation)")
 _CONFIG = flags.DEFINE_string("config", None, "config file[:args] (default configs/cpu.py)")
-_METHODS = flags.DEFINE_list("methods", list(workflow.ABLATION_METHODS), "rungs to train")
+_METHODS = flags.DEFINE_list("methods", list(ablate.ABLATION_METHODS), "rungs to train")
 _SEED = flags.DEFINE_integer("seed", None, "override config.seed")
 _SMOKE = flags.DEFINE_bool("smoke", False, "use the smoke demo's tiny config")
 _SET = flags.DEFINE_multi_string(
@@ -35,9 +35,8 @@ def main(argv):
   del argv  # stray arguments are refused by the dispatcher
   # Library logs (checkpoint I/O, read-only notices) would bury the progress lines.
   logging.set_verbosity(logging.ERROR)
-  config = workflow.smoke_config() if _SMOKE.value and _CONFIG.value is None else None
-  workflow.run_ablation(_OUT.value, _PUBLIC.value, _CLINICAL.value, config_spec=_CONFIG.value,
-                        config=config, methods=_METHODS.value, seed=_SEED.value,
-                        overrides=_SET.value, overwrite=_OVERWRITE.value)
+  ablate.run_ablation(_OUT.value, _PUBLIC.value, _CLINICAL.value, config_spec=_CONFIG.value,
+                      smoke=_SMOKE.value, methods=_METHODS.value, seed=_SEED.value,
+                      overrides=_SET.value, overwrite=_OVERWRITE.value)
   with open(f"{_OUT.value}/comparison.md", encoding="utf-8") as f:
     print(f.read())

@@ -4,7 +4,7 @@ Generates a healthy public cohort and a clinical cohort (about half of the patie
 hyperintensities) with the phantom, pretrains the masked autoencoder on the public cohort, adapts
 it to the clinical cohort with EU- then EU+AU-guided masking, evaluates it (and the cord-intensity
 rung) on the clinical cohort, writes DIR/report.md and prints the patient / segment table.
-`--smoke` runs the same path at test size (5 patients, a tiny model) in about a minute.
+`--smoke` runs the same path at test size (5 patients, a tiny model, configs/smoke.py).
 `--config FILE[:args]` picks another config (default configs/cpu.py) and `--set key.path=value`
 changes single settings (e.g. `--set stage_epochs.pretrain=24`).
 Re-running with the same DIR needs `--overwrite` (DIR must hold an earlier demo): it reuses the
@@ -17,7 +17,7 @@ from absl import flags
 from absl import logging
 
 from u2ad_jax.evaluation import report
-from u2ad_jax.evaluation import workflow
+from u2ad_jax.workflows import demo
 
 _OUT = flags.DEFINE_string("out", None, "output directory")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "reuse / replace --out when it holds an "
@@ -39,11 +39,11 @@ def main(argv):
   del argv  # stray arguments are refused by the dispatcher
   # Library logs (checkpoint I/O, read-only notices) would bury the progress lines.
   logging.set_verbosity(logging.ERROR)
-  default = workflow.SMOKE_SIZE if _SMOKE.value else workflow.DEMO_SIZE
-  size = workflow.DemoSize(
+  default = demo.SMOKE_SIZE if _SMOKE.value else demo.DEMO_SIZE
+  size = demo.DemoSize(
       num_public=_PUBLIC.value if _PUBLIC.value is not None else default.num_public,
       num_clinical=_CLINICAL.value if _CLINICAL.value is not None else default.num_clinical)
-  result = workflow.run_demo(_OUT.value, smoke=_SMOKE.value, config_spec=_CONFIG.value,
+  result = demo.run_demo(_OUT.value, smoke=_SMOKE.value, config_spec=_CONFIG.value,
                              size=size, seed=_SEED.value, overrides=_SET.value,
                              overwrite=_OVERWRITE.value)
   print(report.format_table(result.u2ad))

@@ -15,12 +15,17 @@ recorded (a new patient alone has no cohort statistics); the report names it and
 
 from __future__ import annotations
 
+import os
+
 from absl import flags
 from absl import logging
 
 from u2ad_jax import output_guard
-from u2ad_jax.evaluation import evaluator
 from u2ad_jax.evaluation import report
+from u2ad_jax.evaluation import settings as settings_lib
+from u2ad_jax.evaluation.rungs import base as rung_base
+from u2ad_jax.evaluation.rungs import model as model_rung
+from u2ad_jax.evaluation.rungs import registry
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (config.json + checkpoints/)")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
@@ -28,7 +33,7 @@ _DATA = flags.DEFINE_string("data", None, "cohort directory (as written by `u2ad
 _OUT = flags.DEFINE_string("out", None, "output directory (replaced only when complete)")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace --out / --intensity_out when they "
                                "hold an earlier u2ad evaluate output")
-_BATCH = flags.DEFINE_integer("batch_size", evaluator.DEFAULT_BATCH_SIZE,
+_BATCH = flags.DEFINE_integer("batch_size", model_rung.DEFAULT_BATCH_SIZE,
                               "slices per Monte-Carlo call, split over the local devices "
                               "(use a multiple of the device count)")
 _INTENSITY_OUT = flags.DEFINE_string("intensity_out", None,
@@ -50,31 +55,30 @@ def main(argv):
   del argv  # stray arguments are refused by the dispatcher
   # Library logs (checkpoint I/O, read-only notices) would bury the progress lines.
   logging.set_verbosity(logging.ERROR)
-  # Both outputs are checked before any work (evaluate_checkpoint checks --out again).
+  # Both outputs are checked before any work (the rungs check them again before writing).
   protected = {"--workdir": _WORKDIR.value, "--data": _DATA.value,
                "--threshold-from": _THRESHOLD_FROM.value}
   output_guard.check_output_dir(_OUT.value, "evaluate", overwrite=_OVERWRITE.value,
                                 protected=protected)
-  prepared = None
   if _INTENSITY_OUT.value:
     output_guard.check_output_dir(_INTENSITY_OUT.value, "evaluate", overwrite=_OVERWRITE.value,
                                   protected={**protected, "--out": _OUT.value},
                                   flag="--intensity_out")
-    # Load the cohort once for both rungs (with the run's data settings).
-    from u2ad_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
-    config = evaluator.apply_scoring_overrides(checkpoint.read_config(_WORKDIR.value),
-                                               _SET.value)
-    prepared = evaluator.prepare_cohort(_DATA.value, config.data, progress=not _QUIET.value)
-  result = evaluator.evaluate_checkpoint(_WORKDIR.value, _DATA.value, _OUT.value,
-                                         step=_STEP.value, batch_size=_BATCH.value,
-                                         prepared=prepared, overrides=_SET.value,
-                                         overwrite=_OVERWRITE.value, verbose=not _QUIET.value,
-                                         threshold_from=_THRESHOLD_FROM.value)
+  log = model_rung.stderr_log(not _QUIET.value)
+  rung = registry.get("model").restore(
+      _WORKDIR.value, step=_STEP.value, overrides=_SET.value, batch_size=_BATCH.value,
+      threshold_from=_THRESHOLD_FROM.value, log=log)
+  # The cohort is loaded once, with the run's data settings, for both rungs.
+  prepared = rung_base.prepare_cohort(_DATA.value, rung.config.data, progress=not _QUIET.value)
+  settings = settings_lib.EvalSettings.from_config(rung.config)
+  result = rung_base.evaluate(rung, prepared, settings, _OUT.value, overwrite=_OVERWRITE.value,
+                              protected=protected)
+  if log:
+    log(f"wrote {os.path.abspath(_OUT.value)}")
   print(report.format_table(result))
   print(f"report: {_OUT.value}/report.md")
-  if prepared is not None:
-    intensity = evaluator.evaluate_intensity(prepared, evaluator.EvalSettings.from_config(config),
-                                             _INTENSITY_OUT.value,
-                                             overwrite=_OVERWRITE.value)
+  if _INTENSITY_OUT.value:
+    intensity = rung_base.evaluate(registry.get("intensity")(), prepared, settings,
+                                   _INTENSITY_OUT.value, overwrite=_OVERWRITE.value)
     print("intensity rung: " + report.format_table(intensity).splitlines()[-1])
     print(f"intensity rung report: {_INTENSITY_OUT.value}/report.md")

@@ -14,7 +14,8 @@ from absl import logging
 
 from u2ad_jax import errors
 from u2ad_jax.evaluation import stats
-from u2ad_jax.evaluation import workflow
+from u2ad_jax.workflows import ablate
+from u2ad_jax.workflows import demo
 
 _OUT = flags.DEFINE_string("out", None, "output directory")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "number of cohorts (seeds)", lower_bound=1)
@@ -26,7 +27,7 @@ _PUBLIC = flags.DEFINE_string("public", None, "fixed pretraining cohort (default
 _SUBJECTS = flags.DEFINE_integer("subjects", None, "clinical subjects per cohort (default: demo size)",
                                  lower_bound=2)
 _CONFIG = flags.DEFINE_string("config", None, "config file[:args] (default configs/cpu.py)")
-_METHODS = flags.DEFINE_list("methods", list(workflow.ABLATION_METHODS), "rungs to train")
+_METHODS = flags.DEFINE_list("methods", list(ablate.ABLATION_METHODS), "rungs to train")
 _SMOKE = flags.DEFINE_bool("smoke", False, "the smoke demo's tiny config and cohort sizes")
 _RESAMPLES = flags.DEFINE_integer("resamples", stats.DEFAULT_RESAMPLES, "bootstrap resamples",
                                   lower_bound=100)
@@ -39,11 +40,11 @@ def main(argv):
   if not _OUT.value:
     raise errors.UsageError("--out is required")
   logging.set_verbosity(logging.ERROR)
-  size = workflow.SMOKE_SIZE if _SMOKE.value else workflow.DEMO_SIZE
+  size = demo.SMOKE_SIZE if _SMOKE.value else demo.DEMO_SIZE
   if _SUBJECTS.value is not None:
-    size = workflow.DemoSize(size.num_public, _SUBJECTS.value, size.num_slices)
+    size = demo.DemoSize(size.num_public, _SUBJECTS.value, size.num_slices)
   seeds = list(range(_FIRST.value, _FIRST.value + _SEEDS.value))
-  from u2ad_jax.evaluation import study  # pylint: disable=g-import-not-at-top
+  from u2ad_jax.workflows import study  # pylint: disable=g-import-not-at-top
   study.run_study(_OUT.value, seeds, source=_FROM.value, public_dir=_PUBLIC.value,
                   smoke=_SMOKE.value, config_spec=_CONFIG.value, methods=_METHODS.value,
                   overrides=_SET.value, size=size, num_resamples=_RESAMPLES.value)

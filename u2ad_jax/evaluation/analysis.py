@@ -25,6 +25,7 @@ import numpy as np
 
 from u2ad_jax import labels as label_values
 from u2ad_jax.evaluation import levels as levels_lib
+from u2ad_jax.evaluation import metric_registry
 from u2ad_jax.evaluation import metrics
 from u2ad_jax.evaluation import postprocess as postprocess_lib
 from u2ad_jax.evaluation import scoring
@@ -130,9 +131,7 @@ def pixel_metrics(maps: np.ndarray, labels: np.ndarray, score_roi: np.ndarray) -
   roi = np.asarray(score_roi, dtype=bool)
   scores = np.asarray(maps, dtype=np.float64)[roi]
   truth = (np.asarray(labels) == label_values.LESION)[roi]
-  out = metrics.ranking_metrics(scores, truth)
-  out["best_dice"], out["best_dice_threshold"] = metrics.best_dice(scores, truth)
-  return out
+  return metric_registry.level_metrics("pixel", scores, truth)
 
 
 def reconstruction_ssim(images: np.ndarray, recon: np.ndarray, labels: np.ndarray,
@@ -164,16 +163,19 @@ def compute_metrics(result_scores: Sequence[scoring.SubjectScores],
   segment_scores = scoring.segment_matrix(result_scores)
   scored = np.isfinite(segment_scores)  # n/a segments (outside the field of view) are not scored
   out = {
-      "patient": metrics.detection_metrics(patient_scores, decisions.patient_flags, truth.patient),
-      "segment": metrics.detection_metrics(segment_scores[scored], decisions.segment_flags[scored],
-                                           truth.segments[scored]),
+      "patient": metric_registry.level_metrics("patient", patient_scores, truth.patient,
+                                               decisions.patient_flags),
+      "segment": metric_registry.level_metrics("segment", segment_scores[scored],
+                                               truth.segments[scored],
+                                               decisions.segment_flags[scored]),
       "pixel": pixel_metrics(anomaly, labels, score_roi),
       "pixel_postprocessed": pixel_metrics(postprocessed, labels, score_roi),
       "truth_source": truth.source,
   }
   if grid_truth is not None:
-    out["segment_model_grid"] = metrics.detection_metrics(
-        segment_scores[scored], decisions.segment_flags[scored], grid_truth.segments[scored])
+    out["segment_model_grid"] = metric_registry.level_metrics(
+        "segment", segment_scores[scored], grid_truth.segments[scored],
+        decisions.segment_flags[scored])
   if recon is not None:
     out["reconstruction"] = reconstruction_ssim(images, recon, labels, score_roi)
   return _nan_to_none(out)

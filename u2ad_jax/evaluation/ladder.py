@@ -1,4 +1,4 @@
-"""The comparison ladder (method.md section 9): every rung through the same scoring code.
+"""The comparison ladder: every rung through the same scoring code.
 
 Rungs: (a) cord-intensity threshold (no learning), (b) MAE with random masking ("baseline"),
 (c) + EU guidance, (d) + AU guidance, (e) EU + AU = U2AD. Each rung is a `CohortResult` from

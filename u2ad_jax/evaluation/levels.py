@@ -20,7 +20,7 @@ Two ways to find the levels, by preference:
    missing.
 2. By counting, the fallback for label maps without identities (the original release's format):
 
-Rule (method.md section 8): the vertebral-body label (2) of a sagittal slice is split into
+Rule: the vertebral-body label (2) of a sagittal slice is split into
 4-connected components; components much smaller than the slice's typical body (a stray voxel, a
 cut corner at the field-of-view edge) are dropped; the rest are ordered top-down by centroid row
 and the first seven are C2, C3, ..., C7, T1. Segment `C{k}-{k+1}` spans the rows from the centroid

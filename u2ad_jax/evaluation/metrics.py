@@ -209,11 +209,3 @@ def ranking_metrics(scores: np.ndarray, truth: np.ndarray) -> dict[str, float]:
       "num_positive": float(truth.sum()),
       "num_negative": float(truth.size - truth.sum()),
   }
-
-
-def detection_metrics(scores: np.ndarray, pred: np.ndarray,
-                      truth: np.ndarray) -> dict[str, float]:
-  """Everything reported at patient or segment level: decision metrics and ranking metrics."""
-  out = binary_metrics(pred, truth)
-  out.update(ranking_metrics(scores, truth))
-  return out

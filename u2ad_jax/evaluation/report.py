@@ -65,7 +65,7 @@ def _ijk(voxels: Voxels | None, subject_id: str, segment: int | None) -> list[An
 def patient_rows(result: analysis.CohortResult, slice_index: np.ndarray,
                  voxels: Voxels | None = None) -> list[list[Any]]:
   """Rows of patients.csv (see PATIENT_HEADER); truth columns empty without truth.
-  `voxels`: `evaluator.peak_positions` (peak voxels of the input NIfTI)."""
+  `voxels`: `outputs.peak_positions` (peak voxels of the input NIfTI)."""
   rows = []
   for i, s in enumerate(result.scores):
     flagged_segments = [n for n, f in zip(label_values.SEGMENT_NAMES,
@@ -250,7 +250,7 @@ def write_report(out_dir: str, result: analysis.CohortResult, images: np.ndarray
                  slice_index: np.ndarray, header_lines: Sequence[str] = (), *,
                  voxels: Voxels | None = None) -> str:
   """Tables, metrics, figures and report.md into `out_dir`; returns the report's path.
-  `voxels`: peak voxels of the input NIfTI (`evaluator.peak_positions`) for the tables."""
+  `voxels`: peak voxels of the input NIfTI (`outputs.peak_positions`) for the tables."""
   os.makedirs(out_dir, exist_ok=True)
   write_tables(out_dir, result, slice_index, voxels)
   write_metrics(out_dir, result)

@@ -91,7 +91,7 @@ def load_recorded(eval_dir: str | os.PathLike, provenance: Mapping[str, Any]) ->
 
   Args:
     eval_dir: that evaluation's --out directory.
-    provenance: this evaluation's provenance (evaluator: model.workdir, checkpoint_step,
+    provenance: this evaluation's provenance (the model rung's: model.workdir, checkpoint_step,
       num_samples, anomaly_map, curve, postprocess).
 
   Raises:

@@ -9,11 +9,17 @@ levels, scores, the unsupervised threshold, metrics) is the same code as for the
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
 
 from u2ad_jax.evaluation import scoring
+from u2ad_jax.evaluation import settings as settings_lib
+from u2ad_jax.evaluation.rungs import base
+
+MAP_DESCRIPTION = ("anomaly = max(x / the subject's median cord intensity - 1, 0) inside the "
+                   "eroded cord")
 
 
 def intensity_maps(images: np.ndarray, score_roi: np.ndarray,
@@ -36,3 +42,23 @@ def intensity_maps(images: np.ndarray, score_roi: np.ndarray,
     relative = np.maximum(images[pos] / median - 1.0, 0.0)
     out[pos] = np.where(roi, relative, 0.0)
   return out
+
+
+class IntensityRung:
+  """Rung (a) through the shared driver (`base.evaluate`); needs nothing but the cohort."""
+  name = "intensity"
+
+  def maps(self, prepared: base.PreparedCohort,
+           settings: settings_lib.EvalSettings) -> base.RungMaps:
+    s = prepared.slice_set
+    provenance = {"model": {"name": "intensity", "variant": None,
+                            "description": "cord intensity / subject median cord intensity - 1"},
+                  "checkpoint_step": None, "cohort": os.path.abspath(prepared.root),
+                  "anomaly_map": MAP_DESCRIPTION,
+                  "curve": settings.describe_curve(),
+                  "segment_scores": settings.describe_segments()}
+    header = ["- Rung: cord-intensity threshold (no learning): anomaly = max(x / median cord "
+              "intensity of the subject - 1, 0) inside the eroded cord.",
+              f"- Cohort: `{prepared.root}` ({len(s)} slices)."]
+    return base.RungMaps(anomaly=intensity_maps(s.images, s.score_roi, s.subject_ids),
+                         provenance=provenance, header=header)

@@ -2,7 +2,7 @@
 
 One cohort gives a dozen lesions and the ranking of the learned rungs moves from cohort to
 cohort, so a single table cannot say whether one rung beats another. A study draws N cohorts
-(seeds), runs the ladder on each (`workflow.run_ablation`, unchanged: one shared pretraining, then
+(seeds), runs the ladder on each (`ablate.run_ablation`, unchanged: one shared pretraining, then
 each adaptation rung and the intensity rung through the same scoring code), keeps the per-patient
 results and reports, per rung and metric, the mean over cohorts with a 95 % hierarchical bootstrap
 interval, and the paired differences U2AD - baseline and U2AD - intensity (`stats.py`).
@@ -35,7 +35,9 @@ from u2ad_jax import output_guard
 from u2ad_jax.evaluation import ladder
 from u2ad_jax.evaluation import metrics as metrics_lib
 from u2ad_jax.evaluation import stats
-from u2ad_jax.evaluation import workflow
+from u2ad_jax.evaluation.rungs import base as rung_base
+from u2ad_jax.workflows import ablate
+from u2ad_jax.workflows import demo
 
 TABLES_FILE = "tables.json"
 # (a, b): the differences a - b reported.
@@ -81,11 +83,11 @@ def patient_table(result: Any, slice_set: Any) -> stats.PatientTable:
 # ------------------------------------------------------------------------------ cohorts
 
 
-def make_study_cohorts(data_dir: str, seed: int, size: workflow.DemoSize, source: str | None,
+def make_study_cohorts(data_dir: str, seed: int, size: demo.DemoSize, source: str | None,
                        verbose: bool = True) -> tuple[str, str]:
   """(public, clinical) cohort directories of one seed (see the module docstring)."""
   if source is None:
-    return workflow.make_cohorts(data_dir, size, seed, verbose)
+    return demo.make_cohorts(data_dir, size, seed, verbose)
   from u2ad_jax.phantom import cohort_writer  # pylint: disable=g-import-not-at-top
   from u2ad_jax.phantom import pseudo_patients  # pylint: disable=g-import-not-at-top
   public = os.path.join(data_dir, "public")
@@ -121,26 +123,25 @@ def make_study_cohorts(data_dir: str, seed: int, size: workflow.DemoSize, source
 
 def run_study(out_dir: str | os.PathLike, seeds: Sequence[int], *, source: str | None = None,
               public_dir: str | None = None, smoke: bool = False, config_spec: str | None = None,
-              config: Any = None, methods: Sequence[str] = workflow.ABLATION_METHODS, overrides: Sequence[str] = (),
-              size: workflow.DemoSize | None = None, num_resamples: int = stats.DEFAULT_RESAMPLES,
+              config: Any = None, methods: Sequence[str] = ablate.ABLATION_METHODS,
+              overrides: Sequence[str] = (),
+              size: demo.DemoSize | None = None, num_resamples: int = stats.DEFAULT_RESAMPLES,
               verbose: bool = True) -> dict[str, Any]:
   """Runs the ladder on every seed's cohort and writes the summary (see the module docstring).
 
   `config` (a ConfigDict) replaces the one `smoke` / `config_spec` would load.
   Returns the summary dict written to study.json.
   """
-  from u2ad_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   from u2ad_jax.train import config_lib  # pylint: disable=g-import-not-at-top
 
   if not seeds:
     raise ValueError("a study needs at least one seed")
   # The config first: a bad file or override fails before anything is generated or trained.
   if config is None:
-    config = (workflow.smoke_config() if smoke and config_spec is None
-              else workflow.load_config(config_spec))
+    config = demo.load_config(config_spec, smoke)
   config = config.copy_and_resolve_references()
   config_lib.apply_overrides(config, overrides)
-  size = size or (workflow.SMOKE_SIZE if smoke else workflow.DEMO_SIZE)
+  size = size or (demo.SMOKE_SIZE if smoke else demo.DEMO_SIZE)
   out_dir = os.path.abspath(os.fspath(out_dir))
   # A study folder is resumed (finished seeds reused); any other non-empty folder is refused.
   marker = output_guard.read_marker(out_dir) if os.path.isdir(out_dir) else None
@@ -168,10 +169,10 @@ def run_study(out_dir: str | os.PathLike, seeds: Sequence[int], *, source: str |
       public = public_dir
     # The ladder beside (not around) the seed's cohorts; a ladder an interrupted run left
     # behind is this study's own output and is replaced.
-    results = workflow.run_ablation(os.path.join(seed_dir, "ladder"), public, clinical,
+    results = ablate.run_ablation(os.path.join(seed_dir, "ladder"), public, clinical,
                                     config=config, methods=methods, seed=seed, overwrite=True,
                                     verbose=verbose)
-    prepared = evaluator.prepare_cohort(clinical, config.data, progress=False)
+    prepared = rung_base.prepare_cohort(clinical, config.data, progress=False)
     tables = {rung: patient_table(res, prepared.slice_set) for rung, res in results.items()}
     io_utils.write_json(tables_path, {
         "seed": seed, "cohort": clinical, "public": public,

@@ -1,14 +1,9 @@
-"""End-to-end workflows behind `u2ad demo` and `u2ad ablate` (importable; the commands only
-parse flags).
+"""`u2ad demo`: the whole method on synthetic data, end to end.
 
-demo:   synthetic public (healthy) + clinical cohorts -> pretrain -> EU / EU+AU adaptation ->
-        evaluation of U2AD and of the cord-intensity rung -> report.md at the top of --out.
-ablate: one shared pretraining run, then the four adaptation rungs (baseline, eu, au, eu_au)
-        from it on the same cohort and seed, each evaluated by the same code, plus the intensity
-        rung -> comparison.md / comparison.csv.
-
-Sharing the pretraining is exact, not an approximation: pretraining uses random masking in every
-rung, so the rungs differ only from adaptation on; it saves three pretraining runs.
+Synthetic public (healthy) + clinical cohorts -> pretrain -> EU / EU+AU adaptation -> evaluation
+of U2AD and of the cord-intensity rung -> comparison.{md,csv} and report.md at the top of --out.
+Its config is a config file (`config_files.load`): configs/cpu.py by default, configs/smoke.py
+with `smoke`.
 """
 
 from __future__ import annotations
@@ -23,17 +18,18 @@ from typing import Sequence
 
 import ml_collections
 
-from u2ad_jax import errors
+from u2ad_jax import config_files
 from u2ad_jax import io_utils
 from u2ad_jax import output_guard
 from u2ad_jax.evaluation import analysis
-from u2ad_jax.evaluation import evaluator
 from u2ad_jax.evaluation import ladder
-from u2ad_jax.evaluation import report
+from u2ad_jax.evaluation import settings as settings_lib
+from u2ad_jax.evaluation.rungs import base as rung_base
+from u2ad_jax.evaluation.rungs import model as model_rung
+from u2ad_jax.evaluation.rungs import registry
 
 DEMO_CONFIG = "cpu.py"
-ADAPT_STAGES = ("adapt_eu", "adapt_eu_au")
-ABLATION_METHODS = ("baseline", "eu", "au", "eu_au")
+SMOKE_CONFIG = "smoke.py"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,39 +48,14 @@ def _log(text: str) -> None:
   print(f"[u2ad] {text}", file=sys.stderr, flush=True)
 
 
-# ------------------------------------------------------------------------------ configs
-
-
-def load_config(spec: str | None) -> ml_collections.ConfigDict:
-  """`path/to/config.py[:args]` -> ConfigDict (`config_files.load`: a bare file name is looked up
-  in the checkout's configs/ and in the installed package). Default: the demo's configs/cpu.py.
+def load_config(spec: str | None, smoke: bool = False) -> ml_collections.ConfigDict:
+  """`path/to/config.py[:args]` -> ConfigDict (`config_files.load`); without `spec`, the demo's
+  configs/cpu.py, or configs/smoke.py when `smoke`.
 
   Raises:
     InputError: the config file does not exist.  UsageError: bad `:args`.
   """
-  from u2ad_jax import config_files  # pylint: disable=g-import-not-at-top
-
-  return config_files.load(spec or DEMO_CONFIG)
-
-
-def smoke_config() -> ml_collections.ConfigDict:
-  """The demo's code path at test size: the 'mu' transformer on 80 px slices, pretraining and
-  EU+AU adaptation (which exercises the map refresh and both guidances), 1-2 epochs each."""
-  config = load_config("base.py:runlocal")
-  config.data.image_size = 80  # 2.5 mm pixels: vertebral bodies stay separate components
-  config.data.patch_size = 8
-  config.stage_epochs.pretrain = 2
-  config.stages = ("pretrain", "adapt_eu_au")  # one guided stage: compile time dominates here
-  config.stage_epochs.adapt_eu_au = 1
-  config.batch_size = 8
-  # A 2.5 mm pixel leaves the eroded cord 1-2 pixels wide: single-pixel components must count.
-  config.postprocess.min_size = 1
-  config.uncertainty.num_samples = 2
-  config.uncertainty.slices_per_device = 8
-  config.checkpoint.every_steps = 1000
-  config.log_every_steps = 1000
-  config.data.augment = True
-  return config
+  return config_files.load(spec or (SMOKE_CONFIG if smoke else DEMO_CONFIG))
 
 
 # ------------------------------------------------------------------------------ data
@@ -175,7 +146,7 @@ def run_demo(out_dir: str | os.PathLike, *, smoke: bool = False, config_spec: st
   from u2ad_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
   # The config first: a bad file or override fails before anything is generated.
-  config = smoke_config() if smoke and config_spec is None else load_config(config_spec)
+  config = load_config(config_spec, smoke)
   config_lib.apply_overrides(config, overrides)
   # `output_guard`: a non-empty out_dir must be an earlier demo's, and replacing it needs
   # `overwrite`; its cohorts are then reused when they match and its run resumes.
@@ -195,7 +166,7 @@ def run_demo(out_dir: str | os.PathLike, *, smoke: bool = False, config_spec: st
   config.data.clinical_dir = clinical_dir
 
   t0 = time.monotonic()
-  prepared = evaluator.prepare_cohort(clinical_dir, config.data, progress=False)
+  prepared = rung_base.prepare_cohort(clinical_dir, config.data, progress=False)
   public = preprocess.load_cohort(public_dir, config.data, progress=False)
   timings["preprocess"] = time.monotonic() - t0
   if verbose:
@@ -211,12 +182,12 @@ def run_demo(out_dir: str | os.PathLike, *, smoke: bool = False, config_spec: st
 
   t0 = time.monotonic()
   # The sub-outputs below lie in this demo's own directory: replacing them is overwriting its own.
-  u2ad = evaluator.evaluate_checkpoint(workdir, clinical_dir, os.path.join(out_dir, "evaluation"),
-                                       name="U2AD (eu_au)", prepared=prepared, overwrite=True,
-                                       verbose=verbose)
-  settings = evaluator.EvalSettings.from_config(config)
-  intensity = evaluator.evaluate_intensity(prepared, settings, os.path.join(out_dir, "intensity"),
-                                           overwrite=True)
+  u2ad = model_rung.evaluate_checkpoint(workdir, clinical_dir,
+                                        os.path.join(out_dir, "evaluation"), name="U2AD (eu_au)",
+                                        prepared=prepared, overwrite=True, verbose=verbose)
+  intensity = rung_base.evaluate(registry.get("intensity")(), prepared,
+                                 settings_lib.EvalSettings.from_config(config),
+                                 os.path.join(out_dir, "intensity"), overwrite=True)
   timings["evaluate"] = time.monotonic() - t0
   ladder.write_comparison(out_dir, {"intensity": intensity, "eu_au": u2ad},
                           [f"Demo cohort: `{clinical_dir}`."])
@@ -252,79 +223,3 @@ def run_demo(out_dir: str | os.PathLike, *, smoke: bool = False, config_spec: st
     _log(f"demo done in {timings['total']:.0f} s; report: {report_path}")
   return DemoResult(out_dir=out_dir, u2ad=u2ad, intensity=intensity, timings=timings,
                     report_path=report_path)
-
-
-# ------------------------------------------------------------------------------ ablation
-
-
-def run_ablation(out_dir: str | os.PathLike, public_dir: str, clinical_dir: str, *,
-                 config_spec: str | None = None, config: ml_collections.ConfigDict | None = None,
-                 methods: Sequence[str] = ABLATION_METHODS, seed: int | None = None,
-                 overrides: Sequence[str] = (), overwrite: bool = False,
-                 verbose: bool = True) -> dict[str, analysis.CohortResult]:
-  """Trains and scores the ladder on one cohort; writes comparison.{md,csv} into `out_dir`.
-
-  Layout: runs/pretrain, runs/<method> (workdirs), <method>/ and intensity/ (evaluation
-  outputs), comparison.md, comparison.csv, figures/roc_ladder.png.
-  """
-  from u2ad_jax.data import preprocess  # pylint: disable=g-import-not-at-top
-  from u2ad_jax.train import config_lib  # pylint: disable=g-import-not-at-top
-  from u2ad_jax.train import trainer  # pylint: disable=g-import-not-at-top
-
-  unknown = [m for m in methods if m not in config_lib.ABLATIONS]
-  if unknown:
-    raise errors.UsageError(f"unknown ablation methods {unknown}; choose from "
-                            f"{sorted(config_lib.ABLATIONS)}")
-  base = config if config is not None else load_config(config_spec)
-  base = base.copy_and_resolve_references()
-  config_lib.apply_overrides(base, overrides)
-  out_dir = output_guard.check_output_dir(
-      out_dir, "ablate", overwrite=overwrite,
-      protected={"--public": public_dir, "--clinical": clinical_dir})
-  if seed is not None:
-    base.seed = int(seed)
-  base.data.public_dir = os.fspath(public_dir)
-  base.data.clinical_dir = os.fspath(clinical_dir)
-
-  prepared = evaluator.prepare_cohort(clinical_dir, base.data, progress=False)
-  public = preprocess.load_cohort(public_dir, base.data, progress=False)
-  slice_sets = {"public_dir": public, "clinical_dir": prepared.slice_set}
-  os.makedirs(out_dir, exist_ok=True)
-  output_guard.write_marker(out_dir, "ablate")
-
-  pretrain_dir = os.path.join(out_dir, "runs", "pretrain")
-  if "pretrain" in base.stages:
-    pre = base.copy_and_resolve_references()
-    pre.stages = ("pretrain",)
-    config_lib.set_ablation(pre, "baseline")
-    t0 = time.monotonic()
-    trainer.train(pre, pretrain_dir, slice_sets=slice_sets, verbose=verbose)
-    if verbose:
-      _log(f"shared pretraining done in {time.monotonic() - t0:.0f} s")
-  init_from = pretrain_dir if "pretrain" in base.stages else None
-
-  results: dict[str, analysis.CohortResult] = {}
-  settings = evaluator.EvalSettings.from_config(base)
-  results["intensity"] = evaluator.evaluate_intensity(
-      prepared, settings, os.path.join(out_dir, "intensity"), overwrite=True)
-  for method in methods:
-    cfg = base.copy_and_resolve_references()
-    config_lib.set_ablation(cfg, method)
-    cfg.stages = tuple(s for s in base.stages if s in ADAPT_STAGES)
-    workdir = os.path.join(out_dir, "runs", method)
-    t0 = time.monotonic()
-    trainer.train(cfg, workdir, init_from=init_from, slice_sets=slice_sets, verbose=verbose)
-    train_seconds = time.monotonic() - t0
-    results[method] = evaluator.evaluate_checkpoint(
-        workdir, clinical_dir, os.path.join(out_dir, method), name=method, prepared=prepared,
-        overwrite=True, verbose=verbose)
-    results[method].info["train_seconds"] = train_seconds
-    if verbose:
-      _log(f"{method}: adaptation {train_seconds:.0f} s; " + report.format_table(
-          results[method]).splitlines()[-1])
-  ladder.write_comparison(out_dir, results, [
-      f"Cohort: `{clinical_dir}` ({len(prepared.slice_set.subjects)} patients); pretraining on "
-      f"`{public_dir}`; seed {base.seed}; model `{base.model.variant}` at "
-      f"{base.data.image_size} px; adaptation epochs "
-      f"{', '.join(f'{s} {base.stage_epochs[s]}' for s in base.stages if s in ADAPT_STAGES)}."])
-  return results

@@ -1,0 +1,295 @@
+"""The learnt rungs: a checkpoint's Monte-Carlo reconstructions -> anomaly map.
+
+1. Restore the model read-only (`train.checkpoint.restore_for_eval`): a missing or damaged
+   workdir / checkpoint raises CheckpointError naming the path, before the cohort is loaded.
+2. Monte-Carlo maps (`uncertainty.mc_uncertainty`, jitted, batched over slices and each batch
+   split over the local devices with shard_map; K = config.evaluation.num_samples, else the
+   training K): EU, mean reconstruction and AU.
+3. The anomaly map is the residual x - mean as `config.evaluation.residual` says
+   (`u2ad_jax/anomaly.py`: by default its positive part after removing the subject's median cord
+   residual); scoring and outputs are the shared driver's (`base.evaluate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from u2ad_jax import anomaly as anomaly_lib
+from u2ad_jax import errors
+from u2ad_jax import output_guard
+from u2ad_jax.evaluation import analysis
+from u2ad_jax.evaluation import settings as settings_lib
+from u2ad_jax.evaluation import thresholds
+from u2ad_jax.evaluation.rungs import base
+
+# Offset folded into the config seed for the evaluation's MC masks: evaluation draws its own
+# masks, reproducible from the config, independent of the training stream.
+EVAL_SEED_OFFSET = 7919
+DEFAULT_BATCH_SIZE = 8
+
+
+# ------------------------------------------------------------------------------ model maps
+
+
+def eval_devices(batch_size: int, devices: Sequence[Any] | None = None) -> list[Any]:
+  """The devices the slices of one MC batch are split over: the first `d` of `devices`
+  (default: this process's devices), `d` the largest count <= len(devices) dividing
+  `batch_size`, so every device gets the same number of slices."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  devices = list(jax.local_devices() if devices is None else devices)
+  if not devices:
+    raise ValueError("no devices to evaluate on")
+  usable = max(d for d in range(1, len(devices) + 1) if int(batch_size) % d == 0)
+  return devices[:usable]
+
+
+def model_maps(model: Any, params: Any, config: Any, images: np.ndarray, train_roi: np.ndarray,
+               *, batch_size: int = DEFAULT_BATCH_SIZE, seed: int | None = None,
+               num_samples: int | None = None, devices: Sequence[Any] | None = None,
+               progress: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
+  """EU, mean reconstruction and AU of every slice with the model's final weights.
+
+  Args:
+    model: flax module (`model.apply({'params': p}, images, plan)`).
+    params: its parameters.
+    config: the run's config (masking.ratio, uncertainty.num_samples / pass_chunk,
+      data.min_roi_patches, seed).
+    images: `[S, H, W]` float32 in [0, 1].
+    train_roi: `[S, H, W]` bool (the masked region).
+    batch_size: slices per jitted call; slices are batched by ROI size (largest first) and the
+      last batch is padded with copies of a slice, so each encoder length compiles once.
+    seed: PRNG seed of the MC patch orders (default config.seed + EVAL_SEED_OFFSET).
+    num_samples: K, reconstructions per ROI patch (default config.uncertainty.num_samples).
+    devices: devices to split each batch over (default: every local device; see
+      `eval_devices`). Batch b draws its per-slice keys `split(fold_in(key, b), batch_size)`
+      before the split, so the maps do not depend on the device count (up to float rounding).
+    progress: optional callback for one-line progress messages.
+
+  Returns:
+    dict of `[S, H, W]` float32 arrays 'eu', 'mean', 'au'.
+  """
+  import jax  # pylint: disable=g-import-not-at-top  (the intensity rung needs no jax)
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  from u2ad_jax import uncertainty  # pylint: disable=g-import-not-at-top
+
+  unc = settings_lib.section(config, "uncertainty")
+  data = settings_lib.section(config, "data")
+  pass_chunk = unc.get("pass_chunk")
+  if num_samples is None:
+    num_samples = int(unc.get("num_samples", 10))
+  num = images.shape[0]
+  batch_size = max(1, min(int(batch_size), num))
+  mesh = Mesh(np.array(eval_devices(batch_size, devices)), ("batch",))
+  num_devices = mesh.devices.size
+  replicated = NamedSharding(mesh, PartitionSpec())
+  split = NamedSharding(mesh, PartitionSpec("batch"))
+
+  def apply_fn(p, x, plan):
+    return model.apply({"params": p}, x, plan)
+
+  ratio = float(config.masking.ratio)
+  fns = {}
+
+  def mc_fn(num_keep):
+    # One compilation per encoder length; lengths are rounded (mc_encoder_length) so a cohort
+    # needs only a few. Each device runs its rows of the batch: the MC passes of an image
+    # depend on that image and its key only.
+    if num_keep not in fns:
+      def per_device(p, x, roi, keys):
+        return uncertainty.mc_uncertainty(
+            apply_fn, p, None, x, roi, patch_size=int(model.patch_size), ratio=ratio,
+            num_samples=int(num_samples), num_keep=num_keep,
+            pass_chunk=None if not pass_chunk else int(pass_chunk),
+            min_roi=max(1, int(data.get("min_roi_patches", 1))), image_keys=keys)
+      fns[num_keep] = jax.jit(jax.shard_map(
+          per_device, mesh=mesh, in_specs=(PartitionSpec(),) + (PartitionSpec("batch"),) * 3,
+          out_specs=PartitionSpec("batch")))
+    return fns[num_keep]
+
+  if seed is None:
+    seed = int(config.get("seed", 0)) + EVAL_SEED_OFFSET
+  key = jax.random.key(int(seed))
+  params = jax.device_put(params, replicated)
+  out = {name: np.zeros(images.shape, np.float32) for name in ("eu", "mean", "au")}
+  start = time.monotonic()
+  # Batches of slices with similar ROI sizes: every MC pass of a batch then keeps at most
+  # N - min(masked) patches visible, so the encoder runs on a shorter sequence (attention is
+  # quadratic in it; results are identical to the full length, see uncertainty.mc_encoder_length).
+  roi_size = train_roi.reshape(num, -1).sum(axis=1)
+  order = np.argsort(-roi_size, kind="stable")
+  for b, lo in enumerate(range(0, num, batch_size)):
+    rows = order[lo:lo + batch_size]
+    # The last batch is padded with copies of its last slice (outputs dropped), so shapes stay
+    # fixed and padding never lengthens the encoder sequence.
+    padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
+    x, roi = images[padded], train_roi[padded]
+    num_keep = uncertainty.mc_encoder_length(roi, int(model.patch_size), ratio)
+    keys = jax.random.split(jax.random.fold_in(key, b), batch_size)
+    maps = mc_fn(num_keep)(params, jax.device_put(x[..., None], split),
+                           jax.device_put(roi, split), jax.device_put(keys, split))
+    for name in out:
+      out[name][rows] = np.asarray(maps[name])[:len(rows)]
+    if progress is not None:
+      done = min(lo + batch_size, num)
+      progress(f"MC maps {done}/{num} slices on {num_devices} device(s) "
+               f"({time.monotonic() - start:.1f} s)")
+  return out
+
+
+# ------------------------------------------------------------------------------ the rung
+
+
+@dataclasses.dataclass
+class ModelRung:
+  """A restored checkpoint as a rung (`restore`); `maps` runs the Monte-Carlo reconstructions.
+
+  Attributes:
+    name: the rung's name in reports (default: the workdir's base name).
+    workdir: the training workdir.
+    model, params, config, step: `checkpoint.restore_for_eval`'s model, weights, recorded config
+      (with the scoring overrides applied) and step.
+    batch_size: slices per Monte-Carlo call (`model_maps`).
+    threshold_from: an earlier evaluation's directory whose recorded threshold is applied
+      (`thresholds.load_recorded`), or None.
+    log: one-line progress messages, or None.
+  """
+  name: str
+  workdir: str
+  model: Any
+  params: Any
+  config: Any
+  step: int
+  batch_size: int = DEFAULT_BATCH_SIZE
+  threshold_from: str | os.PathLike | None = None
+  log: Callable[[str], None] | None = None
+
+  @classmethod
+  def restore(cls, workdir: str | os.PathLike, *, step: int | None = None,
+              overrides: Sequence[str] = (), name: str | None = None,
+              **options: Any) -> "ModelRung":
+    """Restores `workdir`'s checkpoint (`step`, default the latest) read-only and applies the
+    scoring `overrides` (`settings.apply_scoring_overrides`) to its recorded config.
+
+    Raises:
+      CheckpointError: missing / damaged workdir or checkpoint.
+      UsageError: a bad override.
+    """
+    from u2ad_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+
+    workdir = os.fspath(workdir)
+    try:
+      model, params, config, restored_step = checkpoint.restore_for_eval(workdir, step)
+    except (OSError, ValueError, KeyError) as e:
+      # Unreadable files and malformed contents are the workdir's fault; anything else is a bug
+      # and keeps its traceback.
+      raise errors.CheckpointError(workdir, f"cannot restore ({type(e).__name__}: {e})") from e
+    config = settings_lib.apply_scoring_overrides(config, overrides)
+    return cls(name=name or os.path.basename(os.path.normpath(workdir)), workdir=workdir,
+               model=model, params=params, config=config, step=restored_step, **options)
+
+  def maps(self, prepared: base.PreparedCohort,
+           settings: settings_lib.EvalSettings) -> base.RungMaps:
+    slice_set = prepared.slice_set
+    _check_image_size(slice_set, self.model, prepared.root)
+    if self.log:
+      self.log(f"restored {self.workdir} step {self.step}; {len(slice_set)} slices of "
+               f"{len(slice_set.subjects)} subjects")
+    variant = settings_lib.section(self.config, "model").get("variant")
+    provenance = {
+        "model": {"name": self.name, "workdir": os.path.abspath(self.workdir),
+                  "variant": variant, "stages": _stages(self.config)},
+        "checkpoint_step": self.step,
+        "num_samples": settings.mc_samples,
+        "anomaly_map": anomaly_lib.describe(settings.residual),
+        "curve": settings.describe_curve(),
+        "segment_scores": settings.describe_segments(),
+        "cohort": os.path.abspath(prepared.root),
+        "postprocess": dataclasses.asdict(settings.postprocess),
+    }
+    rule = None
+    if self.threshold_from is not None:
+      if settings.segment_norm != "none":
+        # Per-level z needs the cohort's own statistics, which a lone later scan does not have.
+        raise errors.UsageError(f"--threshold-from with evaluation.segment_norm="
+                                f"{settings.segment_norm!r}: per-level scores need a cohort; "
+                                f"set evaluation.segment_norm=none")
+      rule = thresholds.load_recorded(self.threshold_from, provenance)
+    maps = model_maps(self.model, self.params, self.config, slice_set.images,
+                      slice_set.train_roi, batch_size=self.batch_size,
+                      num_samples=settings.mc_samples, progress=self.log)
+    anomaly = anomaly_lib.anomaly_maps(slice_set.images, maps["mean"], slice_set.score_roi,
+                                       slice_set.subject_ids, settings.residual)
+    header = [f"- Model: `{self.name}` ({variant}), checkpoint step {self.step}, "
+              f"K = {provenance['num_samples']} MC reconstructions per patch; "
+              f"{provenance['anomaly_map']}.",
+              f"- Cohort: `{prepared.root}` ({len(slice_set)} slices)."]
+    return base.RungMaps(anomaly=anomaly, provenance=provenance, header=header, eu=maps["eu"],
+                         recon=maps["mean"], rule=rule)
+
+
+def evaluate_checkpoint(workdir: str | os.PathLike, data_dir: str | os.PathLike,
+                        out_dir: str | os.PathLike | None, *, step: int | None = None,
+                        batch_size: int = DEFAULT_BATCH_SIZE, name: str | None = None,
+                        prepared: base.PreparedCohort | None = None,
+                        overrides: Sequence[str] = (), overwrite: bool = False,
+                        verbose: bool = True,
+                        threshold_from: str | os.PathLike | None = None
+                        ) -> analysis.CohortResult:
+  """Evaluates one checkpoint on one cohort; writes everything to `out_dir` (None: nothing).
+
+  `overrides` (`section.key=value`, see `settings.apply_scoring_overrides`) change the scoring
+  settings recorded with the run, e.g. `evaluation.residual=absolute` or
+  `evaluation.num_samples=10`. `out_dir` follows `output_guard.check_output_dir` (checked before
+  any work): it may not be, lie inside or contain the workdir or the cohort, and an existing
+  non-empty `out_dir` is replaced only when it is a previous evaluation and `overwrite` is set.
+  `threshold_from`: an earlier evaluation's directory whose recorded threshold is applied instead
+  of one computed from this cohort (`thresholds.load_recorded`; checked before the MC maps).
+
+  Raises:
+    UsageError / InputError: an output directory that may not be written (nothing written).
+    CheckpointError: missing / damaged workdir or checkpoint (nothing written).
+    LabelError and other InputErrors: bad cohort, e.g. no vertebral labels (nothing written).
+  """
+  log = stderr_log(verbose)
+  protected = {"--workdir": os.fspath(workdir), "--data": data_dir,
+               "--threshold-from": threshold_from}
+  if out_dir is not None:
+    output_guard.check_output_dir(out_dir, "evaluate", overwrite=overwrite, protected=protected)
+  rung = ModelRung.restore(workdir, step=step, overrides=overrides, name=name,
+                           batch_size=batch_size, threshold_from=threshold_from, log=log)
+  if prepared is None:
+    prepared = base.prepare_cohort(data_dir, rung.config.data, progress=verbose)
+  settings = settings_lib.EvalSettings.from_config(rung.config)
+  result = base.evaluate(rung, prepared, settings, out_dir, overwrite=overwrite,
+                         protected=protected)
+  if out_dir is not None and log:
+    log(f"wrote {os.path.abspath(os.fspath(out_dir))}")
+  return result
+
+
+def stderr_log(verbose: bool) -> Callable[[str], None] | None:
+  """`[evaluate] message` lines on stderr when `verbose`, else None (no progress)."""
+  if not verbose:
+    return None
+  return lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True)
+
+
+def _stages(config: Any) -> list[str]:
+  stages = config.get("stages") if hasattr(config, "get") else None
+  if stages is None:
+    return []
+  return [stages] if isinstance(stages, str) else [str(v) for v in stages]
+
+
+def _check_image_size(slice_set: Any, model: Any, root: str) -> None:
+  size = getattr(model, "image_size", None)
+  if size is not None and tuple(slice_set.image_shape) != (int(size), int(size)):
+    raise errors.InputError(root, f"cohort slices are {slice_set.image_shape} but the model "
+                                  f"expects {size} x {size}")
