@@ -19,9 +19,9 @@ import jax
 import numpy as np
 import pytest
 
+from u2ad_jax import config_lib
 from u2ad_jax import errors
 from u2ad_jax.train import checkpoint
-from u2ad_jax.train import config_lib
 from u2ad_jax.train import metrics_log
 from u2ad_jax.train import toy_data
 from u2ad_jax.train import trainer

@@ -6,12 +6,11 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from u2ad_jax import config_lib
 from u2ad_jax import errors
 from u2ad_jax import schedules
 from u2ad_jax.models import vit_mae
-from u2ad_jax.train import config_lib
-from u2ad_jax.train import state as state_lib
-from u2ad_jax.train import trainer
+from u2ad_jax.train import settings
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 CONFIG_FILES = sorted(p.name for p in CONFIG_DIR.glob("*.py"))
@@ -29,8 +28,8 @@ def _parse(*argv):
 
 
 def _guidance_table(config):
-  schedule = trainer.make_schedule(config)
-  return {stage: trainer.stage_guidance(schedule, stage, max(1, config.stage_epochs[stage]))
+  schedule = config_lib.guidance_schedule(config)
+  return {stage: schedules.stage_guidance(schedule, stage, max(1, config.stage_epochs[stage]))
           for stage in schedules.STAGES}
 
 
@@ -42,9 +41,9 @@ def test_config_files_are_all_covered():
 @pytest.mark.parametrize("arg", ["", ":runlocal", ":schedule=linear", ":schedule=cosine,ablation=au"])
 def test_every_config_builds(name, arg):
   config = _parse("--config", str(CONFIG_DIR / name) + arg)
-  trainer.validate_config(config)
+  settings.resolve(config)
   _guidance_table(config)  # the schedule accepts the config's parameters
-  model = state_lib.build_model(config)  # module only; no parameters are initialised
+  model = settings.build_model(config)  # module only; no parameters are initialised
   assert model.image_size == config.data.image_size
   assert model.patch_size == config.data.patch_size
   assert config.data.image_size % config.data.patch_size == 0
@@ -77,7 +76,7 @@ def test_flags_override_and_typos_fail():
   config = _parse("--config", str(CONFIG_DIR / "cpu.py") + ":runlocal", "--config.optim.lr=0.5",
                   "--config.stages=('adapt_eu',)", "--config.model.overrides.attention=dense")
   assert config.optim.lr == 0.5 and config.stages == ("adapt_eu",)
-  assert state_lib.model_overrides(config) == {"attention": "dense"}
+  assert settings.model_overrides(config) == {"attention": "dense"}
   with pytest.raises(Exception, match="lrr"):
     _parse("--config", str(CONFIG_DIR / "cpu.py"), "--config.optim.lrr=0.5")
 
@@ -119,11 +118,11 @@ def test_invalid_training_settings_are_rejected():
   config = _parse("--config", str(CONFIG_DIR / "base.py"))
   config.stages = ("adapt_eu", "pretrain")
   with pytest.raises(ValueError, match="order"):
-    trainer.validate_config(config)
+    settings.resolve(config)
   config.stages = ("pretrain",)
   config.parallel = "xmap"
   with pytest.raises(ValueError, match="parallel"):
-    trainer.validate_config(config)
+    settings.resolve(config)
 
 
 @pytest.mark.parametrize("flag, key", [
@@ -144,7 +143,7 @@ def test_bad_guidance_and_component_settings_fail_at_config_time(flag, key):
   # Through the same flags as `u2ad train`, with a ramp schedule so the ramp keys are read too.
   config = _parse("--config", str(CONFIG_DIR / "cpu.py") + ":schedule=linear", flag)
   with pytest.raises(errors.ConfigValueError) as e:
-    trainer.validate_config(config)
+    settings.resolve(config)
   message = str(e.value)
   assert key in message and "\n" not in message, message
   assert isinstance(e.value, ValueError)  # callers that catch config ValueErrors still do
@@ -154,14 +153,14 @@ def test_candidates_residual_has_one_default_and_no_silent_fallback():
   from u2ad_jax import anomaly
   config = _parse("--config", str(CONFIG_DIR / "cpu.py"))
   assert config.candidates.residual == anomaly.DEFAULT_RESIDUAL == config.evaluation.residual
-  trainer.validate_config(config)
+  settings.resolve(config)
   with config.unlocked():
     del config.candidates["residual"]
   with pytest.raises(errors.ConfigValueError, match=r"config\.candidates\.residual must be one"):
-    trainer.validate_config(config)
+    settings.resolve(config)
   from u2ad_jax.train import maps
   with pytest.raises(ValueError, match="candidates.residual"):
-    maps.MapGenerator(state_lib.build_model(config), config, "pmap")
+    maps.MapGenerator(settings.build_model(config), config, "pmap")
 
 
 def test_set_overrides_nested_keys_and_refuse_typos():

@@ -32,7 +32,8 @@ SCRIPT = textwrap.dedent("""
       distributed.initialize(f"127.0.0.1:{sys.argv[5]}", num_processes=2,
                              process_id=int(sys.argv[6]))
     import jax
-    from u2ad_jax.train import config_lib, maps, parallel, toy_data, trainer
+    from u2ad_jax import config_lib
+    from u2ad_jax.train import maps, parallel, toy_data, trainer
     config = config_lib.sibling(base_config, "base").get_config("runlocal")
     # The guided stage: EU + AU guidance from maps computed across all devices, refreshed at
     # both epochs (the second refresh from trained parameters).

@@ -122,8 +122,8 @@ def test_validation_errors():
 
 
 def test_registering_a_new_schedule():
-  @schedules.register("test_constant")
-  def constant(*, w_eu: float = 0.5):
+  @schedules.register("test_constant", schedules.Param("w_eu", "weight", 0.5))
+  def constant(*, w_eu: float):
     return lambda stage, progress: Guidance(float(w_eu), 1.0, False)
 
   try:

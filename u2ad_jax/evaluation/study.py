@@ -130,7 +130,7 @@ def run_study(out_dir: str | os.PathLike, seeds: Sequence[int], *, source: str |
   Returns the summary dict written to study.json.
   """
   from u2ad_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
-  from u2ad_jax.train import config_lib  # pylint: disable=g-import-not-at-top
+  from u2ad_jax import config_lib  # pylint: disable=g-import-not-at-top
 
   if not seeds:
     raise ValueError("a study needs at least one seed")

@@ -30,10 +30,10 @@ from u2ad_jax.evaluation import analysis
 from u2ad_jax.evaluation import evaluator
 from u2ad_jax.evaluation import ladder
 from u2ad_jax.evaluation import report
+from u2ad_jax.stages import ABLATION_METHODS
+from u2ad_jax.stages import ADAPT_STAGES
 
 DEMO_CONFIG = "cpu.py"
-ADAPT_STAGES = ("adapt_eu", "adapt_eu_au")
-ABLATION_METHODS = ("baseline", "eu", "au", "eu_au")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +171,7 @@ def run_demo(out_dir: str | os.PathLike, *, smoke: bool = False, config_spec: st
   report.md (the one-page summary, linking into evaluation/), timings.json.
   """
   from u2ad_jax.data import preprocess  # pylint: disable=g-import-not-at-top
-  from u2ad_jax.train import config_lib  # pylint: disable=g-import-not-at-top
+  from u2ad_jax import config_lib  # pylint: disable=g-import-not-at-top
   from u2ad_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
   # The config first: a bad file or override fails before anything is generated.
@@ -268,13 +268,13 @@ def run_ablation(out_dir: str | os.PathLike, public_dir: str, clinical_dir: str,
   outputs), comparison.md, comparison.csv, figures/roc_ladder.png.
   """
   from u2ad_jax.data import preprocess  # pylint: disable=g-import-not-at-top
-  from u2ad_jax.train import config_lib  # pylint: disable=g-import-not-at-top
+  from u2ad_jax import config_lib  # pylint: disable=g-import-not-at-top
   from u2ad_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
-  unknown = [m for m in methods if m not in config_lib.ABLATIONS]
+  unknown = [m for m in methods if m not in ABLATION_METHODS]
   if unknown:
     raise errors.UsageError(f"unknown ablation methods {unknown}; choose from "
-                            f"{sorted(config_lib.ABLATIONS)}")
+                            f"{sorted(ABLATION_METHODS)}")
   base = config if config is not None else load_config(config_spec)
   base = base.copy_and_resolve_references()
   config_lib.apply_overrides(base, overrides)
