@@ -171,3 +171,19 @@ def test_learning_rate_schedules():
   shapes = [jax.tree_util.tree_structure(state_lib.make_optimizer(o, 10).init(params))
             for o in (_optim(), _optim(schedule="cosine", warmup_epochs=2.0))]
   assert shapes[0] == shapes[1]
+
+
+def test_one_optimizer_object_per_settings_shared_by_state_and_step():
+  optim = _optim(schedule="cosine")
+  optimizer = state_lib.make_optimizer(optim, 10)
+  assert state_lib.make_optimizer(_optim(schedule="cosine"), 10) is optimizer
+  assert state_lib.make_optimizer(optim, 11) is not optimizer
+  with pytest.raises(ValueError, match="optim.restart"):
+    _optim(restart="never")
+  # The step is cached on that object: the same settings give the same compiled wrapper.
+  config = config_lib.sibling(str(CONFIG_DIR / "base.py"), "base").get_config("runlocal")
+  model = settings_lib.build_model(config)
+  settings = settings_lib.step_settings(config)
+  wrapped = step_lib.make_train_step(model, optimizer, settings, "pmap", jax.devices()[:1])
+  assert step_lib.make_train_step(model, state_lib.make_optimizer(optim, 10), settings, "pmap",
+                                  jax.devices()[:1]) is wrapped
