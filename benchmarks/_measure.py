@@ -31,7 +31,6 @@ import resource
 import statistics
 import sys
 import time
-import types
 from typing import Any, Callable
 
 import jax
@@ -49,8 +48,8 @@ from u2ad_jax.train import step as step_lib
 RATIO = 0.75
 MIN_ROI = 4  # configs/base.py data.min_roi_patches
 # The paper's optimizer (configs/base.py optim).
-OPTIM = types.SimpleNamespace(lr=3e-3, b1=0.9, b2=0.95, decay_every_epochs=50,
-                              decay_factor=0.1, schedule="step", warmup_epochs=0.0)
+OPTIM = state_lib.OptimizerSettings(lr=3e-3, b1=0.9, b2=0.95, decay_every_epochs=50,
+                                    decay_factor=0.1)
 
 
 def peak_rss_gb() -> float:
@@ -141,8 +140,9 @@ def measure_flops(size: str, image_size: int | None = None, num_samples: int = 1
   images, roi = synthetic_inputs(model, batch)
   params = state_lib.init_params(model, jax.random.key(0))
   settings = step_lib.StepSettings(patch_size=model.patch_size, ratio=RATIO)
-  train = step_lib.make_train_step(model, OPTIM, 100, settings, "pmap", [jax.devices()[0]])
-  state = train.replicate(state_lib.create_state(params, state_lib.make_optimizer(OPTIM, 100)))
+  optimizer = state_lib.make_optimizer(OPTIM, 100)
+  train = step_lib.make_train_step(model, optimizer, settings, "pmap", [jax.devices()[0]])
+  state = train.replicate(state_lib.create_state(params, optimizer))
   host_batch = {"image": images[None], "train_roi": roi[None], "valid": np.ones((1, batch), bool)}
   lowered = train._fn.lower(state, host_batch, jax.random.key(0),  # pylint: disable=protected-access
                             step_lib.guidance_arrays())
@@ -167,9 +167,9 @@ def measure_train(size: str, image_size: int | None = None, batch: int = 10, ste
   images, roi = synthetic_inputs(model, batch)
   params = state_lib.init_params(model, jax.random.key(0))
   settings = step_lib.StepSettings(patch_size=model.patch_size, ratio=RATIO)
-  train = step_lib.make_train_step(model, OPTIM, 100, settings, "pmap", [jax.devices()[0]])
-  holder = {"state": train.replicate(
-      state_lib.create_state(params, state_lib.make_optimizer(OPTIM, 100)))}
+  optimizer = state_lib.make_optimizer(OPTIM, 100)
+  train = step_lib.make_train_step(model, optimizer, settings, "pmap", [jax.devices()[0]])
+  holder = {"state": train.replicate(state_lib.create_state(params, optimizer))}
   host_batch = {"image": images[None], "train_roi": roi[None], "valid": np.ones((1, batch), bool)}
   key, guidance = jax.random.key(0), step_lib.guidance_arrays()
   losses = []

@@ -1,4 +1,4 @@
-"""The comparison ladder of method.md section 9 as one config with an argument.
+"""The comparison ladder (`stages.ABLATION_METHODS`) as one config with an argument.
 
   --config configs/ablation.py:method=baseline   random masking in every stage ("MAE" baseline)
   --config configs/ablation.py:method=eu         + EU-guided masking during adaptation
@@ -6,11 +6,12 @@
   --config configs/ablation.py:method=eu_au      both: U2AD (same as paper.py)
 
 `size=paper` (default) or `size=cpu` picks the base; `schedule=...` and `runlocal` as elsewhere
-(`ablation=` is accepted as another name for `method=`).
+(`ablation=` is accepted as another name for `method=`; neither given: the base's stage lists,
+eu_au).
 Every rung keeps the same stages and epochs, so only the masking differs.
 """
 
-from u2ad_jax.train import config_lib
+from u2ad_jax import config_lib
 
 
 def get_config(arg=None):

@@ -1,19 +1,22 @@
-"""The config schema, with the method's defaults (method.md sections 2-8).
+"""The config schema, with the method's defaults.
 
-Every other config file starts from `make_config()` and overrides a few fields. Usage:
+Every other config file starts from `make_config()` and overrides a few fields; the values set
+here are what a config holds unless a variant or an argument changes them. Usage:
 
   u2ad train --config configs/base.py[:runlocal,ablation=eu,schedule=linear] --workdir DIR \
       [--config.optim.lr=1e-3 ...]
 
-Arguments after the colon (u2ad_jax/train/config_lib.py): ablation=baseline|eu|au|eu_au,
-schedule=piecewise|linear|cosine, runlocal.
+Arguments after the colon (u2ad_jax/config_lib.py): ablation=baseline|eu|au|eu_au,
+schedule=NAME (schedules.available()), runlocal. `config.ablation` is set from the final stage
+lists (config_lib.finalize).
 """
 
 import ml_collections
 from ml_collections import config_dict
 
 from u2ad_jax import anomaly
-from u2ad_jax.train import config_lib
+from u2ad_jax import config_lib
+from u2ad_jax import stages
 
 
 def make_config() -> ml_collections.ConfigDict:
@@ -73,28 +76,23 @@ def make_config() -> ml_collections.ConfigDict:
 
   config.batch_size = 10                # global batch, split over all devices of all processes
 
-  config.stages = ("pretrain", "adapt_eu", "adapt_eu_au")
+  config.stages = stages.STAGES
   config.stage_epochs = ml_collections.ConfigDict()
   config.stage_epochs.pretrain = 200
   config.stage_epochs.adapt_eu = 150
   config.stage_epochs.adapt_eu_au = 50
 
-  # Uncertainty weighting (schedules.get_schedule(schedule, **params [, **ramp])).
-  config.ablation = "eu_au"
-  config.guidance = ml_collections.ConfigDict()
-  config.guidance.schedule = "piecewise"
-  config.guidance.params = ml_collections.ConfigDict()
+  # Uncertainty weighting: the schedule (schedules.available()) and one field per parameter of
+  # the registered schedules, at its declared default (config_lib.guidance_config); the ramp
+  # section is read only by the schedules that declare its fields (linear, cosine).
+  # None = the schedule's default (ramp_lengths: the ramp stages' epochs).
+  config.guidance = config_lib.guidance_config("piecewise")
   config.guidance.params.w_eu = 1.0
   config.guidance.params.tau = 1.0
+  # The paper's method (eu_au): EU guidance in both adaptation stages, AU exclusion in the last.
   config.guidance.params.eu_stages = ("adapt_eu", "adapt_eu_au")
   config.guidance.params.au_stages = ("adapt_eu_au",)
-  # Only for the ramp schedules (linear, cosine); None = the schedule's default, except
-  # ramp_lengths, which defaults to the ramp stages' epochs.
-  config.guidance.ramp = ml_collections.ConfigDict()
   config.guidance.ramp.w_eu_start = 0.0
-  config.guidance.ramp.tau_start = config_dict.placeholder(float)
-  config.guidance.ramp.ramp_stages = config_dict.placeholder(tuple)
-  config.guidance.ramp.ramp_lengths = config_dict.placeholder(tuple)
 
   # Monte-Carlo maps (uncertainty.mc_uncertainty), regenerated during adaptation.
   config.uncertainty = ml_collections.ConfigDict()

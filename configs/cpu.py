@@ -7,10 +7,10 @@ shape and map refreshes, scaled down).
   u2ad train --config configs/cpu.py --workdir runs/cpu \
       --config.data.public_dir=PUBLIC --config.data.clinical_dir=CLINICAL
 
-Arguments: ablation=baseline|eu|au|eu_au, schedule=piecewise|linear|cosine, runlocal.
+Arguments: ablation=baseline|eu|au|eu_au, schedule=NAME (schedules.available()), runlocal.
 """
 
-from u2ad_jax.train import config_lib
+from u2ad_jax import config_lib
 
 base = config_lib.sibling(__file__, "base")
 

@@ -1,14 +1,14 @@
-"""The paper's configuration (method.md sections 3, 5, 7): 256 px, the 'paper' ViT-MAE, batch 10,
+"""The paper's configuration: 256 px, the 'paper' ViT-MAE, batch 10,
 200 pretraining epochs on the public cohort, then 150 EU-guided and 50 EU+AU-guided adaptation
 epochs on the clinical cohort, K = 10 reconstructions per patch, maps refreshed every 10 epochs.
 
   u2ad train --config configs/paper.py --workdir runs/paper \
       --config.data.public_dir=PUBLIC --config.data.clinical_dir=CLINICAL
 
-Arguments: ablation=baseline|eu|au|eu_au, schedule=piecewise|linear|cosine, runlocal.
+Arguments: ablation=baseline|eu|au|eu_au, schedule=NAME (schedules.available()), runlocal.
 """
 
-from u2ad_jax.train import config_lib
+from u2ad_jax import config_lib
 
 base = config_lib.sibling(__file__, "base")
 

@@ -9,7 +9,7 @@ Starts from base.py with its runlocal sizes (`config_lib.set_runlocal`). Argumen
 base.py's: ablation=..., schedule=..., runlocal (shrinks it further, to the 32 px runlocal run).
 """
 
-from u2ad_jax.train import config_lib
+from u2ad_jax import config_lib
 
 base = config_lib.sibling(__file__, "base")
 

@@ -9,7 +9,7 @@ import pathlib
 
 import toy_data
 from u2ad_jax.phantom import cohort_writer
-from u2ad_jax.train import config_lib
+from u2ad_jax import config_lib
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent

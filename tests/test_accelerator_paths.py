@@ -18,6 +18,7 @@ from u2ad_jax import uncertainty
 from u2ad_jax.masking import make_plan
 from u2ad_jax.models import layers
 from u2ad_jax.models import vit_mae
+from u2ad_jax.train import settings
 from u2ad_jax.train import state as state_lib
 
 
@@ -119,10 +120,10 @@ def test_bfloat16_monte_carlo_maps_stay_close_to_float32():
 
 
 def test_paper_config_computes_in_bfloat16_on_accelerators_only():
-  from u2ad_jax.train import config_lib  # pylint: disable=g-import-not-at-top
+  from u2ad_jax import config_lib  # pylint: disable=g-import-not-at-top
   import pathlib  # pylint: disable=g-import-not-at-top
   base = pathlib.Path(__file__).resolve().parents[1] / "configs" / "base.py"
   config = config_lib.sibling(str(base), "paper").get_config()
   assert config.model.overrides.dtype == "auto"
-  assert state_lib.model_overrides(config)["dtype"] == jnp.float32  # this machine: CPU
+  assert settings.model_overrides(config)["dtype"] == jnp.float32  # this machine: CPU
   assert state_lib.resolve_compute_dtype(config.model.overrides.dtype, "gpu") == jnp.bfloat16

@@ -128,7 +128,7 @@ def test_usage_and_config_errors_are_one_line_exit_2(args, needles, tmp_path):
 def test_train_set_overrides_like_config_flags():
   """`--set key=value` in train goes through the same check as in demo / ablate."""
   from u2ad_jax import config_files
-  from u2ad_jax.train import config_lib
+  from u2ad_jax import config_lib
   config = config_files.load(str(REPO / "configs" / "cpu.py"))
   config_lib.apply_overrides(config, ["optim.lr=0.5", "stage_epochs.pretrain=3"])
   assert config.optim.lr == 0.5 and config.stage_epochs.pretrain == 3

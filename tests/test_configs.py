@@ -6,12 +6,12 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from u2ad_jax import config_lib
 from u2ad_jax import errors
 from u2ad_jax import schedules
+from u2ad_jax import stages
 from u2ad_jax.models import vit_mae
-from u2ad_jax.train import config_lib
-from u2ad_jax.train import state as state_lib
-from u2ad_jax.train import trainer
+from u2ad_jax.train import settings
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 CONFIG_FILES = sorted(p.name for p in CONFIG_DIR.glob("*.py"))
@@ -29,9 +29,9 @@ def _parse(*argv):
 
 
 def _guidance_table(config):
-  schedule = trainer.make_schedule(config)
-  return {stage: trainer.stage_guidance(schedule, stage, max(1, config.stage_epochs[stage]))
-          for stage in schedules.STAGES}
+  schedule = config_lib.guidance_schedule(config)
+  return {stage: schedules.stage_guidance(schedule, stage, max(1, config.stage_epochs[stage]))
+          for stage in stages.STAGES}
 
 
 def test_config_files_are_all_covered():
@@ -42,9 +42,9 @@ def test_config_files_are_all_covered():
 @pytest.mark.parametrize("arg", ["", ":runlocal", ":schedule=linear", ":schedule=cosine,ablation=au"])
 def test_every_config_builds(name, arg):
   config = _parse("--config", str(CONFIG_DIR / name) + arg)
-  trainer.validate_config(config)
+  settings.resolve(config)
   _guidance_table(config)  # the schedule accepts the config's parameters
-  model = state_lib.build_model(config)  # module only; no parameters are initialised
+  model = settings.build_model(config)  # module only; no parameters are initialised
   assert model.image_size == config.data.image_size
   assert model.patch_size == config.data.patch_size
   assert config.data.image_size % config.data.patch_size == 0
@@ -69,7 +69,7 @@ def test_runlocal_shrinks_to_smoke_size(name):
   config = _parse("--config", str(CONFIG_DIR / name) + ":runlocal")
   assert (config.model.variant, config.data.image_size, config.data.patch_size) == ("mu", 32, 4)
   assert config.uncertainty.num_samples == 2
-  assert all(config.stage_epochs[s] == 1 for s in schedules.STAGES)
+  assert all(config.stage_epochs[s] == 1 for s in stages.STAGES)
   assert config.stages == ("pretrain", "adapt_eu", "adapt_eu_au")  # same code path
 
 
@@ -77,7 +77,7 @@ def test_flags_override_and_typos_fail():
   config = _parse("--config", str(CONFIG_DIR / "cpu.py") + ":runlocal", "--config.optim.lr=0.5",
                   "--config.stages=('adapt_eu',)", "--config.model.overrides.attention=dense")
   assert config.optim.lr == 0.5 and config.stages == ("adapt_eu",)
-  assert state_lib.model_overrides(config) == {"attention": "dense"}
+  assert settings.model_overrides(config) == {"attention": "dense"}
   with pytest.raises(Exception, match="lrr"):
     _parse("--config", str(CONFIG_DIR / "cpu.py"), "--config.optim.lrr=0.5")
 
@@ -119,11 +119,11 @@ def test_invalid_training_settings_are_rejected():
   config = _parse("--config", str(CONFIG_DIR / "base.py"))
   config.stages = ("adapt_eu", "pretrain")
   with pytest.raises(ValueError, match="order"):
-    trainer.validate_config(config)
+    settings.resolve(config)
   config.stages = ("pretrain",)
   config.parallel = "xmap"
   with pytest.raises(ValueError, match="parallel"):
-    trainer.validate_config(config)
+    settings.resolve(config)
 
 
 @pytest.mark.parametrize("flag, key", [
@@ -144,7 +144,7 @@ def test_bad_guidance_and_component_settings_fail_at_config_time(flag, key):
   # Through the same flags as `u2ad train`, with a ramp schedule so the ramp keys are read too.
   config = _parse("--config", str(CONFIG_DIR / "cpu.py") + ":schedule=linear", flag)
   with pytest.raises(errors.ConfigValueError) as e:
-    trainer.validate_config(config)
+    settings.resolve(config)
   message = str(e.value)
   assert key in message and "\n" not in message, message
   assert isinstance(e.value, ValueError)  # callers that catch config ValueErrors still do
@@ -154,14 +154,14 @@ def test_candidates_residual_has_one_default_and_no_silent_fallback():
   from u2ad_jax import anomaly
   config = _parse("--config", str(CONFIG_DIR / "cpu.py"))
   assert config.candidates.residual == anomaly.DEFAULT_RESIDUAL == config.evaluation.residual
-  trainer.validate_config(config)
+  settings.resolve(config)
   with config.unlocked():
     del config.candidates["residual"]
   with pytest.raises(errors.ConfigValueError, match=r"config\.candidates\.residual must be one"):
-    trainer.validate_config(config)
+    settings.resolve(config)
   from u2ad_jax.train import maps
   with pytest.raises(ValueError, match="candidates.residual"):
-    maps.MapGenerator(state_lib.build_model(config), config, "pmap")
+    maps.MapGenerator(settings.build_model(config), config, "pmap")
 
 
 def test_set_overrides_nested_keys_and_refuse_typos():
@@ -179,3 +179,78 @@ def test_set_overrides_nested_keys_and_refuse_typos():
     with pytest.raises(config_lib.errors.UsageError, match=message):
       config_lib.apply_overrides(config, [bad])
   assert config.optim.lr == pytest.approx(1e-3)  # a refused override changes nothing
+
+
+def _edited_configs(tmp_path, *replacements):
+  """A copy of configs/ whose base.py has `replacements` (old, new) applied."""
+  target = tmp_path / "configs"
+  target.mkdir()
+  for path in CONFIG_DIR.glob("*.py"):
+    (target / path.name).write_text(path.read_text())
+  base = (target / "base.py").read_text()
+  for old, new in replacements:
+    assert base.count(old) == 1, old
+    base = base.replace(old, new)
+  (target / "base.py").write_text(base)
+  return target
+
+
+def test_base_defaults_reach_the_trainer(tmp_path):
+  """Editing base.py's schedule and stage lists changes what a variant trains with; the config
+  arguments change only what they name."""
+  edited = _edited_configs(
+      tmp_path, ('guidance_config("piecewise")', 'guidance_config("linear")'),
+      ('params.eu_stages = ("adapt_eu", "adapt_eu_au")', 'params.eu_stages = ("adapt_eu_au",)'))
+  config = _parse("--config", str(edited / "cpu.py"))
+  assert config.guidance.schedule == "linear"
+  assert config.guidance.params.eu_stages == ("adapt_eu_au",)
+  assert config.ablation == config_lib.CUSTOM_ABLATION  # the lists match no ladder method
+  run = settings.resolve(config)
+  adapt_eu = schedules.stage_guidance(run.schedule, "adapt_eu", config.stage_epochs.adapt_eu)
+  ramp = schedules.stage_guidance(run.schedule, "adapt_eu_au", config.stage_epochs.adapt_eu_au)
+  assert all(g.w_eu == 0.0 for g in adapt_eu)  # EU guidance only where base.py now says
+  assert ramp[0].w_eu == 0.0 and ramp[-1].w_eu == pytest.approx(1.0)  # a linear ramp
+  assert all(a.w_eu < b.w_eu for a, b in zip(ramp, ramp[1:]))
+  # Arguments still win over the file, and only for what they name.
+  config = _parse("--config", str(edited / "cpu.py") + ":ablation=eu")
+  assert config.guidance.schedule == "linear" and config.ablation == "eu"
+  assert config.guidance.params.eu_stages == ("adapt_eu", "adapt_eu_au")
+  config = _parse("--config", str(edited / "ablation.py") + ":size=cpu,schedule=cosine")
+  assert config.guidance.schedule == "cosine" and config.ablation == config_lib.CUSTOM_ABLATION
+  # The unedited files hold the paper's method.
+  config = _parse("--config", str(CONFIG_DIR / "cpu.py"))
+  assert (config.guidance.schedule, config.ablation) == ("piecewise", "eu_au")
+
+
+def test_a_schedule_registered_in_a_test_is_configured_validated_and_trained(tmp_path,
+                                                                             monkeypatch):
+  """A new schedule (not a ramp, with a parameter of its own) is one function and its
+  registration: its config field, its validation and the trainer follow from the registry."""
+  from u2ad_jax.train import metrics_log
+  from u2ad_jax.train import toy_data
+  from u2ad_jax.train import trainer
+  monkeypatch.setattr(schedules, "_REGISTRY", dict(schedules._REGISTRY))
+
+  @schedules.register("test_constant", schedules.Param("w_constant", "weight", 0.5),
+                      schedules.TAU)
+  def constant(*, w_constant, tau):
+    def schedule(stage, progress):
+      return schedules.Guidance(0.0 if stage == "pretrain" else w_constant, tau, False)
+    return schedule
+
+  config = config_lib.sibling(str(CONFIG_DIR / "base.py"), "base").get_config(
+      "runlocal,schedule=test_constant")
+  assert config.guidance.schedule == "test_constant"
+  assert config.guidance.params.w_constant == 0.5  # the declared default, as a config field
+  config.guidance.params.w_constant = -1.0
+  with pytest.raises(errors.ConfigValueError, match=r"config\.guidance\.params\.w_constant"):
+    settings.resolve(config)
+  config.guidance.params.w_constant = 0.25
+  config.stages = ("adapt_eu",)
+  result = trainer.train(config, tmp_path / "run", verbose=False, slice_sets={
+      "clinical_dir": toy_data.toy_slice_set(4, 32, seed=5, lesion_fraction=0.5)})
+  records = metrics_log.MetricsLog(tmp_path / "run").read()
+  steps = [r for r in records if "event" not in r]
+  assert result.step == len(steps) > 0
+  assert all(r["w_eu"] == 0.25 and r["tau"] == 1.0 and not r["au_exclusion"] for r in steps)
+  assert any(r.get("event") == "maps" for r in records)  # EU guidance on: maps were made

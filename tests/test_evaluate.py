@@ -274,14 +274,15 @@ def test_model_maps_do_not_depend_on_the_device_count():
   import jax
 
   import toy_data
-  from u2ad_jax.train import config_lib
+  from u2ad_jax import config_lib
+  from u2ad_jax.train import settings
   from u2ad_jax.train import state as state_lib
 
   devices = jax.local_devices()
   assert len(devices) == 4, "conftest asks for 4 CPU devices"
   config_dir = pathlib.Path(__file__).resolve().parents[1] / "configs"
   config = config_lib.sibling(str(config_dir / "base.py"), "base").get_config("runlocal")
-  model = state_lib.build_model(config)
+  model = settings.build_model(config)
   params = state_lib.init_params(model, jax.random.key(0))
   # 7 slices in batches of 4: the second batch is padded, so padding is exercised too.
   slices = toy_data.toy_slice_set(7, config.data.image_size, seed=5)

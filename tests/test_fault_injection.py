@@ -31,6 +31,7 @@ from u2ad_jax import errors
 from u2ad_jax.train import checkpoint
 from u2ad_jax.train import faults
 from u2ad_jax.train import metrics_log
+from u2ad_jax.train import resume
 from u2ad_jax.train import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -248,7 +249,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, data
     assert _leaves_equal(result.state.params, reference.state.params), name
     assert _leaves_equal(result.state.opt_state, reference.state.opt_state), name
     # The damaged step is kept aside for inspection, the new step 11 is complete.
-    assert (workdir / trainer.DAMAGED_DIR / "11").is_dir()
+    assert (workdir / resume.DAMAGED_DIR / "11").is_dir()
     _, params, _, step = checkpoint.restore_for_eval(workdir)
     assert step == 11 and _leaves_equal(params, reference.state.params)
     assert _step_losses(workdir) == _step_losses(reference_dir)

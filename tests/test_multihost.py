@@ -35,7 +35,8 @@ SCRIPT = textwrap.dedent("""
                              process_id=int(sys.argv[6]))
     import jax
     import toy_data
-    from u2ad_jax.train import config_lib, maps, parallel, trainer
+    from u2ad_jax import config_lib
+    from u2ad_jax.train import maps, parallel, trainer
     config = config_lib.sibling(base_config, "base").get_config("runlocal")
     # The guided stage: EU + AU guidance from maps computed across all devices, refreshed at
     # both epochs (the second refresh from trained parameters).

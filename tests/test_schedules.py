@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 
 from u2ad_jax import schedules
+from u2ad_jax import stages
 from u2ad_jax.schedules import Guidance
 
 ADAPT = ("adapt_eu", "adapt_eu_au")
 
 
-def _sweep(schedule, stages=schedules.STAGES, steps=41):
+def _sweep(schedule, stages=stages.STAGES, steps=41):
   """Guidance along the whole training in order: [(stage, progress, Guidance)]."""
   return [(s, p, schedule(s, p)) for s in stages for p in np.linspace(0.0, 1.0, steps)]
 
@@ -122,8 +123,8 @@ def test_validation_errors():
 
 
 def test_registering_a_new_schedule():
-  @schedules.register("test_constant")
-  def constant(*, w_eu: float = 0.5):
+  @schedules.register("test_constant", schedules.Param("w_eu", "weight", 0.5))
+  def constant(*, w_eu: float):
     return lambda stage, progress: Guidance(float(w_eu), 1.0, False)
 
   try:

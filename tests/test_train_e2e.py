@@ -87,7 +87,7 @@ def test_train_command_reports_bad_input_in_one_line(tmp_path):
 
 
 def _runlocal_config(public, clinical):
-  from u2ad_jax.train import config_lib
+  from u2ad_jax import config_lib
   config = config_lib.sibling(str(REPO / "configs" / "base.py"), "base").get_config("runlocal")
   config.data.public_dir = str(public)
   config.data.clinical_dir = str(clinical)

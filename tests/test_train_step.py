@@ -16,9 +16,10 @@ import optax
 import pytest
 
 import toy_data
+from u2ad_jax import config_lib
 from u2ad_jax import patches
-from u2ad_jax.train import config_lib
 from u2ad_jax.train import parallel
+from u2ad_jax.train import settings as settings_lib
 from u2ad_jax.train import state as state_lib
 from u2ad_jax.train import step as step_lib
 
@@ -30,7 +31,7 @@ NUM_STEPS = 3
 @pytest.fixture(scope="module")
 def setup():
   config = config_lib.sibling(str(CONFIG_DIR / "base.py"), "base").get_config("runlocal")
-  model = state_lib.build_model(config)
+  model = settings_lib.build_model(config)
   params = state_lib.init_params(model, jax.random.key(0))
   optimizer = optax.sgd(0.05)
   slices = toy_data.toy_slice_set(GLOBAL_BATCH * NUM_STEPS, config.data.image_size, seed=3)
@@ -60,7 +61,7 @@ def _run(setup, mode, num_devices):
     traces.append(1)  # runs at trace time only
     return setup["model"].apply(*args, **kwargs)
 
-  settings = step_lib.StepSettings.from_config(setup["config"], guided=True)
+  settings = settings_lib.step_settings(setup["config"], guided=True)
   body = functools.partial(step_lib.train_step, apply_fn=counting_apply,
                            optimizer=setup["optimizer"], settings=settings)
   devices = jax.devices()[:num_devices]
@@ -116,7 +117,7 @@ def test_device_count_does_not_change_training(setup, pmap4, num_devices):
 
 def test_per_device_masks_differ_and_follow_the_guidance(setup):
   config = setup["config"]
-  settings = step_lib.StepSettings.from_config(config, guided=True)
+  settings = settings_lib.step_settings(config, guided=True)
   batch = setup["batches"][0]
   # Identical rows on every device: only the device (global example position) differs.
   same = {k: np.repeat(v[:1], 4, axis=0)[:, None] for k, v in batch.items()}
@@ -145,7 +146,7 @@ def test_per_device_masks_differ_and_follow_the_guidance(setup):
 
 def _optim(**fields):
   base = dict(lr=1.0, b1=0.9, b2=0.95, decay_every_epochs=4, decay_factor=0.1)
-  return __import__("types").SimpleNamespace(**{**base, **fields})
+  return state_lib.OptimizerSettings(**{**base, **fields})
 
 
 def test_learning_rate_schedules():
@@ -170,3 +171,19 @@ def test_learning_rate_schedules():
   shapes = [jax.tree_util.tree_structure(state_lib.make_optimizer(o, 10).init(params))
             for o in (_optim(), _optim(schedule="cosine", warmup_epochs=2.0))]
   assert shapes[0] == shapes[1]
+
+
+def test_one_optimizer_object_per_settings_shared_by_state_and_step():
+  optim = _optim(schedule="cosine")
+  optimizer = state_lib.make_optimizer(optim, 10)
+  assert state_lib.make_optimizer(_optim(schedule="cosine"), 10) is optimizer
+  assert state_lib.make_optimizer(optim, 11) is not optimizer
+  with pytest.raises(ValueError, match="optim.restart"):
+    _optim(restart="never")
+  # The step is cached on that object: the same settings give the same compiled wrapper.
+  config = config_lib.sibling(str(CONFIG_DIR / "base.py"), "base").get_config("runlocal")
+  model = settings_lib.build_model(config)
+  settings = settings_lib.step_settings(config)
+  wrapped = step_lib.make_train_step(model, optimizer, settings, "pmap", jax.devices()[:1])
+  assert step_lib.make_train_step(model, state_lib.make_optimizer(optim, 10), settings, "pmap",
+                                  jax.devices()[:1]) is wrapped

@@ -23,7 +23,7 @@ from u2ad_jax import errors
 from u2ad_jax import output_guard
 from u2ad_jax.train import checkpoint
 from u2ad_jax.train import metrics_log
-from u2ad_jax.train import trainer
+from u2ad_jax.train import resume
 from u2ad_jax.train import workdir as workdir_lib
 
 BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs", "base.py")
@@ -96,7 +96,8 @@ TRAIN_SCRIPT = textwrap.dedent("""
     from fsspec.implementations import memory
     from u2ad_jax import output_guard
     import toy_data
-    from u2ad_jax.train import checkpoint, config_lib, metrics_log, trainer
+    from u2ad_jax import config_lib
+    from u2ad_jax.train import checkpoint, metrics_log, trainer
     from u2ad_jax.train import workdir as workdir_lib
 
     class FakeS3(memory.MemoryFileSystem):
@@ -186,16 +187,16 @@ def test_train_on_a_uri_workdir(tmp_path):
 
 
 def _start(step, epoch=0, batch=0):
-  return trainer._Start(trainer._Position(0, epoch, batch), step=step)
+  return resume.Start(resume.Position(0, epoch, batch), step=step)
 
 
 def test_processes_must_agree_on_the_resume_step():
-  same = np.stack([trainer._start_record(_start(4, 1, 0))] * 3)
-  trainer.check_same_start("gs://bucket/run", same)
-  fresh = np.stack([trainer._start_record(_start(None))] * 2)
-  trainer.check_same_start("gs://bucket/run", fresh)
-  mixed = np.stack([trainer._start_record(_start(4, 1, 0)), trainer._start_record(_start(None))])
+  same = np.stack([resume.start_record(_start(4, 1, 0))] * 3)
+  resume.check_same_start("gs://bucket/run", same)
+  fresh = np.stack([resume.start_record(_start(None))] * 2)
+  resume.check_same_start("gs://bucket/run", fresh)
+  mixed = np.stack([resume.start_record(_start(4, 1, 0)), resume.start_record(_start(None))])
   with pytest.raises(errors.WorkdirError, match=r"gs://bucket/run: the processes disagree.*"
                      r"process 0: checkpoint step 4 \(stage 0, epoch 1, batch 0\); "
                      r"process 1: no checkpoint"):
-    trainer.check_same_start("gs://bucket/run", mixed)
+    resume.check_same_start("gs://bucket/run", mixed)

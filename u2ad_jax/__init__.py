@@ -10,7 +10,9 @@ Layout (one concept per module):
   uncertainty.py  vmapped Monte-Carlo EU / AU maps with exact coverage.
   anomaly.py      residual x - mean reconstruction -> anomaly / AU-candidate map (hyperintense part).
   candidates.py   host-side connected-component anomaly candidates (AU guidance, postprocessing).
-  schedules.py    uncertainty-weighting schedules chosen by name from the config.
+  schedules.py    uncertainty-weighting schedules chosen by name from the config (a registry).
+  stages.py       the stage names and the ablation methods, defined once.
+  config_lib.py   helpers of the config files in configs/ (arguments, ablations, runlocal).
   train/       train state, pmapped / shard_mapped step, checkpoints, the stage driver.
   evaluation/  anomaly maps, curves, segment / patient scores, metrics, figures, reports.
   cli.py       the `u2ad` command.

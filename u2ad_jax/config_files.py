@@ -62,7 +62,7 @@ def load(spec: str) -> ml_collections.ConfigDict:
     InputError: the file does not exist.
     UsageError: bad `:args` (unknown key, wrong type), e.g. `:runlocl` or `:method=eu_ua`.
   """
-  from u2ad_jax.train import config_lib  # pylint: disable=g-import-not-at-top
+  from u2ad_jax import config_lib  # pylint: disable=g-import-not-at-top
 
   path, _, arg = spec.partition(":")
   path = resolve(path)

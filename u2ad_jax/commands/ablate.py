@@ -13,6 +13,7 @@ from __future__ import annotations
 from absl import flags
 from absl import logging
 
+from u2ad_jax import stages
 from u2ad_jax.workflows import ablate
 
 _OUT = flags.DEFINE_string("out", None, "output directory")
@@ -21,7 +22,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "reuse / replace --out when i
 _PUBLIC = flags.DEFINE_string("public", None, "healthy public cohort (pretraining)")
 _CLINICAL = flags.DEFINE_string("clinical", None, "clinical cohort (adaptation and evaluation)")
 _CONFIG = flags.DEFINE_string("config", None, "config file[:args] (default configs/cpu.py)")
-_METHODS = flags.DEFINE_list("methods", list(ablate.ABLATION_METHODS), "rungs to train")
+_METHODS = flags.DEFINE_list("methods", list(stages.ABLATION_METHODS), "rungs to train")
 _SEED = flags.DEFINE_integer("seed", None, "override config.seed")
 _SMOKE = flags.DEFINE_bool("smoke", False, "use the smoke demo's tiny config")
 _SET = flags.DEFINE_multi_string(

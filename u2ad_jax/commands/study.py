@@ -14,7 +14,7 @@ from absl import logging
 
 from u2ad_jax import errors
 from u2ad_jax.evaluation import stats
-from u2ad_jax.workflows import ablate
+from u2ad_jax import stages
 from u2ad_jax.workflows import demo
 
 _OUT = flags.DEFINE_string("out", None, "output directory")
@@ -27,7 +27,7 @@ _PUBLIC = flags.DEFINE_string("public", None, "fixed pretraining cohort (default
 _SUBJECTS = flags.DEFINE_integer("subjects", None, "clinical subjects per cohort (default: demo size)",
                                  lower_bound=2)
 _CONFIG = flags.DEFINE_string("config", None, "config file[:args] (default configs/cpu.py)")
-_METHODS = flags.DEFINE_list("methods", list(ablate.ABLATION_METHODS), "rungs to train")
+_METHODS = flags.DEFINE_list("methods", list(stages.ABLATION_METHODS), "rungs to train")
 _SMOKE = flags.DEFINE_bool("smoke", False, "the smoke demo's tiny config and cohort sizes")
 _RESAMPLES = flags.DEFINE_integer("resamples", stats.DEFAULT_RESAMPLES, "bootstrap resamples",
                                   lower_bound=100)

@@ -58,7 +58,7 @@ def _loaded_config():
 
 def main(argv: list[str]) -> None:
   del argv  # stray arguments are refused by the dispatcher
-  from u2ad_jax.train import config_lib  # pylint: disable=g-import-not-at-top
+  from u2ad_jax import config_lib  # pylint: disable=g-import-not-at-top
 
   # Config mistakes fail here, before jax or any file: `--set` typos name the key.
   config = config_lib.apply_overrides(_loaded_config(), _SET.value)
@@ -68,10 +68,11 @@ def main(argv: list[str]) -> None:
   from u2ad_jax.train import distributed  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value or _COORDINATOR.value:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  from u2ad_jax.train import settings  # pylint: disable=g-import-not-at-top
   from u2ad_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
   try:
-    trainer.validate_config(config)
+    settings.resolve(config)
   except ValueError as e:
     raise errors.U2ADError(f"bad config: {e}") from e
   print(f"[train] {distributed.describe()}", file=sys.stderr, flush=True)

@@ -137,7 +137,7 @@ def apply_scoring_overrides(config: Any, overrides: Sequence[str]) -> Any:
   Raises:
     UsageError: a malformed override, a setting outside SCORING_KEYS, or a bad value.
   """
-  from u2ad_jax.train import config_lib  # pylint: disable=g-import-not-at-top
+  from u2ad_jax import config_lib  # pylint: disable=g-import-not-at-top
 
   config_lib.apply_overrides(config, overrides, allowed=SCORING_KEYS)
   try:

@@ -25,7 +25,6 @@ to, and the config fingerprint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any
@@ -39,6 +38,7 @@ from etils import epath
 from u2ad_jax import errors
 from u2ad_jax import io_utils
 from u2ad_jax.train import faults
+from u2ad_jax.train import settings as settings_lib
 from u2ad_jax.train import state as state_lib
 from u2ad_jax.train import workdir as workdir_lib
 
@@ -52,49 +52,21 @@ CHECKPOINT_DIR = "checkpoints"
 # error and must surface as one, not as a "damaged checkpoint".
 DAMAGED_CHECKPOINT_ERRORS = (OSError, ValueError, KeyError)
 
-# Config fields that fix the shapes of the parameters or of the inputs the parameters expect;
-# a workdir (or an init_from run) trained with other values cannot be resumed from.
-SHAPE_FIELDS = ("model.variant", "model.overrides", "data.image_size", "data.patch_size")
-
 
 # ------------------------------------------------------------------------------ config record
 
 
-def _get(config: Any, dotted: str) -> Any:
-  value = config
-  for part in dotted.split("."):
-    value = value[part] if isinstance(value, dict) else getattr(value, part)
-  if isinstance(value, ml_collections.ConfigDict):
-    value = value.to_dict()
-  return value
-
-
-def _canonical(value: Any) -> Any:
-  """JSON-stable form: tuples as lists, dict keys sorted (json.dumps does the sorting)."""
-  return json.loads(json.dumps(value, sort_keys=True, default=str))
-
-
-def shape_fields(config: Any) -> dict[str, Any]:
-  """The shape-relevant part of a config as `{dotted name: value}` (JSON-normalised)."""
-  return {name: _canonical(_get(config, name)) for name in SHAPE_FIELDS}
-
-
-def fingerprint(config: Any) -> str:
-  """Short hash of `shape_fields(config)`; equal fingerprints = interchangeable parameters."""
-  text = json.dumps(shape_fields(config), sort_keys=True)
-  return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def check_compatible(saved: Any, config: Any, where: str) -> None:
-  """Raises ConfigMismatchError when `saved` and `config` differ in a shape-relevant field.
+def check_compatible(saved: Any, fields: dict[str, Any], where: str) -> None:
+  """Raises ConfigMismatchError when `saved` differs from this run in a shape-relevant field.
 
   Args:
     saved: the config recorded with the checkpoint (ConfigDict or dict).
-    config: the config of this run.
+    fields: this run's `settings.shape_fields(config)`.
     where: the workdir or run the saved config belongs to (named in the message).
   """
-  old, new = shape_fields(saved), shape_fields(config)
-  diffs = [f"{k}: {old[k]!r} there, {new[k]!r} now" for k in SHAPE_FIELDS if old[k] != new[k]]
+  old = settings_lib.shape_fields(saved)
+  diffs = [f"{k}: {old[k]!r} there, {fields[k]!r} now" for k in settings_lib.SHAPE_FIELDS
+           if old[k] != fields[k]]
   if diffs:
     raise errors.ConfigMismatchError(
         f"{where} was trained with a different model / input shape ({'; '.join(diffs)}); "
@@ -222,6 +194,18 @@ class Checkpoints:
     """Blocks until pending asynchronous saves are committed."""
     self.manager.wait_until_finished()
 
+  def failure_message(self, error: OSError) -> str:
+    """One line for a failed checkpoint write, naming the newest checkpoint that is complete."""
+    try:
+      self.wait()  # an earlier asynchronous save may still be committing
+    except OSError:
+      pass  # the failure being reported
+    self.manager.reload()
+    latest = self.latest_step()
+    kept = (f"the last complete checkpoint is step {latest}; free space and run the same "
+            "command to resume from it" if latest is not None else "no checkpoint was completed")
+    return f"{self.directory}: writing a checkpoint failed ({error}); training stopped and {kept}"
+
   def close(self) -> None:
     self.manager.close()
 
@@ -240,10 +224,8 @@ def _abstract(tree: Any) -> Any:
 # ------------------------------------------------------------------------------ evaluation
 
 
-def abstract_train_state(model: Any, config: Any) -> state_lib.TrainState:
-  """ShapeDtypeStruct pytree of the TrainState a run of `config` saves (no computation)."""
-  optimizer = state_lib.make_optimizer(config.optim, steps_per_epoch=1)
-
+def abstract_train_state(model: Any, optimizer: Any) -> state_lib.TrainState:
+  """ShapeDtypeStruct pytree of the TrainState of `model` and `optimizer` (no computation)."""
   def build():
     params = state_lib.init_params(model, jax.random.key(0))
     return state_lib.create_state(params, optimizer)
@@ -269,8 +251,9 @@ def restore_for_eval(workdir: str | os.PathLike, step: int | None = None
   """
   config = read_config(workdir)
   try:
-    model = state_lib.build_model(config)
-  except (KeyError, TypeError, ValueError) as e:
+    model = settings_lib.build_model(config)
+    optimizer = state_lib.make_optimizer(settings_lib.optimizer_settings(config.optim), 1)
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
     raise errors.CheckpointError(config_path(workdir), f"cannot build the recorded model ({e})")
   checkpoints = Checkpoints(workdir, read_only=True)
   try:
@@ -282,7 +265,7 @@ def restore_for_eval(workdir: str | os.PathLike, step: int | None = None
     elif int(step) not in steps:
       raise errors.CheckpointError(checkpoints.step_dir(step),
                                    f"no checkpoint at step {step} (available: {steps})")
-    template = abstract_train_state(model, config)
+    template = abstract_train_state(model, optimizer)
     restored, _, _ = checkpoints.restore(int(step), template)
   finally:
     checkpoints.close()

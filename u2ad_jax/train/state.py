@@ -1,4 +1,4 @@
-"""The train state and the optimizer.
+"""The train state, the optimizer and fresh parameters.
 
 The state is a small pytree `(step, params, opt_state)`; the optimizer itself is static (bound
 into the step with `functools.partial`), so the state can be broadcast to devices, donated,
@@ -7,11 +7,16 @@ saved by Orbax and compared between runs as plain arrays.
 `step` counts optimizer steps over the WHOLE run (all stages). It drives the per-step randomness
 (`fold_in(key, step)`), so a resumed run draws exactly the masks an uninterrupted run draws. The
 learning-rate schedule has its own counter inside `opt_state`, which starts at 0 whenever a new
-optimizer state is created (see `trainer`: at every stage, or only at the start of adaptation).
+optimizer state is created (`OptimizerSettings.restart`: at every stage, or only at the start of
+adaptation).
+
+Nothing here reads the config: `train/settings.py` resolves it into `OptimizerSettings` and the
+model once, at the trainer's door.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -38,38 +43,71 @@ class TrainState:
   opt_state: Any
 
 
-def learning_rate_schedule(optim_cfg: Any, steps_per_epoch: int) -> optax.Schedule:
+# The learning-rate decays and the points where a new optimizer state starts (see
+# `OptimizerSettings`).
+LR_SCHEDULES = ("step", "cosine")
+RESTARTS = ("stage", "adaptation")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+  """The optimizer of a run (hashable: it keys the cached optimizer and train step).
+
+  Attributes:
+    lr: peak learning rate.
+    b1, b2: Adam's moment decays.
+    decay_every_epochs: the decay's unit in epochs of the stage's data (<= 0: constant lr).
+    decay_factor: lr x this per unit ('step'), or the cosine's final fraction ('cosine').
+    schedule: 'step' (the paper: lr x decay_factor every decay_every_epochs) or 'cosine' (lr ->
+      lr x decay_factor over decay_every_epochs, then flat).
+    warmup_epochs: a linear warmup before either decay (fractional allowed; 0 = none).
+    restart: when a new optimizer state (moments and schedule counter) starts: 'stage' = at
+      every stage; 'adaptation' = only where pretraining hands over to adaptation.
+  """
+  lr: float
+  b1: float
+  b2: float
+  decay_every_epochs: int
+  decay_factor: float
+  schedule: str = "step"
+  warmup_epochs: float = 0.0
+  restart: str = "stage"
+
+  def __post_init__(self):
+    if self.schedule not in LR_SCHEDULES:
+      raise ValueError(f"optim.schedule must be one of {LR_SCHEDULES}, got {self.schedule!r}")
+    if self.restart not in RESTARTS:
+      raise ValueError(f"optim.restart must be one of {RESTARTS}, got {self.restart!r}")
+
+
+def learning_rate_schedule(optim: OptimizerSettings, steps_per_epoch: int) -> optax.Schedule:
   """The learning rate per optimizer step of a stage (the count restarts with the optimizer).
 
-  `optim_cfg.schedule` (absent = 'step'):
+  `optim.schedule`:
     'step':   `lr * decay_factor ** floor(count / (decay_every_epochs * steps_per_epoch))`
               (the paper's step decay; decay_every_epochs <= 0 = constant lr).
     'cosine': cosine decay from `lr` to `lr * decay_factor` over `decay_every_epochs` epochs,
               then constant at `lr * decay_factor` (decay_every_epochs <= 0 = constant lr).
-  `optim_cfg.warmup_epochs` (absent = 0): a linear warmup from 0 to `lr` over this many epochs
-  (fractional allowed) precedes either decay; the decay's epochs count from the end of the
-  warmup.
+  `optim.warmup_epochs`: a linear warmup from 0 to `lr` over this many epochs precedes either
+  decay; the decay's epochs count from the end of the warmup.
 
   Args:
-    optim_cfg: `config.optim` (lr, decay_every_epochs, decay_factor[, schedule, warmup_epochs]).
+    optim: the optimizer settings.
     steps_per_epoch: optimizer steps per epoch of the stage's data (>= 1).
   """
   steps_per_epoch = max(1, int(steps_per_epoch))
-  lr = float(optim_cfg.lr)
-  kind = str(getattr(optim_cfg, "schedule", "step") or "step")
-  every = int(optim_cfg.decay_every_epochs)
-  factor = float(optim_cfg.decay_factor)
-  if kind not in ("step", "cosine"):
-    raise ValueError(f"unknown optim.schedule {kind!r}; choose 'step' or 'cosine'")
+  lr = float(optim.lr)
+  every = int(optim.decay_every_epochs)
+  factor = float(optim.decay_factor)
   if every <= 0:  # no decay
     decay = optax.constant_schedule(lr)
-  elif kind == "step":
+  elif optim.schedule == "step":
     decay = optax.exponential_decay(init_value=lr, transition_steps=every * steps_per_epoch,
                                     decay_rate=factor, staircase=True)
   else:
     decay = optax.cosine_decay_schedule(init_value=lr, decay_steps=every * steps_per_epoch,
                                         alpha=factor)
-  warmup_steps = int(round(float(getattr(optim_cfg, "warmup_epochs", 0.0) or 0.0) * steps_per_epoch))
+  warmup_steps = int(round(float(optim.warmup_epochs) * steps_per_epoch))
   if warmup_steps <= 0:
     return decay
   # Starts at lr / warmup_steps (not 0) so the first update is not wasted.
@@ -78,17 +116,22 @@ def learning_rate_schedule(optim_cfg: Any, steps_per_epoch: int) -> optax.Schedu
   return optax.join_schedules([warmup, decay], boundaries=[warmup_steps])
 
 
-def make_optimizer(optim_cfg: Any, steps_per_epoch: int) -> optax.GradientTransformation:
+@functools.lru_cache(maxsize=32)
+def make_optimizer(optim: OptimizerSettings,
+                   steps_per_epoch: int) -> optax.GradientTransformation:
   """Adam(b1, b2) with `learning_rate_schedule` (step or cosine decay, optional warmup).
 
   `inject_hyperparams` records the learning rate applied at each update in the state
   (`opt_state.hyperparams['learning_rate']`), so the step can report it; the update itself is
   the same as `optax.adam(schedule, b1, b2)`. The state's structure does not depend on
   `steps_per_epoch`, so any value builds a valid restore target.
+
+  Cached: the same settings give the SAME optimizer object, the one the trainer initialises the
+  state with and the one the train step (cached on it) updates with.
   """
-  schedule = learning_rate_schedule(optim_cfg, steps_per_epoch)
-  return optax.inject_hyperparams(optax.adam)(learning_rate=schedule, b1=float(optim_cfg.b1),
-                                              b2=float(optim_cfg.b2))
+  schedule = learning_rate_schedule(optim, steps_per_epoch)
+  return optax.inject_hyperparams(optax.adam)(learning_rate=schedule, b1=float(optim.b1),
+                                              b2=float(optim.b2))
 
 
 def create_state(params: Any, optimizer: optax.GradientTransformation,
@@ -118,20 +161,6 @@ def resolve_compute_dtype(name: str, platform: str | None = None) -> jnp.dtype:
   if name == "auto":
     return jnp.dtype(AUTO_COMPUTE_DTYPE.get(platform or jax.default_backend(), jnp.float32))
   return jnp.dtype(name)
-
-
-def model_overrides(config: Any) -> dict[str, Any]:
-  """`config.model.overrides` without unset (None) fields; `dtype` as a numpy dtype."""
-  overrides = {k: v for k, v in config.model.overrides.items() if v is not None}
-  if "dtype" in overrides:
-    overrides["dtype"] = resolve_compute_dtype(overrides["dtype"])
-  return overrides
-
-
-def build_model(config: Any) -> vit_mae.MaskedAutoencoderViT:
-  """The model of `config`: the variant's transformer at the data's image and patch size."""
-  return vit_mae.build_model(config.model.variant, image_size=int(config.data.image_size),
-                             patch_size=int(config.data.patch_size), **model_overrides(config))
 
 
 def init_params(model: vit_mae.MaskedAutoencoderViT, key: jax.Array) -> Any:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import types
 from typing import Any, Callable
 
 import jax
@@ -55,13 +54,6 @@ class StepSettings:
   edge_weight: float = 1.0
   structure_weight: bool = True
   guided: bool = False
-
-  @classmethod
-  def from_config(cls, config: Any, guided: bool) -> StepSettings:
-    return cls(patch_size=int(config.data.patch_size), ratio=float(config.masking.ratio),
-               image_weight=float(config.loss.image_weight),
-               edge_weight=float(config.loss.edge_weight),
-               structure_weight=bool(config.loss.structure_weight), guided=bool(guided))
 
 
 def guidance_arrays(w_eu: float = 0.0, tau: float = 1.0,
@@ -167,38 +159,29 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], key: ja
   return new_state, metrics
 
 
-def make_train_step(model: Any, optim_cfg: Any, steps_per_epoch: int, settings: StepSettings,
+def make_train_step(model: Any, optimizer: optax.GradientTransformation, settings: StepSettings,
                     mode: str, devices=None) -> parallel.DataParallel:
   """The wrapped step: `fn(state, batch [D_local, b, ...] host arrays, key, guidance)`.
 
   Args:
     model: the flax module (hashable).
-    optim_cfg: `config.optim`; with `steps_per_epoch` it defines the static optimizer.
-    steps_per_epoch: the stage's steps per epoch (learning-rate decay unit).
+    optimizer: the stage's optimizer, the one the state was created with
+      (`state.make_optimizer`, which returns one object per settings).
     settings: static step settings.
     mode: 'pmap' or 'shard_map'.
     devices: devices of all processes (default all).
 
-  Wrappers are cached on these (hashable) settings, so a process that trains several times
+  Wrappers are cached on these (hashable) arguments, so a process that trains several times
   with the same settings (resume tests, notebooks, the ablation ladder) traces and compiles
   each step once.
   """
-  optim = (float(optim_cfg.lr), float(optim_cfg.b1), float(optim_cfg.b2),
-           int(optim_cfg.decay_every_epochs), float(optim_cfg.decay_factor),
-           str(getattr(optim_cfg, "schedule", "step") or "step"),
-           float(getattr(optim_cfg, "warmup_epochs", 0.0) or 0.0))
   devices = tuple(jax.devices() if devices is None else devices)
-  return _cached_train_step(model, optim, int(steps_per_epoch), settings, mode, devices)
+  return _cached_train_step(model, optimizer, settings, mode, devices)
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_train_step(model, optim: tuple, steps_per_epoch: int, settings: StepSettings,
+def _cached_train_step(model, optimizer: optax.GradientTransformation, settings: StepSettings,
                        mode: str, devices: tuple) -> parallel.DataParallel:
-  lr, b1, b2, decay_every_epochs, decay_factor, schedule, warmup_epochs = optim
-  optim_cfg = types.SimpleNamespace(lr=lr, b1=b1, b2=b2, decay_every_epochs=decay_every_epochs,
-                                    decay_factor=decay_factor, schedule=schedule,
-                                    warmup_epochs=warmup_epochs)
-  optimizer = state_lib.make_optimizer(optim_cfg, steps_per_epoch)
   body = functools.partial(train_step, apply_fn=model.apply, optimizer=optimizer,
                            settings=settings)
   return parallel.DataParallel(body, mode, num_args=4, sharded=(1,), donate=(0,),

@@ -24,10 +24,9 @@ from u2ad_jax.evaluation import settings as settings_lib
 from u2ad_jax.evaluation.rungs import base as rung_base
 from u2ad_jax.evaluation.rungs import model as model_rung
 from u2ad_jax.evaluation.rungs import registry
+from u2ad_jax.stages import ABLATION_METHODS
+from u2ad_jax.stages import ADAPT_STAGES
 from u2ad_jax.workflows import demo
-
-ADAPT_STAGES = ("adapt_eu", "adapt_eu_au")
-ABLATION_METHODS = ("baseline", "eu", "au", "eu_au")
 
 
 def _log(text: str) -> None:
@@ -48,13 +47,13 @@ def run_ablation(out_dir: str | os.PathLike, public_dir: str, clinical_dir: str,
   outputs), comparison.md, comparison.csv, figures/roc_ladder.png.
   """
   from u2ad_jax.data import preprocess  # pylint: disable=g-import-not-at-top
-  from u2ad_jax.train import config_lib  # pylint: disable=g-import-not-at-top
+  from u2ad_jax import config_lib  # pylint: disable=g-import-not-at-top
   from u2ad_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
-  unknown = [m for m in methods if m not in config_lib.ABLATIONS]
+  unknown = [m for m in methods if m not in ABLATION_METHODS]
   if unknown:
     raise errors.UsageError(f"unknown ablation methods {unknown}; choose from "
-                            f"{sorted(config_lib.ABLATIONS)}")
+                            f"{sorted(ABLATION_METHODS)}")
   base = config if config is not None else demo.load_config(config_spec, smoke)
   base = base.copy_and_resolve_references()
   config_lib.apply_overrides(base, overrides)

@@ -142,7 +142,7 @@ def run_demo(out_dir: str | os.PathLike, *, smoke: bool = False, config_spec: st
   report.md (the one-page summary, linking into evaluation/), timings.json.
   """
   from u2ad_jax.data import preprocess  # pylint: disable=g-import-not-at-top
-  from u2ad_jax.train import config_lib  # pylint: disable=g-import-not-at-top
+  from u2ad_jax import config_lib  # pylint: disable=g-import-not-at-top
   from u2ad_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
   # The config first: a bad file or override fails before anything is generated.

@@ -32,6 +32,7 @@ import numpy as np
 from u2ad_jax import io_utils
 from u2ad_jax import labels as label_values
 from u2ad_jax import output_guard
+from u2ad_jax import stages
 from u2ad_jax.evaluation import ladder
 from u2ad_jax.evaluation import metrics as metrics_lib
 from u2ad_jax.evaluation import stats
@@ -123,7 +124,7 @@ def make_study_cohorts(data_dir: str, seed: int, size: demo.DemoSize, source: st
 
 def run_study(out_dir: str | os.PathLike, seeds: Sequence[int], *, source: str | None = None,
               public_dir: str | None = None, smoke: bool = False, config_spec: str | None = None,
-              config: Any = None, methods: Sequence[str] = ablate.ABLATION_METHODS,
+              config: Any = None, methods: Sequence[str] = stages.ABLATION_METHODS,
               overrides: Sequence[str] = (),
               size: demo.DemoSize | None = None, num_resamples: int = stats.DEFAULT_RESAMPLES,
               verbose: bool = True) -> dict[str, Any]:
@@ -132,7 +133,7 @@ def run_study(out_dir: str | os.PathLike, seeds: Sequence[int], *, source: str |
   `config` (a ConfigDict) replaces the one `smoke` / `config_spec` would load.
   Returns the summary dict written to study.json.
   """
-  from u2ad_jax.train import config_lib  # pylint: disable=g-import-not-at-top
+  from u2ad_jax import config_lib  # pylint: disable=g-import-not-at-top
 
   if not seeds:
     raise ValueError("a study needs at least one seed")

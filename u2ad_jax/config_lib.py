@@ -4,10 +4,19 @@ A config file defines `get_config(arg=None) -> ConfigDict`. `arg` is the text af
 `--config configs/paper.py:runlocal,ablation=eu`: comma-separated `key=value` pairs or bare keys
 (= True), big_vision style. Every config accepts
 
-  ablation=baseline|eu|au|eu_au   which guidance each adaptation stage uses (default eu_au);
-  schedule=piecewise|linear|cosine  the weighting schedule (schedules.py; default piecewise);
+  ablation=baseline|eu|au|eu_au   which guidance each adaptation stage uses (`stages.ABLATIONS`);
+                                  not given: the stage lists the config file sets;
+  schedule=NAME                   a registered weighting schedule (`schedules.available()`);
+                                  not given: the one the config file sets;
   runlocal                        shrink to a CPU smoke size ('mu' model, 32 px, 1 epoch, K 2),
                                   keeping the code path (all stages, map refreshes, checkpoints).
+
+The arguments change only what they name: the defaults in `configs/base.py` (and a variant's
+overrides) are what a config holds otherwise.
+
+The guidance block (`config.guidance`) is derived from the schedule registry: `guidance_config`
+creates one field per declared parameter, and `guidance_schedule` validates the fields against
+their declarations and builds the chosen schedule, so a new schedule needs no edit here.
 
 Single values are changed with dotted flags (`--config.optim.lr=1e-3`) in `u2ad train`, and with
 `--set optim.lr=1e-3` (`apply_overrides`) in the commands that load a config themselves
@@ -23,19 +32,16 @@ import types
 from typing import Any, Mapping, Sequence
 
 import ml_collections
+from ml_collections import config_dict
 
 from u2ad_jax import errors
+from u2ad_jax import schedules
+from u2ad_jax import stages
 
-# Which stages use EU guidance / AU exclusion in each ablation (method.md section 7). All keep the
-# same three stages, so the ladder differs only in the masking.
-ABLATIONS = {
-    "baseline": dict(eu_stages=(), au_stages=()),
-    "eu": dict(eu_stages=("adapt_eu", "adapt_eu_au"), au_stages=()),
-    "au": dict(eu_stages=(), au_stages=("adapt_eu_au",)),
-    "eu_au": dict(eu_stages=("adapt_eu", "adapt_eu_au"), au_stages=("adapt_eu_au",)),
-}
-SCHEDULES = ("piecewise", "linear", "cosine")
-COMMON_ARGS = dict(runlocal=False, ablation="eu_au", schedule="piecewise")
+# The arguments every config file accepts; "" = not given (the config file's value stands).
+COMMON_ARGS = dict(runlocal=False, ablation="", schedule="")
+# `config.ablation` when the stage lists match no method of `stages.ABLATIONS`.
+CUSTOM_ABLATION = "custom"
 
 
 def _literal(text: str) -> Any:
@@ -86,18 +92,80 @@ def sibling(config_file: str, name: str) -> types.ModuleType:
 
 
 def set_ablation(config: ml_collections.ConfigDict, method: str) -> None:
-  """Sets which stages use EU guidance and AU exclusion (`ABLATIONS`)."""
-  if method not in ABLATIONS:
-    raise ValueError(f"unknown ablation {method!r}; choose from {sorted(ABLATIONS)}")
+  """Sets which stages use EU guidance and AU exclusion (`stages.ABLATIONS`)."""
+  if method not in stages.ABLATIONS:
+    raise ValueError(f"unknown ablation {method!r}; choose from {sorted(stages.ABLATIONS)}")
   config.ablation = method
-  config.guidance.params.eu_stages = ABLATIONS[method]["eu_stages"]
-  config.guidance.params.au_stages = ABLATIONS[method]["au_stages"]
+  config.guidance.params.eu_stages = stages.ABLATIONS[method]["eu_stages"]
+  config.guidance.params.au_stages = stages.ABLATIONS[method]["au_stages"]
+
+
+def ablation_of(config: ml_collections.ConfigDict) -> str:
+  """The method whose stage lists the config's guidance holds, or `CUSTOM_ABLATION`."""
+  params = config.guidance.params
+  lists = (tuple(params.get("eu_stages") or ()), tuple(params.get("au_stages") or ()))
+  for method, ablation in stages.ABLATIONS.items():
+    if lists == (ablation["eu_stages"], ablation["au_stages"]):
+      return method
+  return CUSTOM_ABLATION
 
 
 def set_schedule(config: ml_collections.ConfigDict, name: str) -> None:
-  if name not in SCHEDULES:
-    raise ValueError(f"unknown guidance schedule {name!r}; choose from {SCHEDULES}")
+  """Chooses the weighting schedule (a name of `schedules.available()`)."""
+  if name not in schedules.available():
+    raise ValueError(f"unknown guidance schedule {name!r}; choose from {schedules.available()}")
   config.guidance.schedule = name
+
+
+def guidance_config(schedule: str) -> ml_collections.ConfigDict:
+  """`config.guidance`: the schedule's name and one field per parameter any registered schedule
+  declares, at its declared default, in the parameter's section (`schedules.SECTIONS`)."""
+  guidance = ml_collections.ConfigDict()
+  guidance.schedule = schedule
+  for section in schedules.SECTIONS:
+    guidance[section] = ml_collections.ConfigDict()
+  for name, param in schedules.parameters().items():
+    field_type = schedules.KINDS[param.kind][1]
+    guidance[param.section][name] = (config_dict.placeholder(field_type)
+                                     if param.default is None else param.default)
+  return guidance
+
+
+def guidance_schedule(config: Any) -> schedules.ScheduleFn:
+  """The schedule of `config.guidance`, every field checked against its declaration.
+
+  Each set field of `config.guidance.<section>` must be a parameter some registered schedule
+  declares in that section and pass its check (even when the chosen schedule does not use it);
+  the chosen schedule gets the set fields it declares (None = its default) and the run's
+  `config.stage_epochs`.
+
+  Raises:
+    ConfigValueError: one line naming the field (or the schedule) and the problem.
+  """
+  guidance = config.guidance
+  declared = schedules.parameters()
+  values = {}
+  for section in schedules.SECTIONS:
+    block = guidance.get(section) or {}
+    for name, value in block.items():
+      what = f"config.guidance.{section}.{name}"
+      param = declared.get(name)
+      if param is None or param.section != section:
+        raise errors.ConfigValueError(f"{what}: no registered schedule has this parameter")
+      if value is None:
+        continue
+      try:
+        values[name] = param.check(value, what)
+      except ValueError as e:
+        raise errors.ConfigValueError(str(e)) from None
+  name = guidance.schedule
+  try:
+    used = schedules.parameters(name)
+    epochs = {stage: int(config.stage_epochs[stage]) for stage in stages.STAGES}
+    return schedules.get_schedule(name, stage_epochs=epochs,
+                                  **{k: v for k, v in values.items() if k in used})
+  except ValueError as e:
+    raise errors.ConfigValueError(f"config.guidance ({name}): {e}") from e
 
 
 def set_runlocal(config: ml_collections.ConfigDict) -> None:
@@ -175,10 +243,17 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str],
 
 def finalize(config: ml_collections.ConfigDict, args: ml_collections.ConfigDict
              ) -> ml_collections.ConfigDict:
-  """Applies the common arguments (`COMMON_ARGS`) to a config built by a config file."""
-  set_ablation(config, args.ablation)
-  set_schedule(config, args.schedule)
+  """Applies the common arguments (`COMMON_ARGS`) given to a config built by a config file.
+
+  Only what an argument names changes; `config.ablation` records the method the final stage
+  lists are (`ablation_of`), and `config.runlocal` whether the smoke size was asked for.
+  """
+  if args.ablation:
+    set_ablation(config, args.ablation)
+  if args.schedule:
+    set_schedule(config, args.schedule)
   if args.runlocal:
     set_runlocal(config)
+  config.ablation = ablation_of(config)
   config.runlocal = bool(args.runlocal)
   return config

@@ -1,0 +1,106 @@
+"""What a training run reports: metric records, the console lines, the loss check.
+
+The step's metrics are fetched one step late (`add` keeps them pending until the next step has
+been dispatched), so the host never waits on the device in between; `flush` fetches them, stops
+the run on a non-finite loss (before the state is saved) and logs them. Every process checks the
+loss; only process 0 (`chief`) writes `metrics.jsonl` and the curves, and only a verbose process
+0 prints.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+from u2ad_jax import errors
+from u2ad_jax.train import metrics_log
+from u2ad_jax.train import parallel
+from u2ad_jax.train import progress as progress_lib
+from u2ad_jax.train import workdir as workdir_lib
+
+
+class RunLog:
+  """The run's log.
+
+  Args:
+    workdir: the run directory (metrics.jsonl, train_curves.png).
+    chief: this process writes the files (process 0).
+    verbose: print progress lines (process 0 only).
+  """
+
+  def __init__(self, workdir: str, chief: bool, verbose: bool):
+    self.workdir = workdir
+    self.chief = chief
+    self.verbose = verbose
+    self.records = metrics_log.MetricsLog(workdir) if chief else None
+    self.progress: progress_lib.Progress | None = None
+    self.stage = ""
+    self.epochs = 0
+    self._pending: tuple[dict[str, Any], dict[str, Any]] | None = None
+
+  def say(self, text: str) -> None:
+    if self.verbose:
+      print(f"[train] {text}", file=sys.stderr, flush=True)  # a log, not a result
+
+  def resume_from(self, step: int | None) -> None:
+    """Drops the records an interrupted attempt logged after its checkpoint `step` (all of them
+    when it saved nothing)."""
+    if self.chief:
+      self.records.truncate_for_resume(0 if step is None else step)
+
+  def event(self, record: dict[str, Any]) -> None:
+    """Writes a record that is not a step's (stage start / end, map refresh)."""
+    if self.chief:
+      self.records.write(record)
+
+  def begin_stage(self, stage: str, epochs: int, steps_per_epoch: int, done_steps: int,
+                  every: int) -> None:
+    """Starts the progress of `stage` (`done_steps` of it already done by a resumed run)."""
+    self.stage, self.epochs = stage, epochs
+    self.progress = progress_lib.Progress(stage, epochs * steps_per_epoch, done_steps,
+                                          every=every, enabled=self.verbose)
+
+  def message(self, text: str) -> None:
+    """A console line of the current stage."""
+    self.progress.message(text)
+
+  def add(self, record: dict[str, Any], metrics: dict[str, Any], last_saved: int | None,
+          checkpoint_dir: str) -> None:
+    """Queues a step's record (`step`, `epoch`, guidance) and its device metrics; flushes the
+    previous one first."""
+    self.flush(last_saved, checkpoint_dir)
+    self._pending = (record, metrics)
+
+  def flush(self, last_saved: int | None, checkpoint_dir: str) -> None:
+    """Fetches the pending step's metrics, checks them and logs them.
+
+    Raises:
+      NonFiniteLossError: the loss is NaN / inf; names the last good checkpoint
+        (`last_saved` in `checkpoint_dir`).
+    """
+    if self._pending is None:
+      return
+    record, metrics = self._pending
+    self._pending = None
+    values = {k: float(v) for k, v in parallel.to_host(metrics).items()}
+    record.update(values)
+    if not np.isfinite(values["loss"]):
+      kept = (f"the last good checkpoint is step {last_saved} in {checkpoint_dir}"
+              if last_saved is not None else "no checkpoint had been saved")
+      raise errors.NonFiniteLossError(
+          f"non-finite loss ({values['loss']}) at step {record['step']} (stage {self.stage}, "
+          f"epoch {record['epoch'] + 1}); training stopped and {kept}")
+    record.update(self.progress.update(record["step"], record["epoch"], self.epochs, values))
+    if self.chief:
+      self.records.write(record)
+
+  def end_stage(self, step: int, seconds: float) -> None:
+    """The stage's closing line and record; redraws the curves."""
+    self.message(f"done in {progress_lib.format_duration(seconds)} (step {step})")
+    if self.chief:
+      self.records.write({"event": "stage_end", "stage": self.stage, "step": step,
+                          "seconds": seconds})
+      metrics_log.plot_curves(self.records.read(),
+                              workdir_lib.join(self.workdir, metrics_log.CURVES_FILE))
