@@ -52,6 +52,7 @@ def load_before(rev: str):
     f.write(source)
   spec = importlib.util.spec_from_file_location("maps_before", path)
   module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # as an import would (dataclasses look their module up)
   spec.loader.exec_module(module)
   return module
 
