@@ -245,9 +245,9 @@ def compute_maps(apply_fn: uncertainty.ApplyFn, params: Any, key: jax.Array,
                  images: np.ndarray, train_roi: np.ndarray, *,
                  progress: Callable[[int], None] | None = None,
                  **settings: Any) -> dict[str, np.ndarray]:
-  """Every slice's maps `{name: [S, ...]}` in this process: `MonteCarloMaps(apply_fn,
-  **settings)` over this process's devices unless `devices` is given; `progress(done)` after
-  each chunk."""
+  """Every slice's maps `{name: [S, ...]}`: `MonteCarloMaps(apply_fn, **settings)` over this
+  process's devices (default; with devices of several processes, only the slices of this
+  process's devices are filled); `progress(done)` after each chunk."""
   settings.setdefault("devices", jax.local_devices())
   mc = MonteCarloMaps(apply_fn, **settings)
   out = {}

@@ -13,6 +13,8 @@ Per pixel, over the passes where its patch was masked:
   mean = mean reconstruction, EU = variance of the reconstructions, AU = |x - mean|.
 Pixels of patches that were never masked (outside the train-ROI patches) keep the input:
 mean = x exactly, EU = 0, AU = 0.
+
+`u2ad_jax.mc_maps` runs this over a whole slice set and every device (training and evaluation).
 """
 
 from __future__ import annotations
@@ -54,8 +56,8 @@ def num_passes(num_samples: int, ratio: float, num_patches: int, *, min_roi: int
   pass `j` masks the cyclic window starting at `j * m`, a patch is masked `floor(P*m/n)` or
   `ceil(P*m/n)` times, so this condition is exactly `min count >= K`.
 
-  Compared with `ceil(K / r)` (the method's pass count): rounding `m` down for small `n` needs a few more passes,
-  e.g. K = 10, r = 0.75 gives ceil(K/r) = 14, but n = 3 masks m = 2 per pass and needs 15
+  Compared with the method's `ceil(K / r)`: rounding `m` down for small `n` needs a few more
+  passes, e.g. K = 10, r = 0.75 gives ceil(K/r) = 14, but n = 3 masks m = 2 per pass and needs 15
   (with `min_roi >= 4`, 14 suffices).
 
   Args:
@@ -93,7 +95,8 @@ def mc_encoder_length(train_roi, patch_size: int, ratio: float, *, multiple: int
   so no pass leaves more than `N - min_b masked_count(n_b)` patches visible; the encoder needs no
   longer sequence (results equal those with `num_keep = N`), and encoder attention cost grows
   with L^2 (savings measured in benchmarks/README.md). The length is rounded up to a multiple
-  of `multiple` (capped at N) so that batches with similar ROI sizes share one compilation. A batch with an empty ROI (e.g. padding) gives N.
+  of `multiple` (capped at N) so that batches with similar ROI sizes share one compilation. A
+  batch with an empty ROI (e.g. padding) gives N.
 
   Args:
     train_roi: `[B, H, W]` bool (numpy or jax) train ROIs of the images of ONE call.
