@@ -18,13 +18,14 @@ Specs (`kind` plus arguments):
             such as `nn.scan` or the blockwise tiles would be counted once by the analysis)
   train:    size, image_size, batch, steps, overrides -> images/s of `step.make_train_step`
   mc:       size, image_size, batch, num_samples, pass_chunk, repeats, overrides
-            -> s/image of `uncertainty.make_mc_uncertainty_fn`
+            -> s/image of `uncertainty.mc_uncertainty` (jitted)
   attention: size, batch, repeats -> forward + backward time of one encoder layer's attention,
             per implementation in `layers.ATTENTION_FNS`
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -189,7 +190,7 @@ def measure_train(size: str, image_size: int | None = None, batch: int = 10, ste
 def measure_mc(size: str, image_size: int | None = None, batch: int = 2, num_samples: int = 10,
                pass_chunk: int | None = None, repeats: int = 3,
                overrides: dict | None = None, exact_num_keep: bool = False) -> dict:
-  """`uncertainty.make_mc_uncertainty_fn` with the real model; s per image.
+  """`uncertainty.mc_uncertainty` (jitted) with the real model; s per image.
 
   exact_num_keep: encoder length `L = N - masked` of the synthetic ROI (every image and pass
     masks the same count) instead of `L = N`: what a caller that knows its ROI sizes could save.
@@ -201,11 +202,11 @@ def measure_mc(size: str, image_size: int | None = None, batch: int = 2, num_sam
   def apply_fn(p, x, plan):
     return model.apply({"params": p}, x, plan)
 
-  fn = uncertainty.make_mc_uncertainty_fn(
-      apply_fn, patch_size=model.patch_size, ratio=RATIO, num_samples=num_samples,
-      pass_chunk=pass_chunk, min_roi=MIN_ROI,
+  fn = jax.jit(functools.partial(
+      uncertainty.mc_uncertainty, apply_fn, patch_size=model.patch_size, ratio=RATIO,
+      num_samples=num_samples, pass_chunk=pass_chunk, min_roi=MIN_ROI,
       num_keep=(uncertainty.mc_encoder_length(roi, model.patch_size, RATIO, multiple=1)
-                if exact_num_keep else None))
+                if exact_num_keep else None)))
   key = jax.random.key(0)
   images_dev, roi_dev = jnp.asarray(images), jnp.asarray(roi)
   t = timed(lambda i: jax.block_until_ready(

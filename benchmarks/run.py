@@ -6,7 +6,7 @@ Measures (each in a fresh subprocess, `benchmarks/_measure.py`, so peak memory i
 measurement): the float32 matmul rate, the model's FLOPs per image (XLA cost analysis of an
 unrolled build), train throughput at batch 10 with the library's step (`step.make_train_step`,
 pmap on one device) and its model-FLOP utilisation, Monte-Carlo uncertainty time per image for
-K = 10 (`uncertainty.make_mc_uncertainty_fn`), peak RSS of each, scaling with K, image size
+K = 10 (`uncertainty.mc_uncertainty`, jitted), peak RSS of each, scaling with K, image size
 (token count) and batch size, and the attention implementations as ratios. Warm-up calls are
 excluded from the medians and reported as `first_call_s` (compilation included).
 

@@ -58,6 +58,8 @@ def test_mc_with_real_model_matches_per_pass_reference():
   """The speed path of `mc_uncertainty` (passes folded into the model batch, optional chunks)
   against one plain model call per pass, with the real (mu) model in float32; bfloat16 compute
   stays close to that float32 reference."""
+  import functools  # pylint: disable=g-import-not-at-top
+
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -77,9 +79,11 @@ def test_mc_with_real_model_matches_per_pass_reference():
   apply_fn = lambda prm, x, plan: model.apply({"params": prm}, x, plan)
   kwargs = dict(patch_size=p, ratio=0.75, num_samples=3, min_roi=4)
   key = jax.random.key(3)
-  out = uncertainty.make_mc_uncertainty_fn(apply_fn, **kwargs)(params, key, images, roi)
-  chunked = uncertainty.make_mc_uncertainty_fn(apply_fn, pass_chunk=2, **kwargs)(
-      params, key, images, roi)
+  def mc_fn(apply, **kw):
+    return jax.jit(functools.partial(uncertainty.mc_uncertainty, apply, **kwargs, **kw))
+
+  out = mc_fn(apply_fn)(params, key, images, roi)
+  chunked = mc_fn(apply_fn, pass_chunk=2)(params, key, images, roi)
 
   passes = uncertainty.num_passes(3, 0.75, model.num_patches, min_roi=4)
   masks = np.asarray(uncertainty.mc_masks(key, patches.patch_any(roi, p), 0.75, passes))
@@ -104,15 +108,13 @@ def test_mc_with_real_model_matches_per_pass_reference():
   assert num_keep < model.num_patches
   assert num_keep == model.num_patches - 9  # image 1: 12 ROI patches, 9 masked per pass
   assert uncertainty.mc_encoder_length(roi, p, 0.75, multiple=16) == 64
-  short = uncertainty.make_mc_uncertainty_fn(apply_fn, num_keep=num_keep, **kwargs)(
-      params, key, images, roi)
+  short = mc_fn(apply_fn, num_keep=num_keep)(params, key, images, roi)
   for name in ("mean", "eu", "au"):
     np.testing.assert_allclose(np.asarray(short[name]), np.asarray(out[name]), atol=2e-6)
   assert uncertainty.mc_encoder_length(np.zeros_like(roi), p, 0.75) == model.num_patches
 
   bf16 = vit_mae.build_model("mu", dtype=jnp.bfloat16)
-  out16 = uncertainty.make_mc_uncertainty_fn(
-      lambda prm, x, plan: bf16.apply({"params": prm}, x, plan), **kwargs)(
-          params, key, images, roi)
+  out16 = mc_fn(lambda prm, x, plan: bf16.apply({"params": prm}, x, plan))(
+      params, key, images, roi)
   np.testing.assert_allclose(np.asarray(out16["mean"]), mean, atol=3e-2)
   np.testing.assert_allclose(np.asarray(out16["eu"]), var, atol=3e-3)

@@ -209,7 +209,8 @@ def test_pass_chunks_num_keep_and_jit_agree_without_retracing():
 
   # Chunks of 3 passes, not a divisor of P: the last chunk is padded and the padding dropped.
   assert uncertainty.num_passes(3, 0.75, 16) % 3 != 0
-  fn = uncertainty.make_mc_uncertainty_fn(counting_model, pass_chunk=3, **kwargs)
+  fn = jax.jit(functools.partial(uncertainty.mc_uncertainty, counting_model, pass_chunk=3,
+                                 **kwargs))
   chunked = fn(params, key, images, roi)
   for name in full:
     np.testing.assert_allclose(np.asarray(chunked[name]), np.asarray(full[name]), atol=1e-6)

@@ -7,7 +7,8 @@ Layout (one concept per module):
   patches.py   patch grid helpers shared by masking, loss and uncertainty.
   masking.py   ROI-restricted random / EU-guided masking, AU exclusion, the MaskPlan.
   losses.py    Sobel edge target, structure weight, masked ROI reconstruction loss.
-  uncertainty.py  vmapped Monte-Carlo EU / AU maps with exact coverage.
+  uncertainty.py  Monte-Carlo EU / AU maps of one batch with exact coverage.
+  mc_maps.py      the one Monte-Carlo path over a slice set (training refresh, evaluation).
   anomaly.py      residual x - mean reconstruction -> anomaly / AU-candidate map (hyperintense part).
   candidates.py   host-side connected-component anomaly candidates (AU guidance, postprocessing).
   schedules.py    uncertainty-weighting schedules chosen by name from the config (a registry).

@@ -13,11 +13,12 @@ Per pixel, over the passes where its patch was masked:
   mean = mean reconstruction, EU = variance of the reconstructions, AU = |x - mean|.
 Pixels of patches that were never masked (outside the train-ROI patches) keep the input:
 mean = x exactly, EU = 0, AU = 0.
+
+`u2ad_jax.mc_maps` runs this over a whole slice set and every device (training and evaluation).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax
@@ -55,8 +56,8 @@ def num_passes(num_samples: int, ratio: float, num_patches: int, *, min_roi: int
   pass `j` masks the cyclic window starting at `j * m`, a patch is masked `floor(P*m/n)` or
   `ceil(P*m/n)` times, so this condition is exactly `min count >= K`.
 
-  Compared with `ceil(K / r)` (method.md): rounding `m` down for small `n` needs a few more passes,
-  e.g. K = 10, r = 0.75 gives ceil(K/r) = 14, but n = 3 masks m = 2 per pass and needs 15
+  Compared with the method's `ceil(K / r)`: rounding `m` down for small `n` needs a few more
+  passes, e.g. K = 10, r = 0.75 gives ceil(K/r) = 14, but n = 3 masks m = 2 per pass and needs 15
   (with `min_roi >= 4`, 14 suffices).
 
   Args:
@@ -92,10 +93,10 @@ def mc_encoder_length(train_roi, patch_size: int, ratio: float, *, multiple: int
 
   Every MC pass of an image with `n` ROI patches masks exactly `masked_count(n, ratio)` of them,
   so no pass leaves more than `N - min_b masked_count(n_b)` patches visible; the encoder needs no
-  longer sequence (results equal those with `num_keep = N`). Encoder attention cost grows with
-  L^2: measured -14% CPU per image at the paper size for a 128-patch ROI (benchmarks/README.md).
-  The length is rounded up to a multiple of `multiple` (capped at N) so that batches with similar
-  ROI sizes share one compilation. A batch with an empty ROI (e.g. padding) gives N.
+  longer sequence (results equal those with `num_keep = N`), and encoder attention cost grows
+  with L^2 (savings measured in benchmarks/README.md). The length is rounded up to a multiple
+  of `multiple` (capped at N) so that batches with similar ROI sizes share one compilation. A
+  batch with an empty ROI (e.g. padding) gives N.
 
   Args:
     train_roi: `[B, H, W]` bool (numpy or jax) train ROIs of the images of ONE call.
@@ -155,7 +156,8 @@ def mc_uncertainty(apply_fn: ApplyFn, params, key: jax.Array | None, images: jnp
   """EU, mean reconstruction and AU maps from P exact-coverage masked reconstructions.
 
   jit-friendly: everything except `params`, `key`, `images`, `train_roi` and `image_keys` must be
-  static (bind them with `functools.partial`, or use `make_mc_uncertainty_fn`).
+  static (bind them with `functools.partial` before `jax.jit`; `u2ad_jax.mc_maps` runs it over
+  slice sets and devices).
 
   Args:
     apply_fn: `apply_fn(params, images [B,H,W,1], plan: MaskPlan) -> (recon [B,H,W,1], edge, aux)`;
@@ -204,8 +206,8 @@ def mc_uncertainty(apply_fn: ApplyFn, params, key: jax.Array | None, images: jnp
 
     The passes are folded into the model's batch axis (`c * B` rows, pass-major) instead of
     `vmap`-ing the model over passes: a plain batch keeps the model's own loops (scan over
-    blocks, attention tiles) unbatched, and measured 1.2-1.3x faster per image on the 2-core CPU
-    at the paper size, with a third of the compile time (benchmarks/README.md).
+    blocks, attention tiles) unbatched, which is faster and compiles faster
+    (benchmarks/README.md).
     """
     c = pass_masks.shape[0]
     plan = masking.make_plan(pass_masks.reshape(c * b, n_patches), num_keep)
@@ -244,17 +246,3 @@ def mc_uncertainty(apply_fn: ApplyFn, params, key: jax.Array | None, images: jnp
       "au": jnp.where(covered, jnp.abs(mean_dev), 0.0),
       "count": masks.sum(axis=0).astype(jnp.int32),
   }
-
-
-def make_mc_uncertainty_fn(apply_fn: ApplyFn, *, patch_size: int, ratio: float,
-                           num_samples: int, num_keep: int | None = None,
-                           pass_chunk: int | None = None, min_roi: int = 1):
-  """`jax.jit` of `mc_uncertainty` with the static arguments bound.
-
-  Returns:
-    `fn(params, key, images [B,H,W,1], train_roi [B,H,W]) -> dict` (see `mc_uncertainty`);
-    compiled once per input shape.
-  """
-  return jax.jit(functools.partial(
-      mc_uncertainty, apply_fn, patch_size=patch_size, ratio=float(ratio),
-      num_samples=int(num_samples), num_keep=num_keep, pass_chunk=pass_chunk, min_roi=min_roi))

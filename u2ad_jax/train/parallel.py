@@ -120,10 +120,13 @@ def to_host(tree: Any) -> Any:
 class DataParallel:
   """One per-device function, wrapped for `mode` over `devices`, with matching data placement.
 
-  Every output of `fn` must be identical on all devices (reduced with `pmean` / `psum` or
-  gathered with `gather_rows`): it leaves unstacked (`out_axes=None` / `out_specs=P()`).
-  Under shard_map a forgotten reduction is a trace-time error; under pmap it would silently
-  return one device's value, so the step is tested under both.
+  By default every output of `fn` must be identical on all devices (reduced with `pmean` /
+  `psum` or gathered with `gather_rows`): it leaves unstacked (`out_axes=None` /
+  `out_specs=P()`). Under shard_map a forgotten reduction is a trace-time error; under pmap it
+  would silently return one device's value, so the step is tested under both. With
+  `sharded_outputs` every output instead keeps each device's rows where they were computed
+  (`out_axes=0` / `out_specs=P(AXIS)`), and `local_rows` reads this process's blocks: outputs
+  that only their own host needs never cross the interconnect.
 
   Args:
     fn: per-device function. Its arguments are split into the replicated ones (positions not in
@@ -133,11 +136,12 @@ class DataParallel:
     sharded: positions of the arguments whose leading axis is the device / batch axis.
     donate: positions donated to the computation (e.g. the train state).
     devices: the devices to run on (all processes' devices; default `jax.devices()`).
+    sharded_outputs: outputs stay split over devices by their leading (row) axis.
   """
 
   def __init__(self, fn: Callable[..., Any], mode: str, *, num_args: int,
                sharded: Sequence[int], donate: Sequence[int] = (),
-               devices: Sequence[jax.Device] | None = None):
+               devices: Sequence[jax.Device] | None = None, sharded_outputs: bool = False):
     if mode not in MODES:
       raise ValueError(f"parallel mode must be one of {MODES}, got {mode!r}")
     self.mode = mode
@@ -150,15 +154,18 @@ class DataParallel:
     self.mesh = make_mesh(self.devices)
     self.sharded = tuple(sharded)
     self.num_args = int(num_args)
+    self.sharded_outputs = bool(sharded_outputs)
     if mode == "pmap":
       in_axes = tuple(0 if i in self.sharded else None for i in range(num_args))
-      self._fn = jax.pmap(fn, axis_name=AXIS, in_axes=in_axes, out_axes=None,
+      self._fn = jax.pmap(fn, axis_name=AXIS, in_axes=in_axes,
+                          out_axes=0 if self.sharded_outputs else None,
                           donate_argnums=tuple(donate), devices=self.devices)
       # What pmap itself returns for broadcast state: replicated over this process's devices.
       self._replicated = NamedSharding(make_mesh(self.local_devices), P())
     else:
       in_specs = tuple(P(AXIS) if i in self.sharded else P() for i in range(num_args))
-      mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=P())
+      mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs,
+                             out_specs=P(AXIS) if self.sharded_outputs else P())
       self._fn = jax.jit(mapped, donate_argnums=tuple(donate))
       self._replicated = NamedSharding(self.mesh, P())
       self._batch_sharding = NamedSharding(self.mesh, P(AXIS))
@@ -192,6 +199,18 @@ class DataParallel:
       blocks = [jax.device_put(x[i], d) for i, d in enumerate(self.local_devices)]
       return jax.make_array_from_single_device_arrays(global_shape, self._batch_sharding, blocks)
     return jax.tree.map(place, tree)
+
+  def local_rows(self, tree: Any) -> Any:
+    """Sharded outputs -> numpy `[D_local, c, ...]` of this process's devices, in the order of
+    `local_devices` (row block i computed on mesh slot `local_positions[i]`)."""
+    if not self.sharded_outputs:
+      raise ValueError("local_rows reads sharded outputs; this wrapper replicates its outputs")
+
+    def one(x):
+      blocks = {shard.device: shard.data for shard in x.addressable_shards}
+      rows = x.shape[1:] if self.mode == "pmap" else (x.shape[0] // self.num_devices,) + x.shape[1:]
+      return np.stack([np.array(blocks[d], copy=True).reshape(rows) for d in self.local_devices])
+    return jax.tree.map(one, tree)
 
   def __call__(self, *args):
     if len(args) != self.num_args:

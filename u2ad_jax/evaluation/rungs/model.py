@@ -2,9 +2,9 @@
 
 1. Restore the model read-only (`train.checkpoint.restore_for_eval`): a missing or damaged
    workdir / checkpoint raises CheckpointError naming the path, before the cohort is loaded.
-2. Monte-Carlo maps (`uncertainty.mc_uncertainty`, jitted, batched over slices and each batch
-   split over the local devices with shard_map; K = config.evaluation.num_samples, else the
-   training K): EU, mean reconstruction and AU.
+2. Monte-Carlo maps through the one MC path shared with the training refresh (`u2ad_jax.mc_maps`:
+   slices batched by ROI size, each batch split over the local devices, per-slice keys;
+   K = config.evaluation.num_samples, else the training K): EU, mean reconstruction and AU.
 3. The anomaly map is the residual x - mean as `config.evaluation.residual` says
    (`u2ad_jax/anomaly.py`: by default its positive part after removing the subject's median cord
    residual); scoring and outputs are the shared driver's (`base.evaluate`).
@@ -56,6 +56,9 @@ def model_maps(model: Any, params: Any, config: Any, images: np.ndarray, train_r
                progress: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
   """EU, mean reconstruction and AU of every slice with the model's final weights.
 
+  The one Monte-Carlo path (`u2ad_jax.mc_maps`, shared with the training refresh) over this
+  process's devices.
+
   Args:
     model: flax module (`model.apply({'params': p}, images, plan)`).
     params: its parameters.
@@ -63,21 +66,20 @@ def model_maps(model: Any, params: Any, config: Any, images: np.ndarray, train_r
       data.min_roi_patches, seed).
     images: `[S, H, W]` float32 in [0, 1].
     train_roi: `[S, H, W]` bool (the masked region).
-    batch_size: slices per jitted call; slices are batched by ROI size (largest first) and the
-      last batch is padded with copies of a slice, so each encoder length compiles once.
+    batch_size: slices per call, split over `devices`; slices are batched by ROI size (largest
+      first) with a shortened encoder, and the last batch is padded with copies of a slice.
     seed: PRNG seed of the MC patch orders (default config.seed + EVAL_SEED_OFFSET).
     num_samples: K, reconstructions per ROI patch (default config.uncertainty.num_samples).
     devices: devices to split each batch over (default: every local device; see
-      `eval_devices`). Batch b draws its per-slice keys `split(fold_in(key, b), batch_size)`
-      before the split, so the maps do not depend on the device count (up to float rounding).
+      `eval_devices`). Slice s draws its masks from `fold_in(key, s)` (`mc_maps.slice_keys`),
+      so the maps do not depend on the device count or the batching (up to float rounding).
     progress: optional callback for one-line progress messages.
 
   Returns:
     dict of `[S, H, W]` float32 arrays 'eu', 'mean', 'au'.
   """
   import jax  # pylint: disable=g-import-not-at-top  (the intensity rung needs no jax)
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
-  from u2ad_jax import uncertainty  # pylint: disable=g-import-not-at-top
+  from u2ad_jax import mc_maps  # pylint: disable=g-import-not-at-top
 
   unc = settings_lib.section(config, "uncertainty")
   data = settings_lib.section(config, "data")
@@ -86,61 +88,24 @@ def model_maps(model: Any, params: Any, config: Any, images: np.ndarray, train_r
     num_samples = int(unc.get("num_samples", 10))
   num = images.shape[0]
   batch_size = max(1, min(int(batch_size), num))
-  mesh = Mesh(np.array(eval_devices(batch_size, devices)), ("batch",))
-  num_devices = mesh.devices.size
-  replicated = NamedSharding(mesh, PartitionSpec())
-  split = NamedSharding(mesh, PartitionSpec("batch"))
-
-  def apply_fn(p, x, plan):
-    return model.apply({"params": p}, x, plan)
-
-  ratio = float(config.masking.ratio)
-  fns = {}
-
-  def mc_fn(num_keep):
-    # One compilation per encoder length; lengths are rounded (mc_encoder_length) so a cohort
-    # needs only a few. Each device runs its rows of the batch: the MC passes of an image
-    # depend on that image and its key only.
-    if num_keep not in fns:
-      def per_device(p, x, roi, keys):
-        return uncertainty.mc_uncertainty(
-            apply_fn, p, None, x, roi, patch_size=int(model.patch_size), ratio=ratio,
-            num_samples=int(num_samples), num_keep=num_keep,
-            pass_chunk=None if not pass_chunk else int(pass_chunk),
-            min_roi=max(1, int(data.get("min_roi_patches", 1))), image_keys=keys)
-      fns[num_keep] = jax.jit(jax.shard_map(
-          per_device, mesh=mesh, in_specs=(PartitionSpec(),) + (PartitionSpec("batch"),) * 3,
-          out_specs=PartitionSpec("batch")))
-    return fns[num_keep]
-
+  devices = eval_devices(batch_size, devices)
   if seed is None:
     seed = int(config.get("seed", 0)) + EVAL_SEED_OFFSET
-  key = jax.random.key(int(seed))
-  params = jax.device_put(params, replicated)
-  out = {name: np.zeros(images.shape, np.float32) for name in ("eu", "mean", "au")}
   start = time.monotonic()
-  # Batches of slices with similar ROI sizes: every MC pass of a batch then keeps at most
-  # N - min(masked) patches visible, so the encoder runs on a shorter sequence (attention is
-  # quadratic in it; results are identical to the full length, see uncertainty.mc_encoder_length).
-  roi_size = train_roi.reshape(num, -1).sum(axis=1)
-  order = np.argsort(-roi_size, kind="stable")
-  for b, lo in enumerate(range(0, num, batch_size)):
-    rows = order[lo:lo + batch_size]
-    # The last batch is padded with copies of its last slice (outputs dropped), so shapes stay
-    # fixed and padding never lengthens the encoder sequence.
-    padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
-    x, roi = images[padded], train_roi[padded]
-    num_keep = uncertainty.mc_encoder_length(roi, int(model.patch_size), ratio)
-    keys = jax.random.split(jax.random.fold_in(key, b), batch_size)
-    maps = mc_fn(num_keep)(params, jax.device_put(x[..., None], split),
-                           jax.device_put(roi, split), jax.device_put(keys, split))
-    for name in out:
-      out[name][rows] = np.asarray(maps[name])[:len(rows)]
+
+  def report(done: int) -> None:
     if progress is not None:
-      done = min(lo + batch_size, num)
-      progress(f"MC maps {done}/{num} slices on {num_devices} device(s) "
+      progress(f"MC maps {done}/{num} slices on {len(devices)} device(s) "
                f"({time.monotonic() - start:.1f} s)")
-  return out
+
+  return mc_maps.compute_maps(
+      lambda p, x, plan: model.apply({"params": p}, x, plan), params, jax.random.key(int(seed)),
+      images, train_roi, progress=report, patch_size=int(model.patch_size),
+      ratio=float(config.masking.ratio), num_samples=int(num_samples),
+      pass_chunk=None if not pass_chunk else int(pass_chunk),
+      min_roi=max(1, int(data.get("min_roi_patches", 1))),
+      slices_per_device=batch_size // len(devices), mode="shard_map", devices=devices,
+      outputs=("eu", "mean", "au"))
 
 
 # ------------------------------------------------------------------------------ the rung
