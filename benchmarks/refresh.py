@@ -40,6 +40,7 @@ sys.path.insert(0, ROOT)
 from u2ad_jax import config_files  # noqa: E402  pylint: disable=g-import-not-at-top
 from u2ad_jax.data import preprocess  # noqa: E402  pylint: disable=g-import-not-at-top
 from u2ad_jax.train import maps as maps_after  # noqa: E402  pylint: disable=g-import-not-at-top
+from u2ad_jax.train import settings as settings_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from u2ad_jax.train import state as state_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
@@ -77,7 +78,7 @@ def main(argv=None) -> dict:
   slices = preprocess.load_cohort(args.data, config.data, progress=False)
   if args.slices and args.slices < len(slices):
     slices = slices.subset(np.arange(args.slices))
-  model = state_lib.build_model(config)
+  model = settings_lib.build_model(config)
   params = state_lib.init_params(model, jax.random.key(0))
   devices = jax.devices()
   before_module = load_before(args.before)

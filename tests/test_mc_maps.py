@@ -12,15 +12,16 @@ import jax
 import numpy as np
 import pytest
 
+import toy_data
 from u2ad_jax import anomaly
 from u2ad_jax import candidates
+from u2ad_jax import config_lib
 from u2ad_jax import mc_maps
 from u2ad_jax import patches
 from u2ad_jax import uncertainty
-from u2ad_jax.train import config_lib
 from u2ad_jax.train import maps as maps_lib
+from u2ad_jax.train import settings as settings_lib
 from u2ad_jax.train import state as state_lib
-from u2ad_jax.train import toy_data
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "base.py"
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -29,7 +30,7 @@ TOL = dict(rtol=1e-5, atol=1e-6)
 @pytest.fixture(scope="module")
 def setup():
   config = config_lib.sibling(str(CONFIG), "base").get_config("runlocal")
-  model = state_lib.build_model(config)
+  model = settings_lib.build_model(config)
   params = state_lib.init_params(model, jax.random.key(0))
   # 7 slices: chunks of 4 / 8 devices x rows are padded, so padding is exercised.
   slices = toy_data.toy_slice_set(7, config.data.image_size, seed=5, lesion_fraction=0.5)

@@ -64,7 +64,7 @@ class MapGenerator:
                                min_size=int(config.candidates.min_size),
                                top_k=config.candidates.top_k)
     # No default here: configs/base.py holds the one default, and a config without the key
-    # fails (trainer.validate_config checks it before any work) instead of silently training
+    # fails (settings.resolve checks it before any work) instead of silently training
     # on another map.
     self.residual = config.candidates.get("residual")
     if self.residual not in anomaly.RESIDUALS:
