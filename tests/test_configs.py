@@ -227,7 +227,7 @@ def test_a_schedule_registered_in_a_test_is_configured_validated_and_trained(tmp
   """A new schedule (not a ramp, with a parameter of its own) is one function and its
   registration: its config field, its validation and the trainer follow from the registry."""
   from u2ad_jax.train import metrics_log
-  from u2ad_jax.train import toy_data
+  import toy_data
   from u2ad_jax.train import trainer
   monkeypatch.setattr(schedules, "_REGISTRY", dict(schedules._REGISTRY))
 

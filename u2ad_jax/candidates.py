@@ -1,7 +1,7 @@
 """Host-side anomaly-candidate selection: percentile threshold + connected components.
 
 One operator serves two purposes with different parameters:
-- AU-guided masking (method.md section 4): on the aleatoric map inside the scoring ROI, keep the
+- AU-guided masking (docs/method.md, section 4): on the aleatoric map inside the scoring ROI, keep the
   top 3 components (8-connected, >= 2 pixels) of the pixels at or above the 90th percentile of the
   non-zero values; patches touching them are never masked (`candidate_patches`).
 - Postprocessing of anomaly maps (section 8): the same thresholding, its own parameters, usually

@@ -48,7 +48,7 @@ from u2ad_jax.models import layers
 # it at 256 px with 16-px patches: the same 256 tokens), 0.57 M params,
 # 1.2 GFLOP per training image; measured ~46 images/s (batch 32) on the 2-core reference CPU, so a
 # demo trains thousands of images per minute. "paper": the released code's configuration
-# (method.md section 3): 2.8 M params, 41 GFLOP per training image with ~930 encoder tokens.
+# (docs/method.md, section 3): 2.8 M params, 41 GFLOP per training image with ~930 encoder tokens.
 VARIANTS: dict[str, dict[str, Any]] = {
     "mu": dict(image_size=32, patch_size=4, encoder_width=32, encoder_depth=2, encoder_heads=2,
                decoder_width=32, decoder_depth=1, decoder_heads=2, mlp_ratio=4.0),
