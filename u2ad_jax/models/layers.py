@@ -1,5 +1,8 @@
 """Transformer building blocks for the masked-autoencoder ViT, with interchangeable attention.
 
+Longer than the other modules (about 480 lines) because the attention implementations are one
+family with one signature, tested against each other; splitting them would scatter that contract.
+
 Every attention implementation has the same signature
 
     attention(q, k, v, key_valid) -> out
@@ -18,10 +21,8 @@ dense formulation is limited by memory traffic and its backward pass by keeping 
 output and the log-sum-exp for the backward pass, which recomputes the tile's probabilities
 (the FlashAttention recurrence, without the online softmax because a whole key row fits a tile).
 
-Measured on the 2-core CPU (paper encoder layer, batch 10, 929 tokens, forward + backward of the
-attention alone): dense 3.6 s, jax.nn.dot_product_attention 5.0 s, per-head remat 2.6 s,
-blockwise 0.5 s; forward only: 1.06 / 1.68 / 0.50 / 0.13-0.16 s. Noisy (shared machine) but the
-ranking held in every repeat. Whole paper-size train step at batch 10: see the model docstring.
+The kernels' measured speed and memory on CPU: benchmarks/README.md, "Attention kernels and
+train-step variants".
 
 On accelerators the fused flash kernels that ship with JAX do the same job in one kernel:
 `cudnn` (GPU, half precision) and `tpu_flash` (Pallas, TPU); `attention='auto'` picks per
@@ -105,8 +106,8 @@ def per_head_remat_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
 # Layout inside: G = B * H independent (example, head) problems, queries split into `nq` blocks
 # of `tq` rows. One loop iteration handles one (g, query block) tile: its logits are
 # `tq x T` floats (about 2 MB at tq = 500, T = 1000), so the softmax passes and the value
-# products run from cache instead of main memory. On the 2-core CPU this was measured ~7% faster
-# than 256-row tiles and 10-15% faster than 128-row tiles; 1000-row tiles were on par.
+# products run from cache instead of main memory (the tile size was chosen by measurement:
+# benchmarks/README.md).
 
 
 def _tile_forward(q_tile, k, v, bias):
@@ -457,8 +458,8 @@ class TransformerStack(nn.Module):
     the attention forward too).
   scan: one traced block applied with `nn.scan` (params stacked along a leading `depth` axis):
     compile time independent of depth. Param trees of scanned and unscanned stacks differ.
-    Measured on XLA CPU: remat only lowers peak memory when combined with scan; with unrolled
-    blocks the scheduler hoists the recomputation and the peak even grows slightly.
+    On XLA CPU remat lowers peak memory only together with scan: with unrolled blocks the
+    scheduler hoists the recomputation (benchmarks/README.md).
   """
   depth: int
   num_heads: int

@@ -23,12 +23,7 @@ are module fields and do not change the function the model computes (tested agai
 float32 reference). Note that `scan_layers` changes the parameter tree (stacked blocks);
 `convert_block_layout` converts between the two layouts.
 
-Measured paper-size train step (forward + backward + Adam, batch 10, ~930 encoder tokens,
-41 GFLOP per image) on the shared 2-core CPU (float32 matmul ~200 GFLOP/s when quiet):
-defaults (blockwise, remat 'recompute_elementwise', scan) 1.4-1.5 images/s, peak RSS 2.0 GB;
-the same without remat 1.4 images/s, 3.6 GB. Under heavier load from other processes (CPU
-time per step in brackets, less sensitive to sharing): defaults 0.55 images/s (12-13 s CPU),
-per_head_remat 0.21 (25 s), dense 0.13 (48 s, 4.2 GB), dot_product 0.13 (77 s, 5.1 GB).
+Measured train-step speed and memory of these options: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -45,9 +40,8 @@ from u2ad_jax.masking import MaskPlan
 from u2ad_jax.models import layers
 
 # Sizes in one place. "mu": unit tests. "cpu": demo size, 128 px / 256 tokens (configs/cpu.py runs
-# it at 256 px with 16-px patches: the same 256 tokens), 0.57 M params,
-# 1.2 GFLOP per training image; measured ~46 images/s (batch 32) on the 2-core reference CPU, so a
-# demo trains thousands of images per minute. "paper": the released code's configuration
+# it at 256 px with 16-px patches: the same 256 tokens), 0.57 M params, 1.2 GFLOP per training
+# image (its speed: benchmarks/README.md). "paper": the released code's configuration
 # (docs/method.md, section 3): 2.8 M params, 41 GFLOP per training image with ~930 encoder tokens.
 VARIANTS: dict[str, dict[str, Any]] = {
     "mu": dict(image_size=32, patch_size=4, encoder_width=32, encoder_depth=2, encoder_heads=2,
