@@ -11,10 +11,12 @@ import os
 from typing import Any, Mapping, Sequence
 
 from u2ad_jax import io_utils
+from u2ad_jax import stages
 from u2ad_jax.evaluation import analysis
 from u2ad_jax.evaluation import figures
 
-RUNGS = ("intensity", "baseline", "eu", "au", "eu_au")
+# The ladder's order: the no-learning rung, then the ablation methods (stages.ABLATION_METHODS).
+RUNGS = ("intensity",) + stages.ABLATION_METHODS
 RUNG_TITLES = {
     "intensity": "(a) cord-intensity threshold",
     "baseline": "(b) MAE, random masking",

@@ -2,18 +2,19 @@
 
 The `u2ad evaluate` command and the ladder look rungs up here by name. A new rung is one module
 in this package with a class that has a `name` and `maps(prepared, settings) -> base.RungMaps`
-(see `base.py`), plus its line below.
+(see `base.py`), plus its ONE line below ("name": "module:Class"). Classes are imported when
+looked up, so the intensity rung never imports jax or the model.
 """
 
 from __future__ import annotations
 
+import importlib
+
 from u2ad_jax import errors
-from u2ad_jax.evaluation.rungs import intensity
-from u2ad_jax.evaluation.rungs import model
 
 RUNGS = {
-    "intensity": intensity.IntensityRung,
-    "model": model.ModelRung,
+    "intensity": "u2ad_jax.evaluation.rungs.intensity:IntensityRung",
+    "model": "u2ad_jax.evaluation.rungs.model:ModelRung",
 }
 
 
@@ -25,4 +26,5 @@ def get(name: str) -> type:
   """
   if name not in RUNGS:
     raise errors.UsageError(f"unknown rung {name!r}; known rungs: {sorted(RUNGS)}")
-  return RUNGS[name]
+  module, cls = RUNGS[name].split(":")
+  return getattr(importlib.import_module(module), cls)
