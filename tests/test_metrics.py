@@ -149,3 +149,24 @@ def test_a_registered_metric_reaches_its_levels_only(monkeypatch):
   flags = scores > 0.5
   assert metric_registry.level_metrics("patient", scores, truth, flags)["num_flagged"] == 2.0
   assert "num_flagged" not in metric_registry.level_metrics("segment", scores, truth, flags)
+
+
+def test_a_metric_in_its_own_module_is_one_registration_line(tmp_path, monkeypatch):
+  """A metric module of its own is registered by its import path and imported when used."""
+  (tmp_path / "balanced_accuracy_metric.py").write_text(
+      "import numpy as np\n"
+      "def balanced_accuracy(scores, flags, truth):\n"
+      "  del scores\n"
+      "  tpr = (flags & truth).sum() / truth.sum()\n"
+      "  tnr = (~flags & ~truth).sum() / (~truth).sum()\n"
+      "  return {'balanced_accuracy': float((tpr + tnr) / 2)}\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.setitem(metric_registry.METRICS, "balanced_accuracy",
+                      (("patient", "segment"), "balanced_accuracy_metric:balanced_accuracy"))
+  scores = np.array([0.9, 0.1, 0.8, 0.2])
+  truth = np.array([1, 0, 0, 1], bool)
+  flags = scores > 0.5  # tp 1, fn 1, fp 1, tn 1
+  got = metric_registry.level_metrics("patient", scores, truth, flags)
+  assert got["balanced_accuracy"] == 0.5
+  assert got["f1"] == 0.5  # the built-in metrics are still there
+  assert "balanced_accuracy" not in metric_registry.level_metrics("pixel", scores, truth)

@@ -4,12 +4,14 @@
 level adds its entries to the level's section of metrics.json, in registration order. A metric is
 a function `(scores, flags, truth) -> {key: value}`: `scores` real-valued (higher = more
 anomalous), `flags` the unsupervised threshold's decisions (None at pixel level, where nothing
-is decided), `truth` bool, all of one shape. Adding a metric is its function (in `metrics.py` or
-a module of its own) plus its line in `METRICS`.
+is decided), `truth` bool, all of one shape. Adding a metric is its function (in `metrics.py`, or
+a module of its own) plus ONE line in `METRICS`; a metric in a module of its own is registered by
+its import path, `"name": (levels, "package.module:function")`, imported when first used.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import numpy as np
@@ -39,12 +41,19 @@ def _best_dice(scores: np.ndarray, flags: np.ndarray | None,
   return {"best_dice": value, "best_dice_threshold": threshold}
 
 
-# name -> (levels it is reported at, function).
-METRICS: dict[str, tuple[tuple[str, ...], MetricFn]] = {
+# name -> (levels it is reported at, function or its "module:function" path).
+METRICS: dict[str, tuple[tuple[str, ...], "MetricFn | str"]] = {
     "decision": (("patient", "segment"), _decision),    # precision, recall, specificity, F1, ...
     "ranking": (("patient", "segment", "pixel"), _ranking),  # AUROC, AP, class counts
     "best_dice": (("pixel",), _best_dice),
 }
+
+
+def _resolve(fn: "MetricFn | str") -> MetricFn:
+  if isinstance(fn, str):
+    module, name = fn.split(":")
+    return getattr(importlib.import_module(module), name)
+  return fn
 
 
 def level_metrics(level: str, scores: np.ndarray, truth: np.ndarray,
@@ -61,5 +70,5 @@ def level_metrics(level: str, scores: np.ndarray, truth: np.ndarray,
   out: dict[str, float] = {}
   for levels, fn in METRICS.values():
     if level in levels:
-      out.update(fn(scores, flags, truth))
+      out.update(_resolve(fn)(scores, flags, truth))
   return out
