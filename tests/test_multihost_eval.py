@@ -16,6 +16,7 @@ import textwrap
 import numpy as np
 
 import support
+from u2ad_jax.evaluation.rungs import model as model_rung
 
 TIMEOUT_S = 180
 
@@ -106,3 +107,13 @@ def test_two_processes_split_the_evaluation_by_subject_and_only_process_0_writes
   assert sorted(summary["patients"]) == sorted(single["subjects"].tolist())
   assert sorted(os.listdir(tmp_path)) == ["data", "multi0", "multi0.npz", "multi1.npz", "run.py",
                                           "single", "single.npz"]
+
+
+def test_subjects_go_round_robin_to_the_processes_with_all_their_slices():
+  subjects = ["b", "b", "a", "c", "c", "c", "d", "e"]
+  np.testing.assert_array_equal(model_rung.subject_processes(subjects, 2),
+                                [0, 0, 1, 0, 0, 0, 1, 0])
+  np.testing.assert_array_equal(model_rung.subject_processes(subjects, 3),
+                                [0, 0, 1, 2, 2, 2, 0, 1])
+  # More processes than subjects: the last ones get nothing (and still take part in the gather).
+  assert set(model_rung.subject_processes(subjects[:3], 4).tolist()) == {0, 1}
