@@ -56,8 +56,8 @@ def eval_devices(batch_size: int, devices: Sequence[Any] | None = None) -> list[
 
 def subject_processes(subject_ids: Sequence[str], process_count: int) -> np.ndarray:
   """`[S]` subject ids -> `[S]` int: the process computing each slice's maps. Subject i (in
-  order of first appearance) goes to process i mod `process_count`, all its slices with it (the
-  scoring works per subject, and whole subjects keep the shares even)."""
+  order of first appearance) goes to process i mod `process_count`, all its slices with it (a
+  process's share is whole patients; the maps themselves are per slice)."""
   order = {}
   for subject in subject_ids:
     order.setdefault(subject, len(order))
