@@ -80,6 +80,8 @@ def main(argv):
                                   protected={**protected, "--out": _OUT.value},
                                   flag="--intensity_out")
   log = model_rung.stderr_log(not _QUIET.value)
+  if log and (_DISTRIBUTED.value or _COORDINATOR.value):
+    log(distributed.describe())
   rung = registry.get("model").restore(
       _WORKDIR.value, step=_STEP.value, overrides=_SET.value, batch_size=_BATCH.value,
       threshold_from=_THRESHOLD_FROM.value, log=log)
