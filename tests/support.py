@@ -6,6 +6,10 @@ modules (or tests/conftest.py); these are the plain functions they are built fro
 
 import os
 import pathlib
+import socket
+import subprocess
+
+import pytest
 
 import toy_data
 from u2ad_jax.phantom import cohort_writer
@@ -55,3 +59,27 @@ def resume_config(max_to_keep: int):
   config.checkpoint.max_to_keep = max_to_keep
   config.log_every_steps = 100
   return config
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 free right now (for a test job's `jax.distributed` coordinator)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def finish_processes(processes: list[subprocess.Popen], timeout_s: float) -> list[str]:
+  """Waits for all `processes` (text stdout piped; all killed when one exceeds `timeout_s`) and
+  asserts each exited 0; returns their outputs."""
+  outputs = []
+  try:
+    for p in processes:
+      out, _ = p.communicate(timeout=timeout_s)
+      outputs.append(out)
+  except subprocess.TimeoutExpired:
+    for p in processes:
+      p.kill()
+    pytest.fail(f"test processes did not finish within {timeout_s} s")
+  for p, out in zip(processes, outputs):
+    assert p.returncode == 0, out[-4000:]
+  return outputs

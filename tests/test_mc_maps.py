@@ -101,6 +101,27 @@ def test_maps_do_not_depend_on_devices_slices_per_device_or_mode(setup):
                                             slices)["eu"])
 
 
+def test_a_subset_with_its_slice_ids_gets_the_whole_sets_maps(setup):
+  """What a process of a multi-process evaluation computes: some slices of the set, each with
+  the key of its index in the whole set."""
+  config, model, params, slices = setup
+  key = jax.random.key(3)
+  ref = _direct(config, model, params, key, slices)
+  subset = np.array([5, 0, 3])
+  got = mc_maps.compute_maps(_apply(model), params, key, slices.images[subset],
+                             slices.train_roi[subset], slice_ids=subset, **_settings(
+                                 config, devices=jax.devices()[:2], slices_per_device=1))
+  for name in ("eu", "mean"):
+    np.testing.assert_allclose(got[name], ref[name][subset], err_msg=name, **TOL)
+  # Without the ids the subset's slices would draw the keys of slices 0, 1, 2.
+  assert not np.allclose(ref["eu"][subset], ref["eu"][:3])
+  for bad in ([5, 0], [5, 5, 3], [5, 0, -1]):
+    with pytest.raises(ValueError, match="slice_ids must be 3 distinct indices"):
+      mc_maps.compute_maps(_apply(model), params, key, slices.images[subset],
+                           slices.train_roi[subset], slice_ids=np.array(bad),
+                           **_settings(config, devices=jax.devices()[:1]))
+
+
 def test_roi_ordering_and_short_encoder_keep_the_maps(setup):
   config, model, params, slices = setup
   key = jax.random.key(5)

@@ -11,7 +11,6 @@ up front (`parallel.check_layout`, tested here without processes).
 """
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -69,34 +68,12 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _finish(processes):
-  """Waits for all processes (killing everything on timeout); returns their outputs."""
-  outputs = []
-  try:
-    for p in processes:
-      out, _ = p.communicate(timeout=TIMEOUT_S)
-      outputs.append(out)
-  except subprocess.TimeoutExpired:
-    for p in processes:
-      p.kill()
-    pytest.fail(f"training processes did not finish within {TIMEOUT_S} s")
-  for p, out in zip(processes, outputs):
-    assert p.returncode == 0, out[-4000:]
-  return outputs
-
-
 def test_two_interleaved_processes_equal_one_process_with_four_devices(tmp_path):
   script = tmp_path / "run.py"
   script.write_text(SCRIPT)
   base_config = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "base.py")
   base_config = os.path.abspath(base_config)
-  port = str(_free_port())
+  port = str(support.free_port())
   mode = "shard_map"
 
   def start(args, num_devices):
@@ -107,7 +84,7 @@ def test_two_interleaved_processes_equal_one_process_with_four_devices(tmp_path)
   multi = [start([base_config, str(tmp_path / "multi"), str(tmp_path / f"multi{i}.npz"), mode,
                   port, str(i)], 2) for i in range(2)]
   single = start([base_config, str(tmp_path / "single"), str(tmp_path / "single.npz"), mode], 4)
-  _finish(multi + [single])
+  support.finish_processes(multi + [single], TIMEOUT_S)
 
   reference = np.load(tmp_path / "single.npz")
   assert int(reference["process_count"]) == 1

@@ -13,15 +13,19 @@ runs it over a whole slice set, as both callers need it:
 - Per-slice keys drawn from the slice's index in the set, before any split: slice `s` gets the
   masks of a one-slice call `mc_uncertainty(..., key=fold_in(key, s), ...)` (`slice_keys`), so
   its maps depend only on (params, key, s, slice), not on the device count, the chunk size or
-  the order of the slices.
+  the order of the slices. A subset of a set passes its slices' indices in the whole set
+  (`slice_ids`), so it draws the masks the whole set's run draws for those slices: the
+  evaluation of a multi-process job splits the cohort by subject this way
+  (`evaluation.rungs.model.model_maps`) and gathers the maps on process 0.
 - Chunks ordered by ROI size, largest first, with the static encoder length
   `uncertainty.mc_encoder_length` of each chunk: every pass of a slice masks the same count, so
   the encoder needs only the visible tokens (results equal the full length up to float rounding;
   similar ROI sizes share a chunk, so the length is short for most chunks).
 - Maps stay where they were computed: `local_chunks` yields, per chunk, the maps of the slices
-  this process's devices computed (full-resolution arrays never cross between processes), and
-  `exchange` all-gathers small per-slice arrays (e.g. the training guidance `patch_eu [S, N]`,
-  `exclude [S, N]`) so every process ends with them for every slice, checked slice by slice.
+  this process's devices computed (this module never sends full-resolution arrays between
+  processes), and `exchange` all-gathers small per-slice arrays (e.g. the training guidance
+  `patch_eu [S, N]`, `exclude [S, N]`) so every process ends with them for every slice, checked
+  slice by slice.
 
 Chunk `k + 1` is dispatched before chunk `k` is read back, so the host's work on a chunk (e.g. the
 training's AU candidates) overlaps the devices' work on the next one.
@@ -135,7 +139,8 @@ class MonteCarloMaps:
           sharded_outputs=True)
     return self._mc[num_keep]
 
-  def local_chunks(self, params: Any, key: jax.Array, images: np.ndarray, train_roi: np.ndarray
+  def local_chunks(self, params: Any, key: jax.Array, images: np.ndarray, train_roi: np.ndarray,
+                   slice_ids: np.ndarray | None = None
                    ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     """Maps of the slices this process's devices compute, one chunk at a time.
 
@@ -143,9 +148,12 @@ class MonteCarloMaps:
 
     Args:
       params: model parameters (host or device; placed replicated here).
-      key: the maps' key; slice s uses `slice_keys(key, s)`.
+      key: the maps' key; slice s uses `slice_keys(key, slice_ids[s])`.
       images: `[S, H, W]` float32 slices (un-augmented).
       train_roi: `[S, H, W]` bool train ROIs (the masked region).
+      slice_ids: `[S]` distinct int indices of the slices in the set their keys come from
+        (default `arange(S)`: the slices are the whole set). Each device returns the ids it
+        drew keys from, checked against the ids sent.
 
     Yields:
       `(ids [r] int64, {name: [r, ...] numpy})` for each chunk with rows on this process: the
@@ -157,6 +165,9 @@ class MonteCarloMaps:
       return
     if train_roi.shape != images.shape:
       raise ValueError(f"train_roi {train_roi.shape} and images {images.shape} differ")
+    key_ids = np.arange(num) if slice_ids is None else np.asarray(slice_ids, np.int64)
+    if key_ids.shape != (num,) or np.unique(key_ids).size != num or key_ids.min() < 0:
+      raise ValueError(f"slice_ids must be {num} distinct indices >= 0, got {key_ids.tolist()}")
     chunk = self.chunk
     # Largest ROIs first; the last chunk is padded with its last (smallest-ROI) slice, whose
     # extra rows are dropped, so shapes stay fixed and padding never lengthens the encoder.
@@ -173,22 +184,22 @@ class MonteCarloMaps:
       fn = self._wrapped(uncertainty.mc_encoder_length(
           train_roi[rows], self.patch_size, self.ratio, multiple=self.length_multiple))
       ids = rows[local]
+      sent = key_ids[ids].astype(np.int32)
       result = fn(params, key, images[ids].reshape(shape + images.shape[1:] + (1,)),
-                  train_roi[ids].reshape(shape + train_roi.shape[1:]),
-                  ids.astype(np.int32).reshape(shape))
+                  train_roi[ids].reshape(shape + train_roi.shape[1:]), sent.reshape(shape))
       # Dispatched; read the previous chunk back while the devices work on this one.
       if pending is not None:
         yield self._read(*pending)
-      pending = (fn, result, ids, start + local < num)
+      pending = (fn, result, ids, sent, start + local < num)
     yield self._read(*pending)
 
-  def _read(self, fn: parallel.DataParallel, result: tuple, ids: np.ndarray,
+  def _read(self, fn: parallel.DataParallel, result: tuple, ids: np.ndarray, sent: np.ndarray,
             valid: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     *maps, got = fn.local_rows(result)
     got = got.reshape(-1)
-    if not np.array_equal(got, ids):
+    if not np.array_equal(got, sent):
       raise RuntimeError(f"Monte-Carlo maps: the rows read back belong to slices {got.tolist()}, "
-                         f"expected {ids.tolist()}; the device layout of the mesh disagrees "
+                         f"expected {sent.tolist()}; the device layout of the mesh disagrees "
                          "with this process's view of it")
     maps = {name: m.reshape((-1,) + m.shape[2:])[valid] for name, m in zip(self.outputs, maps)}
     return ids[valid].astype(np.int64), maps
@@ -243,16 +254,18 @@ class MonteCarloMaps:
 
 def compute_maps(apply_fn: uncertainty.ApplyFn, params: Any, key: jax.Array,
                  images: np.ndarray, train_roi: np.ndarray, *,
+                 slice_ids: np.ndarray | None = None,
                  progress: Callable[[int], None] | None = None,
                  **settings: Any) -> dict[str, np.ndarray]:
   """Every slice's maps `{name: [S, ...]}`: `MonteCarloMaps(apply_fn, **settings)` over this
   process's devices (default; with devices of several processes, only the slices of this
-  process's devices are filled); `progress(done)` after each chunk."""
+  process's devices are filled); `slice_ids` as in `local_chunks`; `progress(done)` after each
+  chunk. No slices: `{}`."""
   settings.setdefault("devices", jax.local_devices())
   mc = MonteCarloMaps(apply_fn, **settings)
   out = {}
   done = 0
-  for ids, maps in mc.local_chunks(params, key, images, train_roi):
+  for ids, maps in mc.local_chunks(params, key, images, train_roi, slice_ids):
     for name, m in maps.items():
       if name not in out:
         out[name] = np.zeros((images.shape[0],) + m.shape[1:], m.dtype)

@@ -11,6 +11,10 @@ An output directory must be missing, empty or (with --overwrite) an earlier `u2a
 output, and may not be, lie inside or contain the workdir or the cohort.
 `--threshold-from EVAL_DIR` applies the threshold an earlier evaluation of the same checkpoint
 recorded (a new patient alone has no cohort statistics); the report names it and its source.
+Multi-host: `--distributed` (SLURM / TPU auto-detection) or explicit `--coordinator_address
+--num_processes --process_id`, the same command in every process: the cohort's subjects are
+split over the processes for the Monte-Carlo maps, and process 0 alone scores and writes
+(see launch/).
 """
 
 from __future__ import annotations
@@ -47,6 +51,13 @@ _THRESHOLD_FROM = flags.DEFINE_string(
     "e.g. for a single new patient")
 flags.DEFINE_alias("threshold-from", "threshold_from")  # the spelling the README uses
 _QUIET = flags.DEFINE_bool("quiet", False, "no progress messages")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "join a multi-process job (jax.distributed.initialize; cluster "
+    "settings detected from SLURM / TPU unless given below); process 0 writes the outputs")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (implies --distributed)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's rank")
 
 flags.mark_flags_as_required(["workdir", "data", "out"])
 
@@ -55,6 +66,10 @@ def main(argv):
   del argv  # stray arguments are refused by the dispatcher
   # Library logs (checkpoint I/O, read-only notices) would bury the progress lines.
   logging.set_verbosity(logging.ERROR)
+  # Before any JAX work (the checkpoint restore is the first).
+  from u2ad_jax.train import distributed  # pylint: disable=g-import-not-at-top
+  if _DISTRIBUTED.value or _COORDINATOR.value:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   # Both outputs are checked before any work (the rungs check them again before writing).
   protected = {"--workdir": _WORKDIR.value, "--data": _DATA.value,
                "--threshold-from": _THRESHOLD_FROM.value}
@@ -65,6 +80,8 @@ def main(argv):
                                   protected={**protected, "--out": _OUT.value},
                                   flag="--intensity_out")
   log = model_rung.stderr_log(not _QUIET.value)
+  if log and (_DISTRIBUTED.value or _COORDINATOR.value):
+    log(distributed.describe())
   rung = registry.get("model").restore(
       _WORKDIR.value, step=_STEP.value, overrides=_SET.value, batch_size=_BATCH.value,
       threshold_from=_THRESHOLD_FROM.value, log=log)
@@ -73,6 +90,8 @@ def main(argv):
   settings = settings_lib.EvalSettings.from_config(rung.config)
   result = rung_base.evaluate(rung, prepared, settings, _OUT.value, overwrite=_OVERWRITE.value,
                               protected=protected)
+  if result is None:  # a multi-process job: process 0 scores and writes both rungs
+    return
   if log:
     log(f"wrote {os.path.abspath(_OUT.value)}")
   print(report.format_table(result))

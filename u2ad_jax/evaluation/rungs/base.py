@@ -83,14 +83,17 @@ class Rung(Protocol):
   """A way of making anomaly maps (see the module docstring)."""
   name: str
 
-  def maps(self, prepared: PreparedCohort, settings: settings_lib.EvalSettings) -> RungMaps:
-    ...
+  def maps(self, prepared: PreparedCohort, settings: settings_lib.EvalSettings
+           ) -> RungMaps | None:
+    """The cohort's maps; None on the processes of a multi-process job that do not score."""
 
 
 def evaluate(rung: Rung, prepared: PreparedCohort, settings: settings_lib.EvalSettings,
              out_dir: str | os.PathLike | None = None, *, overwrite: bool = False,
-             protected: dict[str, Any] | None = None) -> analysis.CohortResult:
-  """Scores `rung` on `prepared` and, when `out_dir`, writes its outputs there.
+             protected: dict[str, Any] | None = None) -> analysis.CohortResult | None:
+  """Scores `rung` on `prepared` and, when `out_dir`, writes its outputs there; returns None
+  (nothing scored or written) when the rung returns no maps in this process (the processes
+  other than 0 of a multi-process job).
 
   `out_dir` follows `output_guard.check_output_dir` (checked before the maps): it may not be, lie
   inside or contain the cohort or a `protected` path ({flag: path}), and an existing non-empty
@@ -100,6 +103,8 @@ def evaluate(rung: Rung, prepared: PreparedCohort, settings: settings_lib.EvalSe
     output_guard.check_output_dir(out_dir, "evaluate", overwrite=overwrite,
                                   protected={"--data": prepared.root, **(protected or {})})
   maps = rung.maps(prepared, settings)
+  if maps is None:
+    return None
   s = prepared.slice_set
   result = analysis.analyse(
       rung.name, images=s.images, labels=s.labels, score_roi=s.score_roi,

@@ -5,6 +5,10 @@
 2. Monte-Carlo maps through the one MC path shared with the training refresh (`u2ad_jax.mc_maps`:
    slices batched by ROI size, each batch split over the local devices, per-slice keys;
    K = config.evaluation.num_samples, else the training K): EU, mean reconstruction and AU.
+   In a multi-process job (`jax.distributed`) the cohort is split over the processes by subject
+   (`subject_processes`), each process computes its subjects' slices with the keys of a
+   one-process run, and the maps are gathered on process 0, which alone scores and writes the
+   outputs (the other processes' `maps` and `evaluate` return None).
 3. The anomaly map is the residual x - mean as `config.evaluation.residual` says
    (`u2ad_jax/anomaly.py`: by default its positive part after removing the subject's median cord
    residual); scoring and outputs are the shared driver's (`base.evaluate`).
@@ -50,14 +54,28 @@ def eval_devices(batch_size: int, devices: Sequence[Any] | None = None) -> list[
   return devices[:usable]
 
 
+def subject_processes(subject_ids: Sequence[str], process_count: int) -> np.ndarray:
+  """`[S]` subject ids -> `[S]` int: the process computing each slice's maps. Subject i (in
+  order of first appearance) goes to process i mod `process_count`, all its slices with it (a
+  process's share is whole patients; the maps themselves are per slice)."""
+  order = {}
+  for subject in subject_ids:
+    order.setdefault(subject, len(order))
+  return np.array([order[subject] % int(process_count) for subject in subject_ids], np.int64)
+
+
 def model_maps(model: Any, params: Any, config: Any, images: np.ndarray, train_roi: np.ndarray,
-               *, batch_size: int = DEFAULT_BATCH_SIZE, seed: int | None = None,
+               *, subject_ids: Sequence[str] | None = None,
+               batch_size: int = DEFAULT_BATCH_SIZE, seed: int | None = None,
                num_samples: int | None = None, devices: Sequence[Any] | None = None,
-               progress: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
+               progress: Callable[[str], None] | None = None) -> dict[str, np.ndarray] | None:
   """EU, mean reconstruction and AU of every slice with the model's final weights.
 
   The one Monte-Carlo path (`u2ad_jax.mc_maps`, shared with the training refresh) over this
-  process's devices.
+  process's devices. In a multi-process job (collective: every process calls it with the same
+  arguments) each process computes the slices of its subjects (`subject_processes`) and process
+  0 gathers every slice's maps; slice s keeps the key of a one-process run, so the maps equal
+  that run's up to float rounding.
 
   Args:
     model: flax module (`model.apply({'params': p}, images, plan)`).
@@ -66,17 +84,22 @@ def model_maps(model: Any, params: Any, config: Any, images: np.ndarray, train_r
       data.min_roi_patches, seed).
     images: `[S, H, W]` float32 in [0, 1].
     train_roi: `[S, H, W]` bool (the masked region).
+    subject_ids: `[S]` each slice's subject; required in a multi-process job.
     batch_size: slices per call, split over `devices`; slices are batched by ROI size (largest
       first) with a shortened encoder, and the last batch is padded with copies of a slice.
     seed: PRNG seed of the MC patch orders (default config.seed + EVAL_SEED_OFFSET).
     num_samples: K, reconstructions per ROI patch (default config.uncertainty.num_samples).
-    devices: devices to split each batch over (default: every local device; see
+    devices: this process's devices to split each batch over (default: every local device; see
       `eval_devices`). Slice s draws its masks from `fold_in(key, s)` (`mc_maps.slice_keys`),
       so the maps do not depend on the device count or the batching (up to float rounding).
     progress: optional callback for one-line progress messages.
 
   Returns:
-    dict of `[S, H, W]` float32 arrays 'eu', 'mean', 'au'.
+    dict of `[S, H, W]` float32 arrays 'eu', 'mean', 'au'; None on the processes other than 0
+    of a multi-process job.
+
+  Raises:
+    ValueError: a multi-process job without `subject_ids`.
   """
   import jax  # pylint: disable=g-import-not-at-top  (the intensity rung needs no jax)
   from u2ad_jax import mc_maps  # pylint: disable=g-import-not-at-top
@@ -86,26 +109,72 @@ def model_maps(model: Any, params: Any, config: Any, images: np.ndarray, train_r
   pass_chunk = unc.get("pass_chunk")
   if num_samples is None:
     num_samples = int(unc.get("num_samples", 10))
-  num = images.shape[0]
+  processes = jax.process_count()
+  if processes > 1 and subject_ids is None:
+    raise ValueError("a multi-process evaluation splits the slices by subject: pass subject_ids")
+  owner = (np.zeros(images.shape[0], np.int64) if processes == 1
+           else subject_processes(subject_ids, processes))
+  mine = np.flatnonzero(owner == jax.process_index())
+  if processes > 1:
+    images, train_roi = images[mine], train_roi[mine]
+  num = mine.size
   batch_size = max(1, min(int(batch_size), num))
   devices = eval_devices(batch_size, devices)
   if seed is None:
     seed = int(config.get("seed", 0)) + EVAL_SEED_OFFSET
   start = time.monotonic()
+  where = "" if processes == 1 else f" of process {jax.process_index()}/{processes}"
 
   def report(done: int) -> None:
     if progress is not None:
-      progress(f"MC maps {done}/{num} slices on {len(devices)} device(s) "
+      progress(f"MC maps {done}/{num} slices on {len(devices)} device(s){where} "
                f"({time.monotonic() - start:.1f} s)")
 
-  return mc_maps.compute_maps(
+  maps = mc_maps.compute_maps(
       lambda p, x, plan: model.apply({"params": p}, x, plan), params, jax.random.key(int(seed)),
-      images, train_roi, progress=report, patch_size=int(model.patch_size),
+      images, train_roi, slice_ids=mine, progress=report,
+      patch_size=int(model.patch_size),
       ratio=float(config.masking.ratio), num_samples=int(num_samples),
       pass_chunk=None if not pass_chunk else int(pass_chunk),
       min_roi=max(1, int(data.get("min_roi_patches", 1))),
       slices_per_device=batch_size // len(devices), mode="shard_map", devices=devices,
       outputs=("eu", "mean", "au"))
+  if processes == 1:
+    return maps
+  return _gather_on_process_0(maps, owner, owner.shape + images.shape[1:])
+
+
+def _gather_on_process_0(maps: dict[str, np.ndarray], owner: np.ndarray,
+                         shape: tuple[int, ...]) -> dict[str, np.ndarray] | None:
+  """Each process's maps `{name: [R_p, H, W]}` (its slices `owner == p`, in slice order) ->
+  every slice's `[S, H, W]` on process 0, None elsewhere (collective)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  processes = jax.process_count()
+  # The gather needs one shape in every process: the largest share, known without talking.
+  rows = int(np.bincount(owner, minlength=processes).max())
+  mine = np.flatnonzero(owner == jax.process_index())
+  pad = rows - mine.size
+  send_ids = np.concatenate([mine, np.full(pad, -1, np.int64)]).astype(np.int32)
+  send = {}
+  for name in ("eu", "mean", "au"):
+    local = maps.get(name, np.zeros((0,) + tuple(shape[1:]), np.float32))  # no slices here
+    send[name] = np.concatenate([local, np.zeros((pad,) + local.shape[1:], local.dtype)])
+  # Every process receives `[P, rows, ...]`; only process 0 keeps it.
+  got_ids, got = multihost_utils.process_allgather((send_ids, send))
+  if jax.process_index() != 0:
+    return None
+  out = {name: np.zeros(tuple(shape), np.float32) for name in send}
+  for p in range(processes):
+    expected = np.flatnonzero(owner == p)
+    ids = got_ids[p][got_ids[p] >= 0]
+    if not np.array_equal(ids, expected):
+      raise RuntimeError(f"Monte-Carlo maps: process {p} returned slices {ids.tolist()}, "
+                         f"expected {expected.tolist()}; the processes disagree on the cohort")
+    for name in out:
+      out[name][expected] = got[name][p][:expected.size]
+  return out
 
 
 # ------------------------------------------------------------------------------ the rung
@@ -160,7 +229,7 @@ class ModelRung:
                model=model, params=params, config=config, step=restored_step, **options)
 
   def maps(self, prepared: base.PreparedCohort,
-           settings: settings_lib.EvalSettings) -> base.RungMaps:
+           settings: settings_lib.EvalSettings) -> base.RungMaps | None:
     slice_set = prepared.slice_set
     _check_image_size(slice_set, self.model, prepared.root)
     if self.log:
@@ -187,8 +256,11 @@ class ModelRung:
                                 f"set evaluation.segment_norm=none")
       rule = thresholds.load_recorded(self.threshold_from, provenance)
     maps = model_maps(self.model, self.params, self.config, slice_set.images,
-                      slice_set.train_roi, batch_size=self.batch_size,
-                      num_samples=settings.mc_samples, progress=self.log)
+                      slice_set.train_roi, subject_ids=slice_set.subject_ids,
+                      batch_size=self.batch_size, num_samples=settings.mc_samples,
+                      progress=self.log)
+    if maps is None:  # a multi-process job's maps went to process 0
+      return None
     anomaly = anomaly_lib.anomaly_maps(slice_set.images, maps["mean"], slice_set.score_roi,
                                        slice_set.subject_ids, settings.residual)
     header = [f"- Model: `{self.name}` ({variant}), checkpoint step {self.step}, "
@@ -206,8 +278,9 @@ def evaluate_checkpoint(workdir: str | os.PathLike, data_dir: str | os.PathLike,
                         overrides: Sequence[str] = (), overwrite: bool = False,
                         verbose: bool = True,
                         threshold_from: str | os.PathLike | None = None
-                        ) -> analysis.CohortResult:
+                        ) -> analysis.CohortResult | None:
   """Evaluates one checkpoint on one cohort; writes everything to `out_dir` (None: nothing).
+  In a multi-process job process 0 scores and writes; the others return None.
 
   `overrides` (`section.key=value`, see `settings.apply_scoring_overrides`) change the scoring
   settings recorded with the run, e.g. `evaluation.residual=absolute` or
@@ -234,7 +307,7 @@ def evaluate_checkpoint(workdir: str | os.PathLike, data_dir: str | os.PathLike,
   settings = settings_lib.EvalSettings.from_config(rung.config)
   result = base.evaluate(rung, prepared, settings, out_dir, overwrite=overwrite,
                          protected=protected)
-  if out_dir is not None and log:
+  if out_dir is not None and result is not None and log:
     log(f"wrote {os.path.abspath(os.fspath(out_dir))}")
   return result
 
