@@ -97,6 +97,10 @@ def _run(argv: list[str]) -> None:
     # the subcommand's docstring and its flags instead, and exit 0.
     print((module.__doc__ or COMMANDS[name][1]).strip() + "\n")
     print(flags.FLAGS.module_help(module))
+    # Flags a command shares with others (e.g. the multi-host ones) live in their own module.
+    for shared in flags.FLAGS.flags_by_module_dict():
+      if shared.startswith("u2ad_jax.commands.") and shared != module.__name__:
+        print("\n" + flags.FLAGS.module_help(shared))
     sys.stdout.flush()
     sys.exit(0)
 

@@ -25,6 +25,7 @@ from absl import flags
 from absl import logging
 
 from u2ad_jax import output_guard
+from u2ad_jax.commands import multihost
 from u2ad_jax.evaluation import report
 from u2ad_jax.evaluation import settings as settings_lib
 from u2ad_jax.evaluation.rungs import base as rung_base
@@ -51,13 +52,6 @@ _THRESHOLD_FROM = flags.DEFINE_string(
     "e.g. for a single new patient")
 flags.DEFINE_alias("threshold-from", "threshold_from")  # the spelling the README uses
 _QUIET = flags.DEFINE_bool("quiet", False, "no progress messages")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "join a multi-process job (jax.distributed.initialize; cluster "
-    "settings detected from SLURM / TPU unless given below); process 0 writes the outputs")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0 (implies --distributed)")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's rank")
 
 flags.mark_flags_as_required(["workdir", "data", "out"])
 
@@ -68,8 +62,7 @@ def main(argv):
   logging.set_verbosity(logging.ERROR)
   # Before any JAX work (the checkpoint restore is the first).
   from u2ad_jax.train import distributed  # pylint: disable=g-import-not-at-top
-  if _DISTRIBUTED.value or _COORDINATOR.value:
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  multihost.start()
   # Both outputs are checked before any work (the rungs check them again before writing).
   protected = {"--workdir": _WORKDIR.value, "--data": _DATA.value,
                "--threshold-from": _THRESHOLD_FROM.value}
@@ -80,7 +73,7 @@ def main(argv):
                                   protected={**protected, "--out": _OUT.value},
                                   flag="--intensity_out")
   log = model_rung.stderr_log(not _QUIET.value)
-  if log and (_DISTRIBUTED.value or _COORDINATOR.value):
+  if log and multihost.requested():
     log(distributed.describe())
   rung = registry.get("model").restore(
       _WORKDIR.value, step=_STEP.value, overrides=_SET.value, batch_size=_BATCH.value,

@@ -20,6 +20,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from u2ad_jax import errors
+from u2ad_jax.commands import multihost
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "config file (configs/*.py), optionally with ':args'", lock_config=True)
@@ -27,13 +28,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (created; resumed
 _INIT_FROM = flags.DEFINE_string(
     "init_from", None, "workdir of another run whose latest parameters start this run (used "
     "only when --workdir has no checkpoint yet)")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "join a multi-process job (jax.distributed.initialize; cluster "
-    "settings detected from SLURM / TPU unless given below)")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0 (implies --distributed)")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's rank")
 _SET = flags.DEFINE_multi_string(
     "set", [], "config override key.path=value, e.g. --set optim.lr=1e-3 (repeatable; the same "
     "as --config.optim.lr=1e-3; unknown keys fail before any work)")
@@ -66,8 +60,7 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)
   # Imported here: jax must not start before distributed initialisation.
   from u2ad_jax.train import distributed  # pylint: disable=g-import-not-at-top
-  if _DISTRIBUTED.value or _COORDINATOR.value:
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  multihost.start()
   from u2ad_jax.train import settings  # pylint: disable=g-import-not-at-top
   from u2ad_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
