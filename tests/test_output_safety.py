@@ -8,6 +8,7 @@ folders always agree with its participants.tsv.
 
 import hashlib
 import os
+import pathlib
 import random
 import signal
 import subprocess
@@ -209,3 +210,29 @@ def test_cohort_whose_folders_and_table_disagree_is_refused(tmp_path):
     cohort.check_participants(root, ["sub-001"], {"sub-001": {}, "sub-004": {}})
   cohort.check_participants(root, ["sub-001"], cohort.read_participants(root))
   cohort.check_participants(root, ["sub-001", "sub-002"], {})  # no table: no truth, valid
+
+
+def test_a_removal_killed_half_way_keeps_the_marker_for_the_next_run(tmp_path, monkeypatch):
+  """The previous output set aside by a swap is deleted marker LAST, so a kill in the middle
+  of that deletion leaves a leftover the next run still recognises (and removes)."""
+  leftover = tmp_path / ".out.old-abc123"
+  leftover.mkdir()
+  output_guard.write_marker(leftover, "synth")
+  (leftover / "sub-001").mkdir()
+  (leftover / "sub-001" / "sub-001_T2w.nii.gz").write_text("x")
+  (leftover / "participants.tsv").write_text("x")
+  real_remove = os.remove
+
+  def killed_remove(path):
+    if os.path.basename(path) != output_guard.MARKER:
+      raise KeyboardInterrupt  # stands for the SIGKILL arriving during the deletion
+    real_remove(path)
+
+  monkeypatch.setattr(os, "remove", killed_remove)
+  with pytest.raises(KeyboardInterrupt):
+    output_guard._remove_marked_tree(str(leftover))  # pylint: disable=protected-access
+  monkeypatch.undo()
+  assert output_guard.read_marker(leftover)["command"] == "synth"
+  with output_guard.staged_directory(tmp_path / "out", "synth") as staging:
+    (pathlib.Path(staging) / "participants.tsv").write_text("new")
+  assert sorted(os.listdir(tmp_path)) == ["out"]

@@ -134,7 +134,23 @@ def _remove_own_leftovers(parent: str, base: str, command: str) -> None:
     pid = marker.get("pid")
     if isinstance(pid, int) and pid != os.getpid() and _alive(pid):
       continue  # another process is writing this output right now
-    shutil.rmtree(leftover, ignore_errors=True)
+    _remove_marked_tree(leftover)
+
+
+def _remove_marked_tree(path: str) -> None:
+  """Deletes a marked directory with its marker LAST: a removal killed half-way leaves a
+  directory that still carries the marker, so the next run recognises and removes it."""
+  for name in os.listdir(path):
+    if name != MARKER:
+      entry = os.path.join(path, name)
+      if os.path.isdir(entry) and not os.path.islink(entry):
+        shutil.rmtree(entry, ignore_errors=True)
+      else:
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(entry)
+  with contextlib.suppress(FileNotFoundError):
+    os.remove(os.path.join(path, MARKER))
+  shutil.rmtree(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -176,10 +192,10 @@ def staged_directory(out_dir: PathLike, command: str) -> Iterator[str]:
       os.replace(out_dir, old)
     os.replace(staging, out_dir)
   except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
+    _remove_marked_tree(staging)
     raise
   if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_marked_tree(old)
 
 
 def _check_replaceable(out_dir: str, command: str) -> None:
