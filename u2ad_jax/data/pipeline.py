@@ -45,7 +45,12 @@ def augment_batch(images: np.ndarray, roi: np.ndarray, rng: np.random.Generator,
 
   x -> contrast c about the image's ROI mean (whole-image mean when the ROI is empty; pivoting on
   the cord / CSF level keeps that level while stretching its contrast) -> brightness factor b ->
-  + Gaussian noise (sigma `noise_std`) -> clip to [0, 1] -> min-max to [0, 1].
+  + Gaussian noise (sigma `noise_std`) -> clip to [0, 1].
+
+  Decision: no min-max after the clip (the method lists one). Brightness and contrast are affine,
+  so a final min-max would undo them wherever the clip did not saturate: the augmentation would
+  be noise only. Without it the ROI level moves down (b < 1) and up (b > 1), and its contrast
+  shrinks (c < 1) and grows (c > 1); the output stays in [0, 1].
 
   Args:
     images: `[B, H, W]` float in [0, 1].
@@ -54,8 +59,7 @@ def augment_batch(images: np.ndarray, roi: np.ndarray, rng: np.random.Generator,
     return_params: also return `{"brightness": [B], "contrast": [B]}`.
 
   Returns:
-    `[B, H, W]` float32 in [0, 1] (each non-constant image spans exactly [0, 1]); with
-    `return_params`, the tuple `(images, params)`.
+    `[B, H, W]` float32 in [0, 1]; with `return_params`, the tuple `(images, params)`.
   """
   images = np.asarray(images, np.float32)
   roi = np.asarray(roi, bool)
@@ -68,10 +72,7 @@ def augment_batch(images: np.ndarray, roi: np.ndarray, rng: np.random.Generator,
   x = ((images - pivot) * contrast[:, None, None] + pivot) * brightness[:, None, None]
   if noise_std > 0:
     x = x + rng.normal(0.0, noise_std, size=x.shape)
-  x = np.clip(x, 0.0, 1.0)
-  low = x.min(axis=(1, 2), keepdims=True)
-  span = x.max(axis=(1, 2), keepdims=True) - low
-  x = np.where(span > 0, (x - low) / np.where(span > 0, span, 1.0), x).astype(np.float32)
+  x = np.clip(x, 0.0, 1.0).astype(np.float32)
   if return_params:
     return x, {"brightness": brightness, "contrast": contrast}
   return x
