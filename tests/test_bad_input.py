@@ -196,7 +196,7 @@ def test_missing_vertebrae_only_matters_for_scoring(tmp_path):
                  require_vertebrae=True)
   assert "5" in error.problem
   # With an instance map the levels are known by identity: C2 ... C6 score C2-3 ... C5-6 and
-  # C6-7 / C7-T1 are n/a (evaluation/levels.py); with no segment left the missing levels are named.
+  # C6-7 / C7-T1 are n/a (data/levels.py); with no segment left the missing levels are named.
   files = write_cohort(tmp_path / "with_map", image, labels, vertebrae)
   assert len(preprocess.load_subject(files, CFG, require_vertebrae=True)) > 0
   image, labels, vertebrae = make_volumes(num_vertebrae=1)

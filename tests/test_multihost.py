@@ -131,7 +131,7 @@ class _Device:
 
 
 def test_layout_rule_shard_map_any_order_pmap_contiguous_only():
-  from u2ad_jax.train import parallel
+  from u2ad_jax import parallel
   contiguous = [_Device(0, 0), _Device(0, 1), _Device(1, 2), _Device(1, 3)]
   interleaved = [contiguous[i] for i in (0, 2, 1, 3)]
   unequal = [_Device(0, 0), _Device(1, 1), _Device(1, 2)]

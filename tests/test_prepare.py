@@ -28,7 +28,7 @@ from u2ad_jax.data import spine_tools as st
 from u2ad_jax.evaluation import settings as eval_settings
 from u2ad_jax.evaluation.rungs import base as rung_base
 from u2ad_jax.evaluation.rungs import registry
-from u2ad_jax.evaluation import levels as levels_lib
+from u2ad_jax.data import levels as levels_lib
 
 NUM_SLICES = 5
 _NAMES = {i: n for n, i in L.VERTEBRA_INSTANCE_IDS.items()}

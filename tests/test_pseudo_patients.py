@@ -25,7 +25,7 @@ from u2ad_jax.phantom import pseudo_patients as pp
 from u2ad_jax.phantom import real_slices
 from u2ad_jax import config_files
 from u2ad_jax.evaluation.rungs import base as rung_base
-from u2ad_jax.evaluation import levels
+from u2ad_jax.data import levels
 
 # Realism tolerances, generated cohort vs its source, after the standard normalisation: tissue
 # means within 0.025 (intensities in [0, 1]; the phantom's own calibration is within 0.013), tissue

@@ -8,7 +8,7 @@ from u2ad_jax import labels as L
 from u2ad_jax.evaluation import analysis
 from u2ad_jax.evaluation import curves
 from u2ad_jax.evaluation.rungs import intensity
-from u2ad_jax.evaluation import levels as levels_lib
+from u2ad_jax.data import levels as levels_lib
 from u2ad_jax.evaluation import postprocess
 from u2ad_jax.evaluation import scoring
 from u2ad_jax.evaluation import thresholds

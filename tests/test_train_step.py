@@ -18,7 +18,7 @@ import pytest
 import toy_data
 from u2ad_jax import config_lib
 from u2ad_jax import patches
-from u2ad_jax.train import parallel
+from u2ad_jax import parallel
 from u2ad_jax.train import settings as settings_lib
 from u2ad_jax.train import state as state_lib
 from u2ad_jax.train import step as step_lib

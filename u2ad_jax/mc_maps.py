@@ -6,7 +6,7 @@ runs it over a whole slice set, as both callers need it:
 - Passes folded into the batch: each device runs ONE model call over `passes x c` rows for its
   `c` slices (`slices_per_device`), not a vmap over single slices (a plain batch keeps the
   model's own loops unbatched).
-- Slices sharded over all devices of all processes (`train.parallel.DataParallel`, pmap or
+- Slices sharded over all devices of all processes (`parallel.DataParallel`, pmap or
   jit(shard_map), the train step's wrappers): a chunk of `D * c` slices per call, mesh slot `m`
   computing chunk rows `[m * c, (m + 1) * c)` (`parallel.mesh_positions`). Every row travels
   with its slice id, and the ids that come back are checked against the ids sent.
@@ -40,7 +40,7 @@ import numpy as np
 
 from u2ad_jax import patches
 from u2ad_jax import uncertainty
-from u2ad_jax.train import parallel
+from u2ad_jax import parallel
 
 # What a device may return per slice: the `mc_uncertainty` maps `[H, W]` and the EU summed per
 # patch `[N]` (`patches.patch_sum`; the training guidance needs only that).
@@ -76,7 +76,7 @@ class MonteCarloMaps:
     pass_chunk: passes per sequential model call (None: all passes in one call).
     min_roi: smallest ROI size guaranteed K reconstructions.
     slices_per_device: c, slices per device per call (each `passes` rows in the model batch).
-    mode: 'pmap' or 'shard_map' (`train.parallel`).
+    mode: 'pmap' or 'shard_map' (`parallel`).
     devices: the devices to shard over, of every process taking part (default all).
     outputs: which of OUTPUTS the devices return (others are never read back).
     length_multiple: rounding of the encoder length (`mc_encoder_length`); fewer distinct

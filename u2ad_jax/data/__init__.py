@@ -5,6 +5,8 @@
   preprocess.py      loading: a subject's volumes -> its normalised model slices; whole cohorts.
   slice_geometry.py  the model grid (1 mm, 200 mm field of view) and the exact way back.
   sliceset.py        SliceSet (slices, ROIs, provenance) and the train / scoring ROI rules.
+  levels.py          vertebral levels C2 ... T1 of a label map and the six segments' rows (the
+                     phantom writes its truth by them, the evaluation scores by them).
   npy_slices.py      the original release's `.npy` slices.
   pipeline.py        seeded training batches and augmentation.
   spine_tools.py     TotalSpineSeg / SCT segmentations -> our label maps (`u2ad prepare`).

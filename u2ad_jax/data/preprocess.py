@@ -187,7 +187,7 @@ def _check_vertebrae(label: nifti.Volume, vertebrae: nifti.Volume | None, label_
     present = set(np.unique(vertebra_slices).tolist())
     missing = [name for name in needed if label_defs.VERTEBRA_INSTANCE_IDS[name] not in present]
     # By identity a partial field of view scores the segments it has (the others are n/a,
-    # evaluation/levels.py); it needs at least one segment with both of its levels.
+    # data/levels.py); it needs at least one segment with both of its levels.
     in_view = [name not in missing for name in needed]
     if not any(a and b for a, b in zip(in_view[:-1], in_view[1:])):
       raise errors.LabelError(vertebrae.path, f"vertebral bodies {missing} are missing from the "

@@ -4,7 +4,7 @@ A researcher with sagittal T2w scans gets everything the cohort needs (cord, CSF
 bodies, discs, vertebra identities) from tools that run on the scan alone, instead of drawing our
 label map by hand. This module reads those tools' outputs, checks them, and converts them to
 `labels.py` values plus the vertebra instance map (`labels.VERTEBRA_INSTANCE_IDS`, C2 -> 2 ...
-T2 -> 9) that `evaluation/levels.py` uses to name the levels by identity.
+T2 -> 9) that `data/levels.py` uses to name the levels by identity.
 
 Conventions implemented (looked up in the tools' own documentation, not guessed):
 
@@ -47,7 +47,7 @@ Checks (one line naming the file, nothing written): a scan without its segmentat
 segmentation on another grid (shape, or affine beyond `nifti.AFFINE_ATOL_MM`), values that are not
 the tool's, no cord, no segment with both of its levels in view (C2-3 ... C7-T1). A scan missing
 only some of C2 ... T1 is converted with a warning: evaluation scores the segments it has and
-writes n/a for the others (evaluation/levels.py).
+writes n/a for the others (data/levels.py).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class Converted:
 
   @property
   def segments_missing(self) -> tuple[str, ...]:
-    """Segments with a level out of view: n/a in evaluation (evaluation/levels.py)."""
+    """Segments with a level out of view: n/a in evaluation (data/levels.py)."""
     names = label_defs.VERTEBRA_NAMES
     return tuple(seg for seg, upper, lower in zip(label_defs.SEGMENT_NAMES, names[:-1], names[1:])
                  if upper not in self.levels_present or lower not in self.levels_present)

@@ -4,7 +4,6 @@
   rungs/              one module per rung (intensity, model), the shared driver and the registry.
   metrics.py          precision / recall / specificity / F1, AUROC (ranks), AP, best Dice, SSIM.
   metric_registry.py  which metric is reported at which level (patient, segment, pixel), by name.
-  levels.py           vertebral levels C2 ... T1 from the vertebral-body label; segment rows.
   postprocess.py      anomaly map in the scoring ROI; percentile + connected-component filter.
   curves.py           the anomaly curve along the cord and its segment maxima.
   scoring.py          segment and patient scores of every subject.

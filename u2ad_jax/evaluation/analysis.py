@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from u2ad_jax import labels as label_values
-from u2ad_jax.evaluation import levels as levels_lib
+from u2ad_jax.data import levels as levels_lib
 from u2ad_jax.evaluation import metric_registry
 from u2ad_jax.evaluation import metrics
 from u2ad_jax.evaluation import postprocess as postprocess_lib

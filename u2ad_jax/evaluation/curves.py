@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from u2ad_jax.evaluation import levels as levels_lib
+from u2ad_jax.data import levels as levels_lib
 
 REDUCTIONS = ("sum", "max")
 

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from u2ad_jax import io_utils  # noqa: E402
 from u2ad_jax import labels as label_values  # noqa: E402
-from u2ad_jax.evaluation import levels as levels_lib  # noqa: E402
+from u2ad_jax.data import levels as levels_lib  # noqa: E402
 from u2ad_jax.evaluation import metrics  # noqa: E402
 from u2ad_jax.evaluation import scoring  # noqa: E402
 

@@ -22,7 +22,7 @@ from u2ad_jax import io_utils
 from u2ad_jax import labels as label_values
 from u2ad_jax import output_guard
 from u2ad_jax.evaluation import analysis
-from u2ad_jax.evaluation import levels as levels_lib
+from u2ad_jax.data import levels as levels_lib
 from u2ad_jax.evaluation import report
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from u2ad_jax import labels as label_values
 from u2ad_jax.evaluation import curves
-from u2ad_jax.evaluation import levels as levels_lib
+from u2ad_jax.data import levels as levels_lib
 from u2ad_jax.evaluation import thresholds
 
 SEGMENT_NORMS = ("none", "level_z")

@@ -21,7 +21,7 @@ Volumes are stored in RAS+ (axis0 = x right, axis1 = y anterior, axis2 = z super
 voxel sizes in the affine, so `nib.as_closest_canonical` is the identity. The model's slice frame
 (rows superior -> inferior, columns anterior -> posterior) of slice i is `volume[i][::-1, ::-1].T`.
 
-Truth per segment follows the evaluation rule (evaluation/levels.py): on the slice with the
+Truth per segment follows the evaluation rule (data/levels.py): on the slice with the
 largest cord area among those showing C2 ... T1, segment C{k}-{k+1} spans the rows from the
 centroid of vertebral body k to that of body k+1 (half-open); a segment is positive when a lesion
 voxel of any slice lies in its rows.
@@ -243,7 +243,7 @@ def reference_centroids(labels: np.ndarray, vertebrae: np.ndarray) -> np.ndarray
   """`[7]` centroid rows of C2 ... T1 on the reference slice of `[X, H, W]` model maps.
 
   The reference slice is the one with the largest cord area (labels 3 and 6) among the slices
-  showing all seven bodies C2 ... T1 (evaluation/levels.py). None when no slice shows them.
+  showing all seven bodies C2 ... T1 (data/levels.py). None when no slice shows them.
   """
   ids = [L.VERTEBRA_INSTANCE_IDS[name] for name in L.VERTEBRA_NAMES]
   best, best_area = None, -1

@@ -35,7 +35,7 @@ start):
    the warp carries the source's own noise along (the same pattern on every slice) and the added
    noise is what decorrelates the slices.
 
-Truth per segment follows the evaluation rule (evaluation/levels.py): segment C{k}-{k+1} spans the
+Truth per segment follows the evaluation rule (data/levels.py): segment C{k}-{k+1} spans the
 rows from the centroid of vertebral body k to that of body k+1 of the subject's label map; a
 segment is positive when a lesion voxel lies in its rows. A base that carries a REAL lesion (label
 6) makes a lesion patient (its real lesion segments count as truth); such bases are not used for
@@ -66,6 +66,7 @@ from scipy import ndimage
 from u2ad_jax import errors
 from u2ad_jax import io_utils
 from u2ad_jax import labels as L
+from u2ad_jax.data import levels
 from u2ad_jax.phantom import cohort_writer
 from u2ad_jax.phantom import contrast
 from u2ad_jax.phantom import generator
@@ -143,7 +144,6 @@ def generate_subject(subject_id: str, base: real_slices.Base, seed: int, lesion:
   rng = np.random.default_rng(seed)
   pixel = base.pixel_mm
   shape = base.image.shape
-  from u2ad_jax.evaluation import levels  # pylint: disable=g-import-not-at-top
 
   # 1. geometry: similarity + elastic; redraw until the seven bodies survive.
   for _ in range(20):

@@ -33,6 +33,7 @@ from scipy import ndimage
 
 from u2ad_jax import errors
 from u2ad_jax import labels as L
+from u2ad_jax.data import levels
 
 # Standard model frame of the release's slices: 256 px over a 200 mm field of view.
 DEFAULT_PIXEL_MM = 200.0 / 256.0
@@ -120,7 +121,6 @@ def tissue_statistics(images: Sequence[np.ndarray], labels: Sequence[np.ndarray]
 
 def usable_cord(labels: np.ndarray) -> tuple[bool, str]:
   """(usable, reason): seven bodies and cord on >= 80 % of the rows from C2 to T1."""
-  from u2ad_jax.evaluation import levels  # pylint: disable=g-import-not-at-top
   bodies = levels.vertebral_bodies(labels)
   if len(bodies) < levels.NUM_LEVELS:
     return False, f"{len(bodies)} vertebral bodies (label 2), need 7 (C2 ... T1)"

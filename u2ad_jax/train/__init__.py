@@ -3,7 +3,6 @@
   settings.py     the config resolved once, at the trainer's door, into typed settings; the model.
   state.py        TrainState (step, params, opt_state), OptimizerSettings and the Adam optimizer.
   step.py         the ONE per-device train step (masks drawn inside, pooled loss, pmean'd grads).
-  parallel.py     its pmap and jit(shard_map) wrappers and the matching data placement.
   maps.py         Monte-Carlo EU / AU map refreshes during adaptation, sharded over devices.
   checkpoint.py   Orbax checkpoints, the workdir's config record, `restore_for_eval`.
   metrics_log.py  metrics.jsonl and the training-curve PNG.

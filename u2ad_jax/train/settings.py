@@ -25,10 +25,9 @@ from u2ad_jax import candidates
 from u2ad_jax import config_lib
 from u2ad_jax import errors
 from u2ad_jax import schedules
-from u2ad_jax.evaluation import postprocess as postprocess_lib
 from u2ad_jax.models import vit_mae
 from u2ad_jax.stages import STAGES
-from u2ad_jax.train import parallel
+from u2ad_jax import parallel
 from u2ad_jax.train import state as state_lib
 from u2ad_jax.train import step as step_lib
 
@@ -126,7 +125,6 @@ def resolve(config: Any) -> RunSettings:
     raise errors.ConfigValueError("config.batch_size must be >= 1")
   schedule = config_lib.guidance_schedule(config)
   _check_candidates(config)
-  postprocess_lib.PostprocessParams.from_config(config.get("postprocess"))
   pretrain_epochs = max(1, stage_epochs["pretrain"])
   if any(g.w_eu != 0 or g.au_exclusion
          for g in schedules.stage_guidance(schedule, "pretrain", pretrain_epochs)):
@@ -158,6 +156,14 @@ def _check_candidates(config: Any) -> None:
     candidates.check_params(c.percentile, c.min_size, c.top_k)
   except (TypeError, ValueError) as e:
     raise errors.ConfigValueError(f"config.candidates: {e}") from e
+  # The evaluation's postprocessing uses the same operator: a run whose checkpoints could never
+  # be evaluated is refused before it trains.
+  post = config.get("postprocess")
+  if post is not None:
+    try:
+      candidates.check_params(post.percentile, post.min_size, post.top_k)
+    except (TypeError, ValueError) as e:
+      raise errors.ConfigValueError(f"config.postprocess: {e}") from e
 
 
 def optimizer_settings(optim: Any) -> state_lib.OptimizerSettings:

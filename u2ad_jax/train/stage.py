@@ -32,7 +32,7 @@ from u2ad_jax.stages import STAGES
 from u2ad_jax.train import checkpoint
 from u2ad_jax.train import faults
 from u2ad_jax.train import maps as maps_lib
-from u2ad_jax.train import parallel
+from u2ad_jax import parallel
 from u2ad_jax.train import run_log
 from u2ad_jax.train import settings as settings_lib
 from u2ad_jax.train import state as state_lib

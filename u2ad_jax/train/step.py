@@ -31,7 +31,7 @@ import optax
 from u2ad_jax import losses
 from u2ad_jax import masking
 from u2ad_jax import patches
-from u2ad_jax.train import parallel
+from u2ad_jax import parallel
 from u2ad_jax.train import state as state_lib
 
 AXIS = parallel.AXIS

@@ -27,7 +27,7 @@ from u2ad_jax import errors
 from u2ad_jax.data import preprocess
 from u2ad_jax.data import sliceset
 from u2ad_jax.train import checkpoint
-from u2ad_jax.train import parallel
+from u2ad_jax import parallel
 from u2ad_jax.train import resume
 from u2ad_jax.train import run_log
 from u2ad_jax.train import settings as settings_lib
