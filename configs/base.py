@@ -41,6 +41,10 @@ def make_config() -> ml_collections.ConfigDict:
   # geometry of `data` (image_size, patch_size), plus performance overrides (None = default).
   config.model = ml_collections.ConfigDict()
   config.model.variant = "paper"
+  # The model's field of view: None = every patch of the image (the paper); r = only the ROI
+  # patches and their neighbours within r patches (masking.context_band), in training, the map
+  # refreshes and the evaluation alike. The loss and the maps only ever read ROI patches.
+  config.model.context_patches = config_dict.placeholder(int)
   config.model.overrides = ml_collections.ConfigDict()
   # attention: auto (per platform: blockwise CPU, cudnn GPU, tpu_flash TPU) or one of them,
   # dense, dot_product, per_head_remat. dtype: compute dtype, e.g. bfloat16, or auto (bfloat16 on
@@ -136,6 +140,20 @@ def make_config() -> ml_collections.ConfigDict:
   # Segment scores: 'none' (the curve's maximum) or 'level_z' (robust z per vertebral level across
   # the cohort's patients, before the threshold and the patient maximum; evaluation/scoring.py).
   config.evaluation.segment_norm = "none"
+
+  # Validation while training (train/validation.py): held-out NORMAL slices scored every
+  # `every_steps` global steps and at each stage end (masked loss; SSIM, PSNR and correlation of
+  # the MC mean reconstruction on normal cord), into metrics.jsonl and the curves figure.
+  # Slices: `data_dir` (a cohort of normal slices) or else `num_subjects` public subjects held
+  # out of pretraining, chosen by the seed (`subjects` records them; set it to choose them).
+  config.validation = ml_collections.ConfigDict()
+  config.validation.every_steps = 0     # 0 = off
+  config.validation.data_dir = ""
+  config.validation.num_subjects = 2
+  config.validation.subjects = ()
+  config.validation.max_slices = 16
+  config.validation.num_samples = 2     # K of the MC mean reconstruction
+  config.validation.figures = False     # also write validation/step_XXXXXXX.png
 
   config.parallel = "pmap"              # 'pmap' (default) | 'shard_map'
   config.checkpoint = ml_collections.ConfigDict()

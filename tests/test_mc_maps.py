@@ -19,9 +19,11 @@ from u2ad_jax import config_lib
 from u2ad_jax import mc_maps
 from u2ad_jax import patches
 from u2ad_jax import uncertainty
+from u2ad_jax.data import sliceset
 from u2ad_jax.train import maps as maps_lib
 from u2ad_jax.train import settings as settings_lib
 from u2ad_jax.train import state as state_lib
+
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "base.py"
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -130,11 +132,11 @@ def test_roi_ordering_and_short_encoder_keep_the_maps(setup):
       length_multiple=1, outputs=("eu", "mean", "au", "patch_eu")))
   chunks = list(mc.local_chunks(params, key, slices.images, slices.train_roi))
   order = np.concatenate([ids for ids, _ in chunks])
-  sizes = mc_maps.roi_patch_counts(slices.train_roi, config.data.patch_size)
+  sizes = sliceset.roi_patch_count(slices.train_roi, config.data.patch_size)
   # Largest ROIs first, not index order; every slice once; encoders shorter than N.
   assert sorted(order.tolist()) == list(range(7)) and order.tolist() != list(range(7))
   assert (np.diff(sizes[order]) <= 0).all()
-  assert max(mc._mc) < model.num_patches and len(mc._mc) > 1
+  assert max(keep for keep, _ in mc._mc) < model.num_patches and len(mc._mc) > 1
   ref = _direct(config, model, params, key, slices)
   for ids, maps in chunks:
     for name in ("eu", "mean"):

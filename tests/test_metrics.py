@@ -6,8 +6,10 @@ import math
 import numpy as np
 import pytest
 
+from u2ad_jax import recon_quality
 from u2ad_jax.evaluation import metric_registry
 from u2ad_jax.evaluation import metrics
+
 
 
 def test_binary_metrics_hand_case():
@@ -100,23 +102,23 @@ def test_dice_and_best_dice():
 def test_ssim_properties():
   rng = np.random.default_rng(1)
   img = rng.random((48, 40))
-  assert metrics.ssim(img, img) == pytest.approx(1.0, abs=1e-12)
-  assert metrics.ssim(img, img, window=7) == pytest.approx(1.0, abs=1e-12)
+  assert recon_quality.ssim(img, img) == pytest.approx(1.0, abs=1e-12)
+  assert recon_quality.ssim(img, img, window=7) == pytest.approx(1.0, abs=1e-12)
   noisy = np.clip(img + rng.normal(0, 0.2, img.shape), 0, 1)
-  s = metrics.ssim(img, noisy)
+  s = recon_quality.ssim(img, noisy)
   assert 0 < s < 0.95
-  assert metrics.ssim(noisy, img) == pytest.approx(s)
+  assert recon_quality.ssim(noisy, img) == pytest.approx(s)
   # Restricted to a mask: the damage is only inside the left half.
   half = img.copy()
   half[:, :20] = noisy[:, :20]
   mask = np.zeros(img.shape, bool)
   mask[:, 30:] = True
-  assert metrics.ssim(img, half, mask) == pytest.approx(1.0, abs=1e-9)
-  assert metrics.ssim(img, half, ~mask) < 0.95
+  assert recon_quality.ssim(img, half, mask) == pytest.approx(1.0, abs=1e-9)
+  assert recon_quality.ssim(img, half, ~mask) < 0.95
   # A constant brightness shift of a constant image: luminance term only.
   a, b = np.full((20, 20), 0.5), np.full((20, 20), 0.6)
   c1 = 0.01**2
-  assert metrics.ssim(a, b) == pytest.approx((2 * 0.5 * 0.6 + c1) / (0.25 + 0.36 + c1))
+  assert recon_quality.ssim(a, b) == pytest.approx((2 * 0.5 * 0.6 + c1) / (0.25 + 0.36 + c1))
 
 
 def test_metric_registry_levels_and_order():
@@ -170,3 +172,28 @@ def test_a_metric_in_its_own_module_is_one_registration_line(tmp_path, monkeypat
   assert got["balanced_accuracy"] == 0.5
   assert got["f1"] == 0.5  # the built-in metrics are still there
   assert "balanced_accuracy" not in metric_registry.level_metrics("pixel", scores, truth)
+
+
+def test_normal_cord_quality_sees_a_flat_band():
+  rng = np.random.default_rng(0)
+  images = rng.uniform(0.1, 0.9, size=(3, 32, 32))
+  roi = np.zeros((3, 32, 32), bool)
+  roi[:, 4:28, 12:20] = True
+  labels = np.zeros((3, 32, 32), np.uint8)
+  labels[2] = 6  # slice 2 is all lesion: no normal cord, not counted
+  perfect = recon_quality.normal_cord_quality(images, images, roi, labels)
+  assert perfect["ssim"] == pytest.approx(1.0) and perfect["corr"] == pytest.approx(1.0)
+  assert perfect["psnr"] == pytest.approx(120.0) and perfect["num_slices"] == 2
+  # The flat band: the ROI's mean level everywhere. Correlation 0, PSNR = the ROI variance's.
+  flat = np.where(roi, images[roi].mean(), images)
+  band = recon_quality.normal_cord_quality(images, flat, roi)
+  assert band["corr"] == 0.0 and band["ssim"] < 0.5 and band["num_slices"] == 3
+  expected = np.mean([10 * np.log10(1 / np.mean((im[r] - images[roi].mean()) ** 2))
+                      for im, r in zip(images, roi)])
+  assert band["psnr"] == pytest.approx(expected)
+  # Half the error everywhere: + 6.02 dB.
+  half = images + 0.5 * (flat - images)
+  assert recon_quality.normal_cord_quality(images, half, roi)["psnr"] == pytest.approx(
+      expected + 20 * np.log10(2), abs=1e-6)
+  empty = recon_quality.normal_cord_quality(images, images, np.zeros_like(roi))
+  assert math.isnan(empty["ssim"]) and empty["num_slices"] == 0

@@ -10,6 +10,13 @@ patches first (in ascending patch order) and pads to `L` with masked patches fla
 `keep_valid = False`; the encoder excludes padded tokens from attention, so a padded plan gives
 the same result as feeding only the visible tokens. `L = N` is always valid; a smaller `L`
 (see `encoder_length`) saves compute when every image is known to mask at least `N - L` patches.
+
+Context band (optional, `make_plan(..., active=...)`): the model then processes only the ACTIVE
+patches (`context_band`: the ROI patches and their neighbours within a few patches), in the
+encoder (the visible active ones) and in the decoder (all active ones, padded to a static `M`
+with `active_valid = False`). The loss and the uncertainty only ever read masked ROI patches, and
+every masked patch is active, so the band changes what the model may look at (a neighbourhood of
+the spinal canal instead of the whole neck) and what it costs, not what it is scored on.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class MaskPlan(NamedTuple):
@@ -29,10 +37,15 @@ class MaskPlan(NamedTuple):
     ids_keep: `[B, L]` int32 patch indices fed to the encoder, visible ones first (ascending),
       then padding.
     keep_valid: `[B, L]` bool, False for padding slots (masked patches beyond the visible count).
+    ids_active: `[B, M]` int32 patch indices the decoder processes, active ones first
+      (ascending), then padding; None = every patch (M = N, no padding).
+    active_valid: `[B, M]` bool, False for padding slots; None with `ids_active`.
   """
   mask: jnp.ndarray
   ids_keep: jnp.ndarray
   keep_valid: jnp.ndarray
+  ids_active: jnp.ndarray | None = None
+  active_valid: jnp.ndarray | None = None
 
 
 def masked_count(num_roi: jnp.ndarray, ratio: float) -> jnp.ndarray:
@@ -52,26 +65,106 @@ def encoder_length(num_patches: int, ratio: float, min_roi_patches: int) -> int:
 
 
 def _make_plan_single(mask: jnp.ndarray, num_keep: int) -> MaskPlan:
-  n = mask.shape[0]
   # Stable sort puts visible patches first in ascending index order, masked after.
   order = jnp.argsort(mask.astype(jnp.int32), stable=True).astype(jnp.int32)
   ids_keep = order[:num_keep]
   keep_valid = ~mask[ids_keep]
-  del n
   return MaskPlan(mask=mask, ids_keep=ids_keep, keep_valid=keep_valid)
 
 
-def make_plan(mask: jnp.ndarray, num_keep: int | None = None) -> MaskPlan:
+def _first_true(flags: jnp.ndarray, length: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """`[N]` bool -> (`[length]` int32 indices of the True entries first, ascending, then the
+  others; `[length]` bool: which slots hold a True entry)."""
+  order = jnp.argsort(~flags, stable=True).astype(jnp.int32)[:length]
+  return order, flags[order]
+
+
+def _make_band_plan_single(mask: jnp.ndarray, active: jnp.ndarray, num_keep: int,
+                           num_active: int) -> MaskPlan:
+  ids_keep, keep_valid = _first_true(active & ~mask, num_keep)
+  ids_active, active_valid = _first_true(active, num_active)
+  return MaskPlan(mask=mask, ids_keep=ids_keep, keep_valid=keep_valid, ids_active=ids_active,
+                  active_valid=active_valid)
+
+
+def make_plan(mask: jnp.ndarray, num_keep: int | None = None, *,
+              active: jnp.ndarray | None = None, num_active: int | None = None) -> MaskPlan:
   """`mask [B, N]` bool -> MaskPlan with static encoder length `num_keep` (default N).
 
-  The caller guarantees that every image has at most `num_keep` visible patches (true for
-  `num_keep = N`, and for `encoder_length(...)` when the slice filter enforces its minimum ROI).
+  Without `active`, the encoder sees every visible patch and the decoder every patch. The caller
+  guarantees that every image has at most `num_keep` visible patches (true for `num_keep = N`,
+  and for `encoder_length(...)` when the slice filter enforces its minimum ROI).
+
+  With `active` (`[B, N]` bool, e.g. `context_band(...)`), only active patches enter the model:
+  the encoder gets the visible active ones (`num_keep` slots, default `num_active`) and the
+  decoder the active ones (`num_active` slots, default N). Every masked patch must be active,
+  and every image must have at most `num_active` active and `num_keep` visible active patches
+  (`band_lengths` computes such lengths on the host); entries beyond a slot count are dropped.
   """
   n = mask.shape[-1]
-  num_keep = n if num_keep is None else int(num_keep)
-  if not 0 < num_keep <= n:
-    raise ValueError(f"num_keep must be in [1, {n}], got {num_keep}")
-  return jax.vmap(lambda m: _make_plan_single(m, num_keep))(mask)
+  if active is None:
+    if num_active is not None:
+      raise ValueError("num_active needs an active patch set")
+    num_keep = n if num_keep is None else int(num_keep)
+    if not 0 < num_keep <= n:
+      raise ValueError(f"num_keep must be in [1, {n}], got {num_keep}")
+    return jax.vmap(lambda m: _make_plan_single(m, num_keep))(mask)
+  if active.shape != mask.shape:
+    raise ValueError(f"active {active.shape} and mask {mask.shape} must have one shape")
+  num_active = n if num_active is None else int(num_active)
+  num_keep = num_active if num_keep is None else int(num_keep)
+  if not 0 < num_active <= n or not 0 < num_keep <= num_active:
+    raise ValueError(f"need 0 < num_keep ({num_keep}) <= num_active ({num_active}) <= {n}")
+  return jax.vmap(lambda m, a: _make_band_plan_single(m, a, num_keep, num_active))(
+      mask, active.astype(bool))
+
+
+def context_band(roi_patches: jnp.ndarray, grid: tuple[int, int], radius: int) -> jnp.ndarray:
+  """`[B, N]` ROI patches -> `[B, N]` bool: the patches within `radius` patches (a square of
+  side `2 * radius + 1`) of an ROI patch, the ROI included. The model's field of view with a
+  context band; an image without ROI patches has an empty band."""
+  if int(radius) < 0:
+    raise ValueError(f"context radius must be >= 0, got {radius}")
+  b = roi_patches.shape[0]
+  gh, gw = grid
+  side = 2 * int(radius) + 1
+  grid_mask = roi_patches.reshape(b, gh, gw).astype(jnp.float32)
+  near = jax.lax.reduce_window(grid_mask, 0.0, jax.lax.max, (1, side, side), (1, 1, 1), "SAME")
+  return near.reshape(b, gh * gw) > 0
+
+
+def round_up(value: int, multiple: int, cap: int) -> int:
+  """`value` rounded up to a multiple of `multiple`, at most `cap` (and at least 1)."""
+  return int(min(cap, max(1, -(-int(value) // int(multiple)) * int(multiple))))
+
+
+def band_lengths(roi_patches: np.ndarray, grid: tuple[int, int], radius: int, ratio: float, *,
+                 exact_count: bool, multiple: int = 8) -> tuple[int, int]:
+  """Host side: static `(num_keep, num_active)` for the band plans of these images.
+
+  Args:
+    roi_patches: `[S, N]` bool ROI patches of every image the plans will be made for (a whole
+      cohort for the train step, one chunk for the MC maps).
+    grid: the patch grid.
+    radius: context radius in patches (`context_band`).
+    ratio: masking ratio r.
+    exact_count: True when every image masks exactly `masked_count(n_roi, ratio)` patches
+      (random masking, MC passes): the encoder then needs only `max(active - masked)` slots.
+      False (guided masking, where AU exclusion can mask fewer): `num_keep = num_active`.
+    multiple: rounding of both lengths, so that similar sets share one compilation.
+  """
+  roi_patches = np.asarray(roi_patches, bool)
+  n = roi_patches.shape[-1]
+  active = np.asarray(context_band(jnp.asarray(roi_patches), grid, radius))
+  active_count = active.sum(-1)
+  num_active = round_up(active_count.max(initial=1), multiple, n)
+  if not exact_count:
+    return num_active, num_active
+  masked = np.floor(ratio * roi_patches.sum(-1) + 0.5).astype(np.int64)
+  # One patch of slack: `masked_count` runs in float32 on the device and may round a .5 case
+  # the other way.
+  visible = active_count - np.maximum(masked - 1, 0)
+  return round_up(visible.max(initial=1), multiple, num_active), num_active
 
 
 # ----------------------------------------------------------------------------------------------

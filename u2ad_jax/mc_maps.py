@@ -38,13 +38,18 @@ from typing import Any, Callable, Iterator, Sequence
 import jax
 import numpy as np
 
+from u2ad_jax import masking
+from u2ad_jax import parallel
 from u2ad_jax import patches
 from u2ad_jax import uncertainty
-from u2ad_jax import parallel
+from u2ad_jax.data import sliceset
+
 
 # What a device may return per slice: the `mc_uncertainty` maps `[H, W]` and the EU summed per
 # patch `[N]` (`patches.patch_sum`; the training guidance needs only that).
 OUTPUTS = ("eu", "mean", "au", "patch_eu")
+# Rounding of a context band's token counts (a band holds tens of tokens, not hundreds).
+BAND_LENGTH_MULTIPLE = 16
 
 
 def slice_keys(key: jax.Array, slice_ids: jax.Array) -> jax.Array:
@@ -54,14 +59,6 @@ def slice_keys(key: jax.Array, slice_ids: jax.Array) -> jax.Array:
   gives its image (`mc_masks` splits the call's key into one key per image).
   """
   return jax.vmap(lambda s: jax.random.split(jax.random.fold_in(key, s), 1)[0])(slice_ids)
-
-
-def roi_patch_counts(train_roi: np.ndarray, patch_size: int) -> np.ndarray:
-  """`[S, H, W]` bool -> `[S]` int: ROI patches per slice (host side, as `patches.patch_any`)."""
-  s, h, w = train_roi.shape
-  blocks = np.asarray(train_roi, bool).reshape(s, h // patch_size, patch_size,
-                                               w // patch_size, patch_size)
-  return blocks.any(axis=(2, 4)).reshape(s, -1).sum(axis=1)
 
 
 class MonteCarloMaps:
@@ -81,13 +78,17 @@ class MonteCarloMaps:
     outputs: which of OUTPUTS the devices return (others are never read back).
     length_multiple: rounding of the encoder length (`mc_encoder_length`); fewer distinct
       lengths compile fewer functions.
+    context_patches: None = the model sees every patch; r = the context band of radius r
+      around the ROI (`masking.context_band`), as the model was trained. The band's lengths are
+      rounded to multiples of `BAND_LENGTH_MULTIPLE`.
   """
 
   def __init__(self, apply_fn: uncertainty.ApplyFn, *, patch_size: int, ratio: float,
                num_samples: int, pass_chunk: int | None = None, min_roi: int = 1,
                slices_per_device: int = 1, mode: str = "shard_map",
                devices: Sequence[jax.Device] | None = None,
-               outputs: Sequence[str] = ("eu", "mean", "au"), length_multiple: int = 64):
+               outputs: Sequence[str] = ("eu", "mean", "au"), length_multiple: int = 64,
+               context_patches: int | None = None):
     unknown = [name for name in outputs if name not in OUTPUTS]
     if unknown or not outputs:
       raise ValueError(f"outputs must be a non-empty subset of {OUTPUTS}, got {tuple(outputs)}")
@@ -104,7 +105,8 @@ class MonteCarloMaps:
     self.devices = tuple(jax.devices() if devices is None else devices)
     self.outputs = tuple(outputs)
     self.length_multiple = int(length_multiple)
-    self._mc = {}  # encoder length -> DataParallel
+    self.context_patches = None if context_patches is None else int(context_patches)
+    self._mc = {}  # (encoder length, decoder length or None) -> DataParallel
     # Gathers this process's rows of small per-slice arrays to every process (`exchange`).
     self._gather = parallel.DataParallel(
         lambda ids, arrays: (parallel.gather_rows(ids), jax.tree.map(parallel.gather_rows, arrays)),
@@ -119,25 +121,39 @@ class MonteCarloMaps:
     return self.num_devices * self.per_device
 
   def _body(self, params: Any, key: jax.Array, images: jax.Array, train_roi: jax.Array,
-            slice_ids: jax.Array, *, num_keep: int) -> tuple[jax.Array, ...]:
+            slice_ids: jax.Array, *, lengths: tuple[int, int | None]) -> tuple[jax.Array, ...]:
     """Per device: `c` slices `[c, H, W, 1]` -> its outputs `[c, ...]` and the ids `[c]`."""
+    num_keep, num_active = lengths
     out = uncertainty.mc_uncertainty(
         self.apply_fn, params, None, images, train_roi, patch_size=self.patch_size,
         ratio=self.ratio, num_samples=self.num_samples, num_keep=num_keep,
         pass_chunk=self.pass_chunk, min_roi=self.min_roi,
-        image_keys=slice_keys(key, slice_ids))
+        image_keys=slice_keys(key, slice_ids), context_patches=self.context_patches,
+        num_active=num_active)
     if "patch_eu" in self.outputs:
       out["patch_eu"] = patches.patch_sum(out["eu"], self.patch_size)
     return tuple(out[name] for name in self.outputs) + (slice_ids,)
 
-  def _wrapped(self, num_keep: int) -> parallel.DataParallel:
-    if num_keep not in self._mc:
+  def _lengths(self, train_roi: np.ndarray) -> tuple[int, int | None]:
+    """Static (encoder, decoder) lengths for the slices of one chunk `[c, H, W]`; decoder None
+    without a context band (every patch is decoded)."""
+    if self.context_patches is None:
+      return uncertainty.mc_encoder_length(train_roi, self.patch_size, self.ratio,
+                                           multiple=self.length_multiple), None
+    h, w = train_roi.shape[1:]
+    return masking.band_lengths(
+        sliceset.roi_patch_mask(train_roi, self.patch_size), (h // self.patch_size,
+                                                              w // self.patch_size),
+        self.context_patches, self.ratio, exact_count=True, multiple=BAND_LENGTH_MULTIPLE)
+
+  def _wrapped(self, lengths: tuple[int, int | None]) -> parallel.DataParallel:
+    if lengths not in self._mc:
       def body(params, key, images, train_roi, slice_ids):
-        return self._body(params, key, images, train_roi, slice_ids, num_keep=num_keep)
-      self._mc[num_keep] = parallel.DataParallel(
+        return self._body(params, key, images, train_roi, slice_ids, lengths=lengths)
+      self._mc[lengths] = parallel.DataParallel(
           body, self.mode, num_args=5, sharded=(2, 3, 4), devices=list(self.devices),
           sharded_outputs=True)
-    return self._mc[num_keep]
+    return self._mc[lengths]
 
   def local_chunks(self, params: Any, key: jax.Array, images: np.ndarray, train_roi: np.ndarray,
                    slice_ids: np.ndarray | None = None
@@ -171,7 +187,7 @@ class MonteCarloMaps:
     chunk = self.chunk
     # Largest ROIs first; the last chunk is padded with its last (smallest-ROI) slice, whose
     # extra rows are dropped, so shapes stay fixed and padding never lengthens the encoder.
-    order = np.argsort(-roi_patch_counts(train_roi, self.patch_size), kind="stable")
+    order = np.argsort(-sliceset.roi_patch_count(train_roi, self.patch_size), kind="stable")
     positions = np.concatenate([order, np.full(-num % chunk, order[-1])])
     # This process's rows of a chunk: each local device's mesh-slot block, in turn.
     local = (self.local_positions[:, None] * self.per_device
@@ -181,8 +197,7 @@ class MonteCarloMaps:
     pending = None
     for start in range(0, positions.size, chunk):
       rows = positions[start:start + chunk]
-      fn = self._wrapped(uncertainty.mc_encoder_length(
-          train_roi[rows], self.patch_size, self.ratio, multiple=self.length_multiple))
+      fn = self._wrapped(self._lengths(train_roi[rows]))
       ids = rows[local]
       sent = key_ids[ids].astype(np.int32)
       result = fn(params, key, images[ids].reshape(shape + images.shape[1:] + (1,)),

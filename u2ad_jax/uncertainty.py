@@ -152,7 +152,8 @@ def mc_uncertainty(apply_fn: ApplyFn, params, key: jax.Array | None, images: jnp
                    train_roi: jnp.ndarray, *, patch_size: int, ratio: float,
                    num_samples: int, num_keep: int | None = None,
                    pass_chunk: int | None = None, min_roi: int = 1,
-                   image_keys: jax.Array | None = None) -> dict[str, jnp.ndarray]:
+                   image_keys: jax.Array | None = None, context_patches: int | None = None,
+                   num_active: int | None = None) -> dict[str, jnp.ndarray]:
   """EU, mean reconstruction and AU maps from P exact-coverage masked reconstructions.
 
   jit-friendly: everything except `params`, `key`, `images`, `train_roi` and `image_keys` must be
@@ -179,6 +180,10 @@ def mc_uncertainty(apply_fn: ApplyFn, params, key: jax.Array | None, images: jnp
     image_keys: optional `[B]` per-image keys instead of splitting `key`: a batch split over
       devices keeps the masks of its one-device run when each device gets its rows of
       `jax.random.split(key, B)`.
+    context_patches: None = the model sees every patch; r = only the context band of radius r
+      around the ROI patches (`masking.context_band`), as the model was trained.
+    num_active: with a band, its static decoder length (`masking.band_lengths`; `num_keep` is
+      then the band's encoder length).
 
   Returns:
     dict with
@@ -200,6 +205,8 @@ def mc_uncertainty(apply_fn: ApplyFn, params, key: jax.Array | None, images: jnp
   if key is None and image_keys is None:
     raise ValueError("mc_uncertainty needs a key or per-image keys")
   masks = mc_masks(key, roi_patches, ratio, passes, image_keys=image_keys)  # [P, B, N]
+  active = (None if context_patches is None
+            else masking.context_band(roi_patches, grid, context_patches))  # [B, N]
 
   def run_passes(pass_masks: jnp.ndarray) -> jnp.ndarray:
     """`[c, B, N]` masks -> `[c, B, H, W]` float32 reconstructions, ONE model call.
@@ -210,7 +217,12 @@ def mc_uncertainty(apply_fn: ApplyFn, params, key: jax.Array | None, images: jnp
     (benchmarks/README.md).
     """
     c = pass_masks.shape[0]
-    plan = masking.make_plan(pass_masks.reshape(c * b, n_patches), num_keep)
+    flat_masks = pass_masks.reshape(c * b, n_patches)
+    if active is None:
+      plan = masking.make_plan(flat_masks, num_keep)
+    else:
+      tiled_active = jnp.broadcast_to(active[None], (c, b, n_patches)).reshape(c * b, n_patches)
+      plan = masking.make_plan(flat_masks, num_keep, active=tiled_active, num_active=num_active)
     tiled = jnp.broadcast_to(images[None], (c,) + images.shape).reshape((c * b, h, w, 1))
     recon, _, _ = apply_fn(params, tiled, plan)
     return recon[..., 0].astype(jnp.float32).reshape(c, b, h, w)

@@ -15,6 +15,7 @@ from scipy import ndimage
 from u2ad_jax import labels as label_defs
 from u2ad_jax.data import slice_geometry
 
+
 # 3x3 cross (4-connectivity) for the ROI dilation / erosion, as in the original release.
 _CROSS = ndimage.generate_binary_structure(2, 1)
 
@@ -140,14 +141,20 @@ def score_roi_from_labels(labels: np.ndarray) -> np.ndarray:
   return np.where(empty, cord, eroded)
 
 
-def roi_patch_count(roi: np.ndarray, patch_size: int) -> np.ndarray:
-  """`[S, H, W]` bool -> `[S]` int: number of patches (row-major grid of `patch_size`) that
-  contain at least one ROI pixel; the same rule as `patches.patch_any`."""
+def roi_patch_mask(roi: np.ndarray, patch_size: int) -> np.ndarray:
+  """`[S, H, W]` bool -> `[S, N]` bool: which patches (row-major grid of `patch_size`) contain at
+  least one ROI pixel; the same rule as `patches.patch_any`, on the host."""
   s, h, w = roi.shape
   if h % patch_size or w % patch_size:
     raise ValueError(f"image size {(h, w)} is not a multiple of patch size {patch_size}")
-  grid = roi.reshape(s, h // patch_size, patch_size, w // patch_size, patch_size)
-  return grid.any(axis=(2, 4)).sum(axis=(1, 2))
+  grid = np.asarray(roi, bool).reshape(s, h // patch_size, patch_size, w // patch_size,
+                                       patch_size)
+  return grid.any(axis=(2, 4)).reshape(s, -1)
+
+
+def roi_patch_count(roi: np.ndarray, patch_size: int) -> np.ndarray:
+  """`[S, H, W]` bool -> `[S]` int: number of ROI patches (`roi_patch_mask`)."""
+  return roi_patch_mask(roi, patch_size).sum(axis=1)
 
 
 def _per_slice(masks: np.ndarray, operation) -> np.ndarray:

@@ -24,12 +24,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from u2ad_jax import labels as label_values
+from u2ad_jax import recon_quality
 from u2ad_jax.data import levels as levels_lib
 from u2ad_jax.evaluation import metric_registry
-from u2ad_jax.evaluation import metrics
 from u2ad_jax.evaluation import postprocess as postprocess_lib
 from u2ad_jax.evaluation import scoring
 from u2ad_jax.evaluation import thresholds
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,17 +137,12 @@ def pixel_metrics(maps: np.ndarray, labels: np.ndarray, score_roi: np.ndarray) -
 
 def reconstruction_ssim(images: np.ndarray, recon: np.ndarray, labels: np.ndarray,
                         score_roi: np.ndarray) -> dict[str, float]:
-  """SSIM of the mean reconstruction on NORMAL cord: scoring ROI minus the lesion label.
-
-  Mean over slices with normal cord (each slice: the SSIM map averaged over its normal cord).
-  """
-  values = []
-  for img, rec, lab, roi in zip(images, recon, labels, score_roi):
-    normal = np.asarray(roi, bool) & (np.asarray(lab) != label_values.LESION)
-    if normal.any():
-      values.append(metrics.ssim(np.clip(img, 0, 1), np.clip(rec, 0, 1), normal))
-  return {"ssim_normal_cord": float(np.mean(values)) if values else math.nan,
-          "num_slices": float(len(values))}
+  """Quality of the mean reconstruction on NORMAL cord (scoring ROI minus the lesion label):
+  SSIM, PSNR and correlation, means over the slices with normal cord
+  (`recon_quality.normal_cord_quality`)."""
+  quality = recon_quality.normal_cord_quality(images, recon, score_roi, labels)
+  return {"ssim_normal_cord": quality["ssim"], "psnr_normal_cord": quality["psnr"],
+          "corr_normal_cord": quality["corr"], "num_slices": quality["num_slices"]}
 
 
 def compute_metrics(result_scores: Sequence[scoring.SubjectScores],

@@ -1,4 +1,5 @@
-"""Detection and reconstruction metrics (pure NumPy, no labels leave this module).
+"""Detection metrics (pure NumPy, no labels leave this module); reconstruction quality (SSIM,
+PSNR, correlation) is `u2ad_jax.recon_quality`.
 
 Conventions:
 - `scores` are real-valued, higher = more anomalous; `truth` is boolean (True = positive).
@@ -17,7 +18,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage
 from scipy import stats
 
 
@@ -144,60 +144,6 @@ def best_dice(scores: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
   dices = 2.0 * tp / (predicted + num_pos)
   best = int(np.argmax(dices))
   return float(dices[best]), float(thresholds[best])
-
-
-def _gaussian_window(size: int, sigma: float) -> np.ndarray:
-  if size < 3 or size % 2 == 0:
-    raise ValueError(f"SSIM window size must be odd and >= 3, got {size}")
-  x = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
-  w = np.exp(-0.5 * (x / sigma)**2)
-  return w / w.sum()
-
-
-def ssim_map(a: np.ndarray, b: np.ndarray, *, window: int = 11, sigma: float = 1.5,
-             data_range: float = 1.0, k1: float = 0.01, k2: float = 0.03) -> np.ndarray:
-  """Per-pixel SSIM (Wang et al. 2004) of two `[H, W]` images with a Gaussian window.
-
-  Local statistics use the normalised Gaussian window (population moments, as in the paper);
-  borders are reflected so the map keeps the image's shape.
-  """
-  a = np.asarray(a, dtype=np.float64)
-  b = np.asarray(b, dtype=np.float64)
-  if a.shape != b.shape or a.ndim != 2:
-    raise ValueError(f"SSIM needs two [H, W] images of one shape, got {a.shape} and {b.shape}")
-  w = _gaussian_window(window, sigma)
-
-  def blur(x):
-    return ndimage.correlate1d(ndimage.correlate1d(x, w, axis=0, mode="reflect"), w, axis=1,
-                               mode="reflect")
-
-  c1 = (k1 * data_range)**2
-  c2 = (k2 * data_range)**2
-  mu_a, mu_b = blur(a), blur(b)
-  var_a = blur(a * a) - mu_a * mu_a
-  var_b = blur(b * b) - mu_b * mu_b
-  cov = blur(a * b) - mu_a * mu_b
-  num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
-  den = (mu_a * mu_a + mu_b * mu_b + c1) * (var_a + var_b + c2)
-  return num / den
-
-
-def ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, **kwargs) -> float:
-  """Mean SSIM of `[H, W]` images in [0, 1], over `mask` (bool [H, W]) when given.
-
-  The window still sees the pixels around the mask (the map is computed on the whole image),
-  so the value describes the reconstruction of the masked structure in its context. NaN for an
-  empty mask.
-  """
-  m = ssim_map(a, b, **kwargs)
-  if mask is None:
-    return float(m.mean())
-  mask = np.asarray(mask).astype(bool)
-  if mask.shape != m.shape:
-    raise ValueError(f"mask {mask.shape} does not match the images {m.shape}")
-  if not mask.any():
-    return math.nan
-  return float(m[mask].mean())
 
 
 def ranking_metrics(scores: np.ndarray, truth: np.ndarray) -> dict[str, float]:

@@ -11,9 +11,12 @@ Data flow for images `[B, H, W, 1]`, patch p, N = (H/p)(W/p) patches, plan lengt
      padded plan computes exactly what the unpadded visible tokens would; final LayerNorm.
   3. Decoder: Dense to D_dec; each patch takes its encoder token when visible (`~plan.mask`) and
      the learned mask token when masked; decoder sin-cos position embedding; transformer blocks
-     over `[B, 1 + N, D_dec]` (cls kept as in MAE).
+     over `[B, 1 + N, D_dec]` (cls kept as in MAE). With a context band (`plan.ids_active`,
+     `masking.context_band`) only the plan's `M` active patches are decoded (`[B, 1 + M, D_dec]`,
+     padding slots excluded as keys like the encoder's).
   4. Two heads on the decoder tokens (cls dropped): LayerNorm -> Dense(p*p) -> sigmoid, one for
-     the image and one for its Sobel edge map; unpatchified to `[B, H, W, 1]`.
+     the image and one for its Sobel edge map; unpatchified to `[B, H, W, 1]`. Patches outside
+     a context band are not predicted: both outputs are 0 there.
 
 Decision: no shared LayerNorm between the decoder blocks and the heads. Each head starts with
 its own LayerNorm (as in the original release), so a shared one would only re-normalise twice.
@@ -38,6 +41,7 @@ import jax.numpy as jnp
 from u2ad_jax import patches as patch_lib
 from u2ad_jax.masking import MaskPlan
 from u2ad_jax.models import layers
+
 
 # Sizes in one place. "mu": unit tests. "cpu": demo size, 128 px / 256 tokens (configs/cpu.py runs
 # it at 256 px with 16-px patches: the same 256 tokens), 0.57 M params, 1.2 GFLOP per training
@@ -125,9 +129,11 @@ class MaskedAutoencoderViT(nn.Module):
 
     Returns:
       recon `[B, H, W, 1]` and edge `[B, H, W, 1]`, float32 in (0, 1), predicted for EVERY
-      patch (the loss and the uncertainty use the masked ones); aux with
+      patch, or for every active patch of a band plan (0 elsewhere; the loss and the uncertainty
+      use the masked ones, which are always active); aux with
       'encoded' `[B, 1 + L, D_enc]` (encoder output after its LayerNorm, cls first) and
-      'decoded' `[B, N, D_dec]` (decoder output without cls).
+      'decoded' `[B, N, D_dec]` (decoder output without cls; `[B, M, D_dec]`, in the order of
+      `plan.ids_active`, for a band plan).
     """
     b, h, w, c = images.shape
     if (h, w) != (self.image_size, self.image_size) or c != 1:
@@ -175,17 +181,33 @@ class MaskedAutoencoderViT(nn.Module):
                              patch_tokens)
     dec_pos = jnp.asarray(layers.sincos_2d(self.decoder_width, self.grid))
     patch_tokens = patch_tokens + dec_pos.astype(patch_tokens.dtype)
-    x = jnp.concatenate([cls_dec, patch_tokens], axis=1)  # [B, 1+N, D_dec]
-    x = self._stack(self.decoder_depth, self.decoder_heads, "decoder")(x, None)
-    decoded = x[:, 1:]  # [B, N, D_dec]
+    dec_valid = None
+    if plan.ids_active is not None:  # context band: decode the active patches only
+      patch_tokens = jnp.take_along_axis(
+          patch_tokens, plan.ids_active.astype(jnp.int32)[..., None], axis=1)  # [B, M, D]
+      dec_valid = jnp.concatenate([jnp.ones((b, 1), bool), plan.active_valid], axis=1)
+    x = jnp.concatenate([cls_dec, patch_tokens], axis=1)  # [B, 1+N or 1+M, D_dec]
+    x = self._stack(self.decoder_depth, self.decoder_heads, "decoder")(x, dec_valid)
+    decoded = x[:, 1:]  # [B, N or M, D_dec]
 
     p2 = self.patch_size * self.patch_size
     recon = ImageHead(p2, self.dtype, name="image_head")(decoded)
     edge = ImageHead(p2, self.dtype, name="edge_head")(decoded)
+    if plan.ids_active is not None:
+      recon, edge = (_scatter_patches(y, plan.ids_active, plan.active_valid, n)
+                     for y in (recon, edge))
     recon = patch_lib.unpatchify(recon, self.patch_size, self.grid)
     edge = patch_lib.unpatchify(edge, self.patch_size, self.grid)
     aux = {"encoded": encoded, "decoded": decoded}
     return recon, edge, aux
+
+
+def _scatter_patches(values: jnp.ndarray, ids: jnp.ndarray, valid: jnp.ndarray,
+                     num_patches: int) -> jnp.ndarray:
+  """`[B, M, P]` values of patches `ids [B, M]` -> `[B, N, P]`, 0 where no valid slot writes."""
+  target = jnp.where(valid, ids.astype(jnp.int32), num_patches)  # out of range -> dropped
+  return jax.vmap(lambda v, t: jnp.zeros((num_patches,) + v.shape[1:], v.dtype).at[t].set(
+      v, mode="drop"))(values, target)
 
 
 def convert_block_layout(params: dict, scanned: bool) -> dict:

@@ -30,12 +30,13 @@ import numpy as np
 from u2ad_jax import anomaly
 from u2ad_jax import candidates
 from u2ad_jax import mc_maps
+from u2ad_jax.train import settings as settings_lib
 
 
 @functools.lru_cache(maxsize=8)
 def _cached_maps(model, patch_size: int, ratio: float, num_samples: int, pass_chunk: int | None,
                  min_roi: int, slices_per_device: int, mode: str,
-                 devices: tuple) -> mc_maps.MonteCarloMaps:
+                 devices: tuple, context_patches: int | None) -> mc_maps.MonteCarloMaps:
   # Cached on hashable settings: the refreshes of a run (and repeated runs in one process)
   # compile the maps once per encoder length.
   def apply_fn(params, images, plan):
@@ -43,7 +44,7 @@ def _cached_maps(model, patch_size: int, ratio: float, num_samples: int, pass_ch
   return mc_maps.MonteCarloMaps(
       apply_fn, patch_size=patch_size, ratio=ratio, num_samples=num_samples,
       pass_chunk=pass_chunk, min_roi=min_roi, slices_per_device=slices_per_device, mode=mode,
-      devices=devices, outputs=("patch_eu", "mean"))
+      devices=devices, outputs=("patch_eu", "mean"), context_patches=context_patches)
 
 
 class MapGenerator:
@@ -75,7 +76,7 @@ class MapGenerator:
     self.maps = _cached_maps(
         model, self.patch_size, float(config.masking.ratio), int(u.num_samples), pass_chunk,
         max(1, int(config.data.min_roi_patches)), max(1, int(u.slices_per_device)), mode,
-        devices)
+        devices, settings_lib.context_patches(config))
 
   def __call__(self, params: Any, key: jax.Array, slice_set: Any) -> dict[str, np.ndarray]:
     """Maps of every slice of `slice_set` (a sliceset.SliceSet).

@@ -7,7 +7,8 @@ from the checkpoint of step s, the records that the resumed run writes again are
 checkpoint of s), so the log reads as one uninterrupted run.
 
 `workdir/train_curves.png`: loss terms, gradient norm and learning rate against the step, with
-stage boundaries, written atomically at the end of every stage.
+stage boundaries, and the validation records (`train/validation.py`: loss, normal-cord SSIM
+and correlation) when there are any; written atomically at the end of every stage.
 
 Both are written by process 0 only. In a URI workdir (`gs://...`, through etils epath) objects
 cannot be appended to: the log is kept in memory and the whole object rewritten per record, and
@@ -95,9 +96,11 @@ class MetricsLog:
     return records
 
 
-def _series(records: Iterable[dict[str, Any]], name: str) -> tuple[np.ndarray, np.ndarray]:
+def _series(records: Iterable[dict[str, Any]], name: str,
+            event: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(steps, values) of `name` in the step records (`event` None) or in one event's records."""
   pairs = [(r["step"], float(r[name])) for r in records
-           if "event" not in r and isinstance(r.get(name), (int, float))]
+           if r.get("event") == event and isinstance(r.get(name), (int, float))]
   if not pairs:
     return np.zeros(0), np.zeros(0)
   steps, values = zip(*pairs)
@@ -110,15 +113,23 @@ def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike) -> None:
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  panels = [("loss", ("loss", "image", "edge"), True), ("gradient norm", ("grad_norm",), True),
-            ("learning rate", ("lr",), True), ("EU weight", ("w_eu",), False)]
+  # (title, [(record name, event or None for the step records, label)], log scale)
+  panels = [("loss", [("loss", None, "loss"), ("image", None, "image"), ("edge", None, "edge"),
+                      ("val_loss", "validation", "validation loss")], True),
+            ("gradient norm", [("grad_norm", None, "grad_norm")], True),
+            ("learning rate", [("lr", None, "lr")], True),
+            ("EU weight", [("w_eu", None, "w_eu")], False)]
+  if any(r.get("event") == "validation" for r in records):
+    panels.append(("validation: normal cord", [("val_ssim", "validation", "SSIM"),
+                                               ("val_corr", "validation", "correlation")], False))
   fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
   boundaries = [(r["step"], r["stage"]) for r in records if r.get("event") == "stage_start"]
   for ax, (title, names, log_scale) in zip(axes, panels):
-    for name in names:
-      steps, values = _series(records, name)
+    for name, event, label in names:
+      steps, values = _series(records, name, event)
       if steps.size:
-        ax.plot(steps, values, label=name, linewidth=1)
+        ax.plot(steps, values, label=label, linewidth=1, marker="o" if event else None,
+                markersize=3)
         if log_scale and np.all(values > 0):
           ax.set_yscale("log")
     for step, stage in boundaries:

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from u2ad_jax import errors
-from u2ad_jax.train import metrics_log
 from u2ad_jax import parallel
+from u2ad_jax.train import metrics_log
 from u2ad_jax.train import progress as progress_lib
 from u2ad_jax.train import workdir as workdir_lib
 

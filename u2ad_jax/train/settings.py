@@ -24,12 +24,14 @@ from u2ad_jax import anomaly
 from u2ad_jax import candidates
 from u2ad_jax import config_lib
 from u2ad_jax import errors
+from u2ad_jax import parallel
 from u2ad_jax import schedules
 from u2ad_jax.models import vit_mae
 from u2ad_jax.stages import STAGES
-from u2ad_jax import parallel
 from u2ad_jax.train import state as state_lib
 from u2ad_jax.train import step as step_lib
+from u2ad_jax.train import validation as validation_lib
+
 
 # Which cohort each stage trains on: the key of config.data holding its directory.
 STAGE_DATA = {"pretrain": "public_dir", "adapt_eu": "clinical_dir", "adapt_eu_au": "clinical_dir"}
@@ -77,6 +79,7 @@ class RunSettings:
     log_every_steps: the progress line's cadence.
     debug_stop_after_steps: stop as if killed after this many global steps (0 = off).
     fingerprint: the model / input identity saved with every checkpoint (`fingerprint`).
+    validation: validation while training (off unless `validation.every_steps` > 0).
   """
   seed: int
   stages: tuple[str, ...]
@@ -91,6 +94,7 @@ class RunSettings:
   log_every_steps: int
   debug_stop_after_steps: int
   fingerprint: str
+  validation: validation_lib.ValidationSettings = validation_lib.ValidationSettings()
 
 
 def resolve(config: Any) -> RunSettings:
@@ -142,7 +146,8 @@ def resolve(config: Any) -> RunSettings:
       schedule=schedule, refresh_epochs=int(config.uncertainty.refresh_epochs),
       log_every_steps=int(config.log_every_steps),
       debug_stop_after_steps=int(config.debug_stop_after_steps),
-      fingerprint=fingerprint(shape_fields(config)))
+      fingerprint=fingerprint(shape_fields(config)),
+      validation=validation_settings(config))
 
 
 def _check_candidates(config: Any) -> None:
@@ -166,6 +171,25 @@ def _check_candidates(config: Any) -> None:
       raise errors.ConfigValueError(f"config.postprocess: {e}") from e
 
 
+def validation_settings(config: Any) -> validation_lib.ValidationSettings:
+  """`config.validation` (absent in configs recorded before it existed: off)."""
+  v = config.get("validation") if hasattr(config, "get") else None
+  if v is None:
+    return validation_lib.ValidationSettings()
+  settings = validation_lib.ValidationSettings(
+      every_steps=int(v.every_steps), data_dir=str(v.data_dir or ""),
+      num_subjects=int(v.num_subjects), subjects=tuple(str(x) for x in (v.subjects or ())),
+      max_slices=int(v.max_slices),
+      num_samples=int(v.num_samples), figures=bool(v.figures))
+  for name in ("every_steps", "num_subjects"):
+    if getattr(settings, name) < 0:
+      raise errors.ConfigValueError(f"config.validation.{name} must be >= 0")
+  for name in ("max_slices", "num_samples"):
+    if getattr(settings, name) < 1:
+      raise errors.ConfigValueError(f"config.validation.{name} must be >= 1")
+  return settings
+
+
 def optimizer_settings(optim: Any) -> state_lib.OptimizerSettings:
   """`config.optim` -> OptimizerSettings (a config recorded before schedule / warmup_epochs /
   restart existed means the step decay, no warmup, restart per stage).
@@ -185,12 +209,26 @@ def optimizer_settings(optim: Any) -> state_lib.OptimizerSettings:
     raise errors.ConfigValueError(f"config.{e}") from e
 
 
+def context_patches(config: Any) -> int | None:
+  """`config.model.context_patches`: None (the whole image; also for configs recorded before
+  the field existed) or the context radius in patches (>= 0)."""
+  value = config.model.get("context_patches") if hasattr(config.model, "get") else None
+  if value is None:
+    return None
+  if isinstance(value, bool) or int(value) != value or int(value) < 0:
+    raise errors.ConfigValueError(
+        f"config.model.context_patches must be None or a count >= 0, got {value!r}")
+  return int(value)
+
+
 def step_settings(config: Any, guided: bool = False) -> step_lib.StepSettings:
-  """The step's static settings of `config` (masking ratio, patch size, loss weights)."""
+  """The step's static settings of `config` (masking ratio, patch size, loss weights, context
+  band; the band's lengths are set per stage from its cohort)."""
   return step_lib.StepSettings(
       patch_size=int(config.data.patch_size), ratio=float(config.masking.ratio),
       image_weight=float(config.loss.image_weight), edge_weight=float(config.loss.edge_weight),
-      structure_weight=bool(config.loss.structure_weight), guided=bool(guided))
+      structure_weight=bool(config.loss.structure_weight), guided=bool(guided),
+      context_patches=context_patches(config))
 
 
 def model_overrides(config: Any) -> dict[str, Any]:

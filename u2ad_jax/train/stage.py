@@ -18,6 +18,7 @@ stage, refresh epoch) (`maps_key`), so a resumed stage repeats exactly what it w
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -25,6 +26,7 @@ import jax
 import numpy as np
 
 from u2ad_jax import errors
+from u2ad_jax import parallel
 from u2ad_jax import schedules
 from u2ad_jax.data import pipeline
 from u2ad_jax.data import sliceset
@@ -32,14 +34,18 @@ from u2ad_jax.stages import STAGES
 from u2ad_jax.train import checkpoint
 from u2ad_jax.train import faults
 from u2ad_jax.train import maps as maps_lib
-from u2ad_jax import parallel
 from u2ad_jax.train import run_log
 from u2ad_jax.train import settings as settings_lib
 from u2ad_jax.train import state as state_lib
 from u2ad_jax.train import step as step_lib
+from u2ad_jax.train import validation as validation_lib
+from u2ad_jax.train import workdir as workdir_lib
+
 
 # fold_in tag of the map keys in the run's root key (the trainer holds the others).
 MAPS_TAG = 2
+# The validation figures' folder in the workdir (`validation.figures`).
+VALIDATION_DIR = "validation"
 
 
 class Stop(Exception):
@@ -59,6 +65,8 @@ class RunContext:
     log: the run's log.
     devices: devices of all processes.
     root_key: `key(seed)`; train_key: its training branch (folded with the step inside).
+    validator: scores held-out normal slices (None: validation off).
+    cpu_start, wall_start: process CPU time and monotonic time when the stages started.
   """
   run: settings_lib.RunSettings
   config: Any
@@ -69,6 +77,9 @@ class RunContext:
   devices: list
   root_key: jax.Array
   train_key: jax.Array
+  validator: validation_lib.Validator | None = None
+  cpu_start: float = dataclasses.field(default_factory=validation_lib.process_cpu_seconds)
+  wall_start: float = dataclasses.field(default_factory=time.monotonic)
 
 
 @dataclasses.dataclass
@@ -81,11 +92,13 @@ class Cursor:
     step: global steps done.
     last_saved: the newest step saved (or restored), None before any.
     maps: the guidance maps in use (`{'patch_eu', 'exclude'}`), or None.
+    last_validated: the step of the last validation, None before any.
   """
   state: state_lib.TrainState | None
   step: int
   last_saved: int | None
   maps: dict[str, np.ndarray] | None
+  last_validated: int | None = None
 
 
 def data_seed(seed: int, stage: str) -> int:
@@ -143,7 +156,7 @@ def run_stage(ctx: RunContext, stage_index: int, cursor: Cursor, start_epoch: in
   if not needs_maps:
     cursor.maps = None
   train_step = step_lib.make_train_step(
-      ctx.model, optimizer, dataclasses.replace(run.step, guided=guided), run.parallel,
+      ctx.model, optimizer, step_lib.cohort_settings(run.step, guided, slices.train_roi), run.parallel,
       ctx.devices)
   generator = (maps_lib.MapGenerator(ctx.model, ctx.config, run.parallel, ctx.devices)
                if needs_maps else None)
@@ -179,6 +192,8 @@ def run_stage(ctx: RunContext, stage_index: int, cursor: Cursor, start_epoch: in
               ctx.ckpts.directory)
       next_position = ((epoch + 1, 0) if batch_index + 1 == steps_per_epoch
                        else (epoch, batch_index + 1))
+      if ctx.validator is not None and cursor.step % run.validation.every_steps == 0:
+        validate(ctx, stage, cursor)  # before a save at this step: a resume never repeats it
       every = run.checkpoint.every_steps
       if every > 0 and cursor.step % every == 0:
         save(ctx, stage, cursor, *next_position)
@@ -187,6 +202,8 @@ def run_stage(ctx: RunContext, stage_index: int, cursor: Cursor, start_epoch: in
         raise Stop()
     start_batch = 0
   log.flush(cursor.last_saved, ctx.ckpts.directory)
+  if ctx.validator is not None and cursor.last_validated != cursor.step:
+    validate(ctx, stage, cursor)
   if cursor.last_saved != cursor.step:
     save(ctx, stage, cursor, epochs, 0)
   try:
@@ -221,6 +238,31 @@ def _feed(batch: dict[str, np.ndarray], maps: dict[str, np.ndarray] | None, guid
       feed["patch_eu"] = np.zeros(batch["index"].shape + (num_patches,), np.float32)
       feed["exclude"] = np.zeros(batch["index"].shape + (num_patches,), bool)
   return feed
+
+
+def validate(ctx: RunContext, stage: str, cursor: Cursor) -> None:
+  """Scores the held-out normal slices with the current parameters and logs the record
+  (`validation.Validator`), with the training time so far, validation excluded."""
+  ctx.log.flush(cursor.last_saved, ctx.ckpts.directory)  # step records stay in order
+  validator = ctx.validator
+  metrics, means = validator(cursor.state.params)
+  train_cpu = (validation_lib.process_cpu_seconds() - ctx.cpu_start
+               - validator.validation_cpu_s)
+  train_wall = time.monotonic() - ctx.wall_start - validator.validation_wall_s
+  ctx.log.event({"event": "validation", "stage": stage, "step": cursor.step, **metrics,
+                 "train_cpu_s": train_cpu, "train_wall_s": train_wall})
+  ctx.log.message(f"validation at step {cursor.step}: loss {metrics['val_loss']:.4g}, normal "
+                  f"cord SSIM {metrics['val_ssim']:.3f}, PSNR {metrics['val_psnr']:.1f} dB, "
+                  f"corr {metrics['val_corr']:.3f} ({metrics['seconds']:.1f} s)")
+  if ctx.run.validation.figures and ctx.log.chief and not workdir_lib.is_uri(ctx.log.workdir):
+    folder = workdir_lib.join(ctx.log.workdir, VALIDATION_DIR)
+    os.makedirs(folder, exist_ok=True)
+    validation_lib.write_figure(
+        os.path.join(folder, f"step_{cursor.step:07d}.png"), validator.slices.images, means,
+        validator.slices.score_roi,
+        f"step {cursor.step} ({stage}): normal-cord SSIM {metrics['val_ssim']:.3f}, "
+        f"corr {metrics['val_corr']:.3f}")
+  cursor.last_validated = cursor.step
 
 
 def save(ctx: RunContext, stage: str, cursor: Cursor, epoch: int, batch: int) -> None:

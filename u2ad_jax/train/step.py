@@ -26,13 +26,16 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from u2ad_jax import losses
 from u2ad_jax import masking
-from u2ad_jax import patches
 from u2ad_jax import parallel
+from u2ad_jax import patches
+from u2ad_jax.data import sliceset
 from u2ad_jax.train import state as state_lib
+
 
 AXIS = parallel.AXIS
 
@@ -47,6 +50,10 @@ class StepSettings:
     image_weight, edge_weight, structure_weight: loss settings (`config.loss`).
     guided: False = random ROI masking (pretraining); True = `masking.guided_mask` with the
       batch's per-patch EU and AU-candidate exclusion, weighted by the step's `guidance`.
+    context_patches: None = the model sees the whole image (the paper); r >= 0 = only the
+      ROI patches and their neighbours within r patches (`masking.context_band`).
+    num_keep, num_active: the band plan's static encoder / decoder lengths
+      (`masking.band_lengths` of the stage's cohort); None without a band.
   """
   patch_size: int
   ratio: float
@@ -54,6 +61,9 @@ class StepSettings:
   edge_weight: float = 1.0
   structure_weight: bool = True
   guided: bool = False
+  context_patches: int | None = None
+  num_keep: int | None = None
+  num_active: int | None = None
 
 
 def guidance_arrays(w_eu: float = 0.0, tau: float = 1.0,
@@ -90,6 +100,34 @@ def draw_masks(key: jax.Array, batch: dict[str, jax.Array], guidance: dict[str, 
   return jax.vmap(one_guided)(keys, roi_patches, batch["patch_eu"], exclude)
 
 
+def cohort_settings(step: StepSettings, guided: bool, train_roi: np.ndarray) -> StepSettings:
+  """The step settings for training on slices with train ROIs `[S, H, W]`: the masking policy,
+  and with a context band the static lengths that fit every slice (one compilation for them)."""
+  step = dataclasses.replace(step, guided=guided)
+  if step.context_patches is None:
+    return step
+  roi_patches = sliceset.roi_patch_mask(train_roi, step.patch_size)
+  grid = patches.grid_shape(train_roi.shape[1:], step.patch_size)
+  # Guided masking may mask fewer than the exact count (AU exclusion): the encoder then keeps
+  # every active slot.
+  num_keep, num_active = masking.band_lengths(roi_patches, grid, step.context_patches,
+                                              step.ratio, exact_count=not guided)
+  return dataclasses.replace(step, num_keep=num_keep, num_active=num_active)
+
+
+def make_step_plan(mask: jax.Array, train_roi: jax.Array, settings: StepSettings
+                   ) -> masking.MaskPlan:
+  """The model's plan for masks `[b, N]` of images with train ROIs `[b, H, W]`: every patch, or
+  the context band around the ROI (`settings.context_patches`) at the static lengths."""
+  if settings.context_patches is None:
+    return masking.make_plan(mask)
+  grid = patches.grid_shape(train_roi.shape[1:], settings.patch_size)
+  active = masking.context_band(patches.patch_any(train_roi, settings.patch_size), grid,
+                                settings.context_patches)
+  return masking.make_plan(mask, settings.num_keep, active=active,
+                           num_active=settings.num_active)
+
+
 def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], key: jax.Array,
                guidance: dict[str, jax.Array], *, apply_fn: Callable[..., Any],
                optimizer: optax.GradientTransformation, settings: StepSettings
@@ -117,7 +155,7 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], key: ja
   device = jax.lax.axis_index(AXIS)
   step_key = jax.random.fold_in(key, state.step)
   mask = draw_masks(step_key, batch, guidance, settings, device * b)
-  plan = masking.make_plan(mask)
+  plan = make_step_plan(mask, batch["train_roi"], settings)
 
   example_weight = batch["valid"].astype(jnp.float32)
   local_count = (mask.astype(jnp.float32) * example_weight[:, None]).sum()

@@ -24,15 +24,16 @@ import jax
 import ml_collections
 
 from u2ad_jax import errors
+from u2ad_jax import parallel
 from u2ad_jax.data import preprocess
 from u2ad_jax.data import sliceset
 from u2ad_jax.train import checkpoint
-from u2ad_jax import parallel
 from u2ad_jax.train import resume
 from u2ad_jax.train import run_log
 from u2ad_jax.train import settings as settings_lib
 from u2ad_jax.train import stage as stage_lib
 from u2ad_jax.train import state as state_lib
+from u2ad_jax.train import validation as validation_lib
 from u2ad_jax.train import workdir as workdir_lib
 
 # fold_in tags of the run's root key (the maps' tag is `stage.MAPS_TAG`).
@@ -96,6 +97,44 @@ def _load_inputs(config: ml_collections.ConfigDict, run: settings_lib.RunSetting
   return cohorts
 
 
+def _validation_inputs(config: ml_collections.ConfigDict, run: settings_lib.RunSettings,
+                       cohorts: dict[str, sliceset.SliceSet], slice_sets: dict | None,
+                       verbose: bool) -> tuple[sliceset.SliceSet | None, tuple[str, ...]]:
+  """The validation slices, and the public subjects held out of pretraining for them.
+
+  `cohorts['public_dir']` (when loaded) loses the held-out subjects. None when validation is
+  off, or when there is neither `validation.data_dir` nor a public cohort to hold out from.
+  """
+  v = run.validation
+  if not v.enabled:
+    return None, ()
+  if v.data_dir:
+    if not os.path.isdir(v.data_dir):
+      raise errors.InputError(v.data_dir, "config.validation.data_dir: no such directory")
+    slices = preprocess.load_cohort(v.data_dir, config.data, progress=verbose)
+    return validation_lib.choose_slices(slices, v.max_slices), ()
+  public = cohorts.get("public_dir")
+  if public is None and slice_sets is not None:
+    public = slice_sets.get("public_dir")
+  if public is None and config.data.public_dir:
+    public = _load_slices(config, "public_dir", ("pretrain",), verbose)
+  if public is None:
+    return None, ()
+  subjects = v.subjects or tuple(
+      validation_lib.held_out_subjects(public.subjects, v.num_subjects, run.seed))
+  unknown = sorted(set(subjects) - set(public.subjects))
+  if unknown:
+    raise errors.InputError(str(config.data.public_dir or None),
+                            f"config.validation.subjects names {unknown}, not in the public "
+                            f"cohort")
+  if not subjects:
+    return None, ()
+  train_part, held = validation_lib.split_public(public, subjects)
+  if "public_dir" in cohorts:
+    cohorts["public_dir"] = train_part
+  return validation_lib.choose_slices(held, v.max_slices), tuple(subjects)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           init_from: str | os.PathLike | None = None,
           slice_sets: dict[str, sliceset.SliceSet] | None = None,
@@ -146,6 +185,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                             shape, run.fingerprint, init_from)
   resume.check_same_start_everywhere(workdir, start)
   cohorts = _load_inputs(config, run, workdir, start, slice_sets, verbose)
+  validation_slices, held_out = _validation_inputs(config, run, cohorts, slice_sets, verbose)
+  if held_out:  # recorded in config.json: the subjects this run never trains on
+    config = config.copy_and_resolve_references()
+    config.validation.subjects = held_out
   if start.host_state is None and start.params is None:
     start.params = state_lib.init_params(
         model, jax.random.fold_in(jax.random.key(run.seed), _INIT_TAG))
@@ -160,9 +203,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     try:
       log = run_log.RunLog(workdir, chief, verbose)
       root = jax.random.key(run.seed)
+      validator = None
+      if validation_slices is not None and len(validation_slices):
+        validator = validation_lib.Validator(model, validation_slices, run.step, run.validation,
+                                             root, run.parallel, devices)
+        log.say(f"validation: {len(validation_slices)} normal slices "
+                + (f"of the held-out public subjects {', '.join(held_out)}" if held_out
+                   else f"of {run.validation.data_dir}")
+                + f", every {run.validation.every_steps} steps")
       ctx = stage_lib.RunContext(run=run, config=config, model=model, cohorts=cohorts,
                                  ckpts=ckpts, log=log, devices=devices, root_key=root,
-                                 train_key=jax.random.fold_in(root, _TRAIN_TAG))
+                                 train_key=jax.random.fold_in(root, _TRAIN_TAG),
+                                 validator=validator)
       if start.message:
         log.say(start.message)
       log.resume_from(start.step)

@@ -32,6 +32,7 @@ from u2ad_jax.evaluation import settings as settings_lib
 from u2ad_jax.evaluation import thresholds
 from u2ad_jax.evaluation.rungs import base
 
+
 # Offset folded into the config seed for the evaluation's MC masks: evaluation draws its own
 # masks, reproducible from the config, independent of the training stream.
 EVAL_SEED_OFFSET = 7919
@@ -138,7 +139,9 @@ def model_maps(model: Any, params: Any, config: Any, images: np.ndarray, train_r
       pass_chunk=None if not pass_chunk else int(pass_chunk),
       min_roi=max(1, int(data.get("min_roi_patches", 1))),
       slices_per_device=batch_size // len(devices), mode="shard_map", devices=devices,
-      outputs=("eu", "mean", "au"))
+      outputs=("eu", "mean", "au"),
+      # The field of view the model was trained with (None: every patch).
+      context_patches=settings_lib.section(config, "model").get("context_patches"))
   if processes == 1:
     return maps
   return _gather_on_process_0(maps, owner, owner.shape + images.shape[1:])
