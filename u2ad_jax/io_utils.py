@@ -53,9 +53,22 @@ def atomic_path(path: PathLike, suffix: str = "") -> Iterator[str]:
     raise
 
 
+@contextlib.contextmanager
+def naming(path: PathLike) -> Iterator[None]:
+  """Re-raises an OSError without a file name (write() and fsync() report a full disk without
+  one) with `path`, so that its message says which file could not be written."""
+  try:
+    yield
+  except OSError as e:
+    if e.filename is None and e.errno is not None:
+      raise OSError(e.errno, e.strerror, os.fspath(path)) from e
+    raise
+
+
 def write_bytes(path: PathLike, data: bytes) -> None:
-  """Writes `data` to `path` atomically (flushed and fsynced before the rename)."""
-  with atomic_path(path) as tmp:
+  """Writes `data` to `path` atomically (flushed and fsynced before the rename); an OSError names
+  `path`."""
+  with naming(path), atomic_path(path) as tmp:
     with open(tmp, "wb") as f:
       f.write(data)
       f.flush()

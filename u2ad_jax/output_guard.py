@@ -134,7 +134,8 @@ def _unlisted(directory: str, written: list[str]) -> str | None:
 
 def _not_ours(directory: str, command: str, swapped: bool) -> str | None:
   """Why the existing, non-empty `directory` may not be replaced (`swapped`) or written into as
-  `command`'s previous output, or None when it may."""
+  `command`'s previous output (a predicate of the folder: "exists, ...", "holds ..."), or None
+  when it may."""
   marker = read_marker(directory)
   if marker is None:
     return f"exists, is not empty and is not an output of `u2ad {command}` (no {MARKER})"
@@ -148,8 +149,8 @@ def _not_ours(directory: str, command: str, swapped: bool) -> str | None:
   if swapped:
     written = marker.get("written")
     if not isinstance(written, list):
-      return (f"its {MARKER} does not list what `u2ad {command}` wrote there, so nothing in it "
-              "may be deleted")
+      return (f"has a {MARKER} that does not list what `u2ad {command}` wrote there, so nothing "
+              "in it may be deleted")
     extra = _unlisted(directory, written)
     if extra is not None:
       return (f"holds {extra}, which `u2ad {command}` did not write (move it out to replace "
@@ -329,7 +330,8 @@ def _check_replaceable(out: str, real: str, command: str) -> None:
   if os.path.isdir(real) and not _is_empty_dir(real):
     problem = _not_ours(real, command, swapped=True)
     if problem is not None:
-      raise errors.InputError(out, f"{problem}; it is left untouched")
+      raise errors.InputError(out, f"is not a previous output of `u2ad {command}`: it {problem}; "
+                                   "it is left untouched")
 
 
 def _restore_set_aside(real: str, command: str) -> None:
