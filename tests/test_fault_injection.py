@@ -9,7 +9,8 @@ Every scenario is seeded and compares against an uninterrupted run:
   complete one with a warning (and still ends bit-identical); when none is complete, one line
   naming the checkpoint, no traceback;
 - a checkpoint write failing with ENOSPC: a clean stop naming the last complete checkpoint,
-  which stays intact and resumes to the uninterrupted result;
+  which stays intact and resumes to the uninterrupted result; the same for metrics.jsonl and
+  config.json (one line naming the file and the checkpoint);
 - a NaN batch: NonFiniteLossError, the last good checkpoint kept.
 """
 

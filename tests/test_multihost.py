@@ -8,6 +8,10 @@ batches. Every per-process block (the batch rows, the first example index of the
 rows) is derived from the mesh, so nothing depends on each process's devices being contiguous.
 pmap, whose host-local inputs JAX accepts only for contiguous blocks, refuses such a layout
 up front (`parallel.check_layout`, tested here without processes).
+
+A process that dies or fails where the processes must agree before training (where to resume;
+process 0 setting a damaged checkpoint aside) stops the others with one line, within
+`--process_timeout`, instead of leaving them waiting.
 """
 
 import json

@@ -3,7 +3,9 @@
 Every bad output choice below is tried against a tree of user files; the tree is hashed before
 and after and must come back byte for byte (files lost: 0). `synth` is killed with SIGKILL at
 seeded random moments: its output then holds the previous cohort or nothing, and a cohort's
-folders always agree with its participants.tsv.
+folders always agree with its participants.tsv. The holes of issue 22, one test each: a symlinked
+--out, a copied marker, a user's file inside a previous output, `--out .`, a resumed study's
+protected paths, a swap killed between setting the previous output aside and moving the new in.
 """
 
 import hashlib

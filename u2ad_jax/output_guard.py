@@ -159,22 +159,27 @@ def _not_ours(directory: str, command: str, swapped: bool) -> str | None:
 
 
 def _nested_not_ours(directory: str) -> str | None:
-  """In an output that is written into (not swapped): the first staged sub-output (a marked
-  folder with a listing, e.g. an evaluation inside a demo) that may not be replaced, or None."""
+  """In an output that is written into (not swapped): the first marked sub-output that may not
+  be replaced (a staged one: an evaluation or a cohort inside a demo) or written into (an ablate
+  inside a study), or None. Training runs are resumed, never replaced: not looked into."""
   for root, dirs, _ in os.walk(directory):
     dirs.sort()
-    unmarked = []
+    descend = []
     for name in dirs:
       sub = os.path.join(root, name)
       marker = None if os.path.islink(sub) else read_marker(sub)
       if marker is None:
-        unmarked.append(name)
-      elif "written" in marker:
-        problem = _not_ours(sub, marker["command"], swapped=True)
-        if problem is not None:
-          return f"{os.path.relpath(sub, directory)} {problem}"
-      # A marked folder is its command's own (a train run resumes): not descended.
-    dirs[:] = unmarked
+        descend.append(name)
+        continue
+      if marker["command"] == "train":
+        continue
+      swapped = "written" in marker
+      problem = _not_ours(sub, marker["command"], swapped=swapped)
+      if problem is not None:
+        return f"{os.path.relpath(sub, directory)} {problem}"
+      if not swapped:
+        descend.append(name)  # its own staged sub-outputs are replaced too
+    dirs[:] = descend
   return None
 
 
