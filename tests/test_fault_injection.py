@@ -9,7 +9,8 @@ Every scenario is seeded and compares against an uninterrupted run:
   complete one with a warning (and still ends bit-identical); when none is complete, one line
   naming the checkpoint, no traceback;
 - a checkpoint write failing with ENOSPC: a clean stop naming the last complete checkpoint,
-  which stays intact and resumes to the uninterrupted result;
+  which stays intact and resumes to the uninterrupted result; the same for metrics.jsonl and
+  config.json (one line naming the file and the checkpoint);
 - a NaN batch: NonFiniteLossError, the last good checkpoint kept.
 """
 
@@ -28,6 +29,7 @@ import pytest
 
 import support
 from u2ad_jax import errors
+from u2ad_jax import io_utils
 from u2ad_jax.train import checkpoint
 from u2ad_jax.train import faults
 from u2ad_jax.train import metrics_log
@@ -306,6 +308,60 @@ def test_enospc_stops_cleanly_and_the_last_checkpoint_resumes(tmp_path, data, un
     assert ckpts.all_steps() == [2, 4, 6]
   result = trainer.train(_config(), tmp_path / "b", slice_sets=data, verbose=False)
   assert result.step == 11 and _leaves_equal(result.state.params, reference.state.params)
+
+
+class _FullDiskFile:
+  """A file whose write() of step `step`'s metric record fails as a full disk does (ENOSPC,
+  without a file name)."""
+
+  def __init__(self, f, step):
+    self.f, self.step = f, step
+
+  def write(self, text):
+    if text.startswith(f'{{"step": {self.step},'):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return self.f.write(text)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.f.close()
+
+
+def test_enospc_on_the_metric_log_or_the_config_is_one_line_naming_the_last_checkpoint(
+    tmp_path, data, uninterrupted, monkeypatch):
+  reference_dir, reference = uninterrupted
+  workdir = tmp_path / "run"
+  # (a) metrics.jsonl: appending step 7's record fails (checkpoints 2, 4, 6 are complete).
+  real_open = open
+  monkeypatch.setattr(metrics_log, "open", raising=False,
+                      value=lambda *a, **k: _FullDiskFile(real_open(*a, **k), 7))
+  with pytest.raises(errors.RunWriteError) as e:
+    trainer.train(_config(), workdir, slice_sets=data, verbose=False)
+  message = str(e.value)
+  assert message.startswith(f"{workdir / 'metrics.jsonl'}: writing failed (No space left on "
+                            "device); training stopped and the last complete checkpoint is step 6")
+  assert "\n" not in message
+  monkeypatch.delattr(metrics_log, "open")
+  # (b) config.json, written again by the run resuming from step 6.
+  real_write_text = io_utils.write_text
+
+  def full_disk(path, *args, **kwargs):
+    if os.fspath(path).endswith(checkpoint.CONFIG_FILE):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real_write_text(path, *args, **kwargs)
+  monkeypatch.setattr(io_utils, "write_text", full_disk)
+  with pytest.raises(errors.RunWriteError) as e:
+    trainer.train(_config(), workdir, slice_sets=data, verbose=False)
+  assert str(e.value).startswith(f"{workdir / 'config.json'}: writing failed (No space left on "
+                                 "device); training stopped and the last complete checkpoint "
+                                 "is step 6")
+  monkeypatch.setattr(io_utils, "write_text", real_write_text)
+  # Space again: the same command resumes to the uninterrupted result and log.
+  result = trainer.train(_config(), workdir, slice_sets=data, verbose=False)
+  assert result.step == 11 and _leaves_equal(result.state.params, reference.state.params)
+  assert _step_losses(workdir) == _step_losses(reference_dir)
 
 
 def test_nan_batch_raises_and_keeps_the_last_good_checkpoint(tmp_path, data, uninterrupted,

@@ -8,12 +8,18 @@ batches. Every per-process block (the batch rows, the first example index of the
 rows) is derived from the mesh, so nothing depends on each process's devices being contiguous.
 pmap, whose host-local inputs JAX accepts only for contiguous blocks, refuses such a layout
 up front (`parallel.check_layout`, tested here without processes).
+
+A process that dies or fails where the processes must agree before training (where to resume;
+process 0 setting a damaged checkpoint aside) stops the others with one line, within
+`--process_timeout`, instead of leaving them waiting.
 """
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -35,7 +41,8 @@ SCRIPT = textwrap.dedent("""
     import jax
     import toy_data
     from u2ad_jax import config_lib
-    from u2ad_jax.train import maps, parallel, trainer
+    from u2ad_jax import parallel
+    from u2ad_jax.train import maps, trainer
     config = config_lib.sibling(base_config, "base").get_config("runlocal")
     # The guided stage: EU + AU guidance from maps computed across all devices, refreshed at
     # both epochs (the second refresh from trained parameters).
@@ -174,3 +181,141 @@ def test_batch_blocks_follow_the_mesh_slots_of_each_process():
   with pytest.raises(ValueError, match="does not split over 3 device"):
     pipeline.BatchIterator(slices, num_devices=1, device_positions=[0], total_devices=3,
                            **common)
+
+
+# ------------------------------------------------------------------------ a process that fails
+
+# One process of a two-process job on 127.0.0.1 that stops where the processes must agree. argv:
+# scenario, workdir, port, process id, out.json, base config. Reports what train() raised, or the
+# workdir as it saw it when it opened the checkpoint manager.
+FAULT_SCRIPT = textwrap.dedent("""
+    import json, os, sys, time
+    scenario, workdir, port, process, out, base_config = sys.argv[1:7]
+    process = int(process)
+    from u2ad_jax.train import distributed
+    distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process, timeout_s=5)
+    import toy_data
+    from u2ad_jax import config_lib, errors
+    from u2ad_jax.train import checkpoint, resume, trainer
+    config = config_lib.sibling(base_config, "base").get_config("runlocal")
+    config.stages = ("pretrain",)
+
+    # Both processes find the newest checkpoint (step 7, a folder the test made) damaged; process
+    # 0 sets it aside slowly (a slow mount), or fails to.
+    resume.find_start = lambda *args: resume.Start(resume.Position(0, 0, 0), damaged=(7,))
+    real_set_aside = resume.set_aside
+
+    def set_aside(workdir, steps):
+      time.sleep(2)
+      if scenario == "move_fails":
+        raise PermissionError(13, "Permission denied", os.path.join(workdir, "checkpoints", "7"))
+      real_set_aside(workdir, steps)
+    resume.set_aside = set_aside
+
+    class Opened(Exception):
+      pass
+
+    def opened(workdir, read_only=False, **kwargs):
+      if read_only:
+        raise errors.CheckpointError(workdir, "not looked at in this test")
+      raise Opened(sorted(os.listdir(workdir)), sorted(os.listdir(os.path.join(workdir,
+                                                                          "checkpoints"))))
+    checkpoint.Checkpoints = opened
+    try:
+      trainer.train(config, workdir, verbose=False,
+                    slice_sets={"public_dir": toy_data.toy_slice_set(8, 32, seed=3)})
+      report = {"raised": None}
+    except Opened as e:
+      report = {"raised": "Opened", "workdir": e.args[0], "checkpoints": e.args[1]}
+    except errors.U2ADError as e:
+      report = {"raised": type(e).__name__, "message": str(e)}
+    with open(out, "w") as f:
+      json.dump(report, f)
+""")
+
+
+def _two_processes(tmp_path, scenario):
+  script = tmp_path / "fault.py"
+  script.write_text(FAULT_SCRIPT)
+  base_config = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, "configs",
+                                             "base.py"))
+  workdir = tmp_path / scenario
+  (workdir / "checkpoints" / "7").mkdir(parents=True)
+  (workdir / "checkpoints" / "7" / "state").write_text("damaged")
+  from u2ad_jax.train import workdir as workdir_lib
+  workdir_lib.mark(workdir)  # a run of its own, to resume
+  port = str(support.free_port())
+  processes = [subprocess.Popen(
+      [sys.executable, str(script), scenario, str(workdir), port, str(i),
+       str(tmp_path / f"{scenario}{i}.json"), base_config],
+      env=support.cpu_subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True) for i in range(2)]
+  support.finish_processes(processes, 120)
+  return workdir, [json.loads((tmp_path / f"{scenario}{i}.json").read_text()) for i in range(2)]
+
+
+def test_every_process_waits_for_the_damaged_checkpoint_to_be_set_aside(tmp_path):
+  """Process 0 moves the damaged newest checkpoint aside (slowly); process 1 opens the checkpoint
+  manager only after that, so neither lists the damaged step the resumed run writes again."""
+  workdir, reports = _two_processes(tmp_path, "slow_move")
+  for report in reports:
+    assert report["raised"] == "Opened", report
+    assert report["checkpoints"] == [] and "checkpoints_damaged" in report["workdir"], report
+  assert os.listdir(workdir / "checkpoints_damaged") == ["7"]
+
+
+def test_a_failed_damaged_checkpoint_move_stops_every_process_with_one_line(tmp_path):
+  """Process 0 cannot set the damaged checkpoint aside: it stops with one line, and process 1
+  (told so, not left waiting) stops with one line naming process 0's problem."""
+  workdir, (chief, other) = _two_processes(tmp_path, "move_fails")
+  assert chief["raised"] == "RunWriteError", chief
+  assert chief["message"].startswith(f"{workdir / 'checkpoints' / '7'}: writing failed "
+                                     "(Permission denied); training stopped")
+  assert other["raised"] == "WorkdirError", other
+  assert other["message"].startswith(f"{workdir}: process 0 could not prepare it (failed: "
+                                     "[Errno 13] Permission denied")
+  assert "\n" not in chief["message"] + other["message"]
+  assert os.listdir(workdir / "checkpoints") == ["7"]  # nothing moved
+
+
+# Process 1 of a `u2ad train` job: joins the job and starts its devices (the job's start-up
+# exchanges), then dies before the processes agree where to resume (SIGKILL: no clean-up).
+# argv: port.
+DYING_PROCESS = textwrap.dedent("""
+    import os, signal, sys
+    from u2ad_jax.train import distributed
+    distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=1)
+    import jax
+    print(distributed.describe(), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_a_process_that_dies_before_the_resume_agreement_stops_the_job_with_one_line(tmp_path):
+  """`u2ad train` process 0 waits at most --process_timeout for process 1 to say where it
+  resumes; then one line, exit 2 at once (not the runtime's heartbeat timeout and abort)."""
+  port = str(support.free_port())
+  env = support.cpu_subprocess_env(1)
+  config = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, "configs",
+                                        "base.py"))
+  chief = subprocess.Popen(
+      [sys.executable, "-m", "u2ad_jax.cli", "train", "--config", config + ":runlocal",
+       "--workdir", str(tmp_path / "run"), "--coordinator_address", f"127.0.0.1:{port}",
+       "--num_processes", "2", "--process_id", "0", "--process_timeout", "5"],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  dying = subprocess.run([sys.executable, "-c", DYING_PROCESS, port], env=env,
+                         capture_output=True, text=True, timeout=120)
+  assert dying.returncode == -9, dying.stderr[-2000:]
+  started = time.monotonic()
+  try:
+    _, stderr = chief.communicate(timeout=60)
+  except subprocess.TimeoutExpired:
+    chief.kill()
+    pytest.fail("process 0 still waits for the dead process 1")
+  assert time.monotonic() - started < 60
+  assert chief.returncode == 2, stderr[-3000:]
+  errors_ = [l for l in stderr.splitlines() if "error:" in l]
+  assert len(errors_) == 1 and "Traceback" not in stderr, stderr[-3000:]
+  assert errors_[0].startswith("u2ad train: error: process 1 of 2 did not send where it "
+                               "resumes within 5 s"), errors_[0]
+  assert not (tmp_path / "run").exists()  # nothing was written

@@ -200,3 +200,52 @@ def test_processes_must_agree_on_the_resume_step():
                      r"process 0: checkpoint step 4 \(stage 0, epoch 1, batch 0\); "
                      r"process 1: no checkpoint"):
     resume.check_same_start("gs://bucket/run", mixed)
+
+
+def test_evaluation_records_a_uri_workdir_as_given(tmp_path, monkeypatch):
+  """summary.json and report.md name `gs://bucket/run` exactly as given (os.path.abspath made it
+  `<cwd>/gs:/bucket/run`), and --threshold-from recognises the same run by it. The checkpoint
+  restore and the MC maps are stand-ins (no bucket here); everything else is the real path."""
+  import ml_collections
+  import test_evaluate as te
+  from u2ad_jax.evaluation.rungs import model as model_rung
+
+  uri = "gs://bucket/run"
+  config = ml_collections.ConfigDict({
+      "data": te.data_config().to_dict(), "model": {"variant": "mu"},
+      "evaluation": {"mad_k": 2.5, "num_samples": 2}, "postprocess": {"percentile": 90.0},
+      "uncertainty": {"num_samples": 2}})
+  restored = []
+
+  class Model:
+    image_size = te.S
+
+  def restore(workdir, step=None):
+    restored.append(workdir)
+    return Model(), None, ml_collections.ConfigDict(config.to_dict()), 7
+
+  def maps(model, params, config, images, train_roi, **kwargs):
+    mean = np.minimum(images, 0.35).astype(np.float32)
+    return {"mean": mean, "eu": np.zeros_like(mean)}
+
+  monkeypatch.setattr(checkpoint, "restore_for_eval", restore)
+  monkeypatch.setattr(model_rung, "model_maps", maps)
+  cohort = tmp_path / "cohort"
+  te.write_cohort(str(cohort), num_subjects=2)
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+  result = model_rung.evaluate_checkpoint(uri, str(cohort), str(tmp_path / "eval"),
+                                          verbose=False)
+  assert restored == [uri] and result.name == "run"
+  summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+  assert summary["model"]["workdir"] == uri
+  assert f"of `{uri}`" in (tmp_path / "eval" / "report.md").read_text()
+  # The recorded threshold belongs to the same run (its URI), and not to another bucket's.
+  model_rung.evaluate_checkpoint(uri + "/", str(cohort), str(tmp_path / "eval2"), verbose=False,
+                                 threshold_from=str(tmp_path / "eval"))
+  with pytest.raises(errors.InputError, match="threshold recorded for the model in gs://bucket/run,"
+                                              " not gs://other/run"):
+    model_rung.evaluate_checkpoint("gs://other/run", str(cohort), None, verbose=False,
+                                   threshold_from=str(tmp_path / "eval"))
+  assert os.listdir(cwd) == []  # no local folder 'gs:'

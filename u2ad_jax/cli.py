@@ -8,7 +8,8 @@ One contract for every subcommand, kept here so no command can differ:
 - exit 0 on success;
 - exit 2 with ONE line `u2ad <cmd>: error: ...` on stderr for usage, input and config errors:
   flag parsing (unknown flag, bad value, missing required flag, `--config.x=` typos, a config
-  file that fails to load), stray positional arguments, and every `errors.U2ADError`;
+  file that fails to load), stray positional arguments, and every `errors.U2ADError` (a lost
+  process of a multi-process job, `ProcessLostError`, leaves at once);
 - exit 1 with the traceback for anything else (an internal error: a bug to report);
 - a closed stdout (`u2ad synth -h | head -1`) ends quietly;
 - progress and logs go to stderr, results to stdout.
@@ -44,9 +45,15 @@ def _usage() -> str:
   return "\n".join(lines)
 
 
-def _fail(name: str, message: str) -> None:
-  """Prints the one error line and exits 2."""
+def _fail(name: str, message: str, now: bool = False) -> None:
+  """Prints the one error line and exits 2 (`now`: at once, without the interpreter's exit
+  handlers)."""
   print(f"u2ad {name}: error: {message}", file=sys.stderr, flush=True)
+  if now:
+    sys.stdout.flush()
+    # JAX's exit handler waits at the job's shutdown barrier for every process, a lost one
+    # too, until the heartbeat timeout, and then aborts with a fatal log: leave now instead.
+    os._exit(USAGE_EXIT)  # pylint: disable=protected-access
   sys.exit(USAGE_EXIT)
 
 
@@ -126,7 +133,8 @@ def _run(argv: list[str]) -> None:
       return module.main(args)
     except errors.U2ADError as e:
       # One clear line, exit 2: bad input is the user's to fix, not a traceback.
-      _fail(name, " ".join(str(e).split()) or type(e).__name__)
+      _fail(name, " ".join(str(e).split()) or type(e).__name__,
+            now=isinstance(e, errors.ProcessLostError))
 
   app.run(main, argv=[f"u2ad {name}"] + argv[2:], flags_parser=parse_flags)
 

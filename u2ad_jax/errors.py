@@ -59,6 +59,16 @@ class CheckpointWriteError(U2ADError):
   """A checkpoint could not be written (e.g. the disk is full); the last complete one is kept."""
 
 
+class RunWriteError(U2ADError):
+  """A file of a training run (metrics.jsonl, config.json, the curves, the marker) could not be
+  written, e.g. on a full disk; training stopped and the last complete checkpoint is kept."""
+
+
+class ProcessLostError(U2ADError):
+  """Another process of a multi-process job stopped or cannot be reached (it missed a bounded
+  wait); this process stops too."""
+
+
 class ConfigValueError(U2ADError, ValueError):
   """A config value that cannot be used; the message names the key (config.guidance.params.w_eu).
 

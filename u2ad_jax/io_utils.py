@@ -1,4 +1,4 @@
-"""Atomic file writes.
+"""Atomic file writes, and what a path is (a local path or a URI).
 
 A reader (another process, a resumed run, a viewer) must never see a half-written file: every
 writer here writes a temporary file in the destination's own directory (same file system, so
@@ -13,10 +13,20 @@ import csv
 import io
 import json
 import os
+import re
 import secrets
 from typing import Any, Iterable, Iterator, Sequence
 
 PathLike = str | os.PathLike
+
+# 'scheme://...': a URI (gs, s3, az, hf, ...); anything else is a local path.
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_uri(path: PathLike) -> bool:
+  """True for a URI (`gs://bucket/run`), False for a local path. A URI is never given to os.path
+  (which would read `gs://bucket/run` as a local folder `gs:`)."""
+  return bool(_URI.match(os.fspath(path)))
 
 
 @contextlib.contextmanager
@@ -43,9 +53,22 @@ def atomic_path(path: PathLike, suffix: str = "") -> Iterator[str]:
     raise
 
 
+@contextlib.contextmanager
+def naming(path: PathLike) -> Iterator[None]:
+  """Re-raises an OSError without a file name (write() and fsync() report a full disk without
+  one) with `path`, so that its message says which file could not be written."""
+  try:
+    yield
+  except OSError as e:
+    if e.filename is None and e.errno is not None:
+      raise OSError(e.errno, e.strerror, os.fspath(path)) from e
+    raise
+
+
 def write_bytes(path: PathLike, data: bytes) -> None:
-  """Writes `data` to `path` atomically (flushed and fsynced before the rename)."""
-  with atomic_path(path) as tmp:
+  """Writes `data` to `path` atomically (flushed and fsynced before the rename); an OSError names
+  `path`."""
+  with naming(path), atomic_path(path) as tmp:
     with open(tmp, "wb") as f:
       f.write(data)
       f.flush()

@@ -15,6 +15,10 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (implies --distributed)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's rank")
+_PROCESS_TIMEOUT = flags.DEFINE_float(
+    "process_timeout", None, "seconds a process waits for the others where they must agree "
+    "before training (where to resume, the workdir ready; default 600); a process that died or "
+    "cannot be reached then stops the job with one error", lower_bound=0.001)
 
 
 def requested() -> bool:
@@ -27,5 +31,6 @@ def start() -> bool:
   # Imported here: jax must not start before distributed initialisation.
   from u2ad_jax.train import distributed  # pylint: disable=g-import-not-at-top
   if requested():
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           timeout_s=_PROCESS_TIMEOUT.value)
   return requested()

@@ -36,6 +36,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from u2ad_jax import errors
+from u2ad_jax.train import workdir as workdir_lib
 
 RULES = ("mad",)
 POOLS = ("segments", "patients")
@@ -116,9 +117,9 @@ def load_recorded(eval_dir: str | os.PathLike, provenance: Mapping[str, Any]) ->
   if not isinstance(model, dict) or not model.get("workdir"):
     raise errors.InputError(path, "not an evaluation of a trained checkpoint (no model workdir; "
                                   "the intensity rung?)")
-  theirs = os.path.realpath(str(model["workdir"]))
-  ours = os.path.realpath(str(provenance["model"]["workdir"]))
-  if theirs != ours:
+  theirs, ours = str(model["workdir"]), str(provenance["model"]["workdir"])
+  # URIs compared as given, local paths by their real path (os.path would mangle gs://...).
+  if not workdir_lib.same(theirs, ours):
     raise errors.InputError(path, f"threshold recorded for the model in {theirs}, not {ours}")
   for key in COMPATIBILITY_KEYS:
     if key in summary or key in provenance:

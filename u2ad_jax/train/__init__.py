@@ -11,5 +11,6 @@
   resume.py       where a run starts: its checkpoint, another run's parameters, or fresh ones.
   stage.py        one stage: batches, guidance per epoch, map refreshes, checkpoints.
   run_log.py      the run's metric records, console lines and loss check.
-  distributed.py  multi-process start-up (jax.distributed.initialize).
+  distributed.py  multi-process start-up (jax.distributed.initialize) and the bounded exchanges
+                  of the start-up (where to resume, the workdir ready).
 """

@@ -95,10 +95,11 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
   """Records the resolved config (atomic: a local temporary file renamed, or one object write)."""
   text = config.to_json(indent=2, sort_keys=True) + "\n"
-  if workdir_lib.is_uri(workdir):
-    workdir_lib.path(workdir, CONFIG_FILE).write_text(text)
-  else:
-    io_utils.write_text(config_path(workdir), text)
+  with io_utils.naming(config_path(workdir)):
+    if workdir_lib.is_uri(workdir):
+      workdir_lib.path(workdir, CONFIG_FILE).write_text(text)
+    else:
+      io_utils.write_text(config_path(workdir), text)
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -201,10 +202,8 @@ class Checkpoints:
     except OSError:
       pass  # the failure being reported
     self.manager.reload()
-    latest = self.latest_step()
-    kept = (f"the last complete checkpoint is step {latest}; free space and run the same "
-            "command to resume from it" if latest is not None else "no checkpoint was completed")
-    return f"{self.directory}: writing a checkpoint failed ({error}); training stopped and {kept}"
+    return (f"{self.directory}: writing a checkpoint failed ({error}); training stopped and "
+            f"{_kept(self.latest_step())}")
 
   def close(self) -> None:
     self.manager.close()
@@ -214,6 +213,25 @@ class Checkpoints:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+def _kept(latest: int | None) -> str:
+  return (f"the last complete checkpoint is step {latest}; free space and run the same command "
+          "to resume from it" if latest is not None else "no checkpoint was completed")
+
+
+def write_failure_message(workdir: str | os.PathLike, error: OSError) -> str:
+  """One line for a failed write of a run's other files (metrics.jsonl, config.json, ...),
+  naming the file (`error.filename`) and the newest complete checkpoint (looked up afresh, once
+  the run's own manager has finished its saves)."""
+  try:
+    with Checkpoints(workdir, read_only=True) as ckpts:
+      latest = ckpts.latest_step()
+  except (errors.CheckpointError, *DAMAGED_CHECKPOINT_ERRORS):
+    latest = None
+  where = error.filename or workdir_lib.resolve(workdir)
+  return (f"{where}: writing failed ({error.strerror or error}); training stopped and "
+          f"{_kept(latest)}")
 
 
 def _abstract(tree: Any) -> Any:

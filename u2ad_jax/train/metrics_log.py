@@ -53,11 +53,12 @@ class MetricsLog:
     self._cached: str | None = None  # URI: the object's text as last written
 
   def _write_all(self, text: str) -> None:
-    if self._uri:
-      epath.Path(self.path).write_text(text)
-      self._cached = text
-    else:
-      io_utils.write_text(self.path, text)
+    with io_utils.naming(self.path):
+      if self._uri:
+        epath.Path(self.path).write_text(text)
+        self._cached = text
+      else:
+        io_utils.write_text(self.path, text)
 
   def truncate_for_resume(self, step: int) -> None:
     """Prepares the log for a run resuming from the checkpoint of `step` (atomic rewrite)."""
@@ -79,7 +80,8 @@ class MetricsLog:
         self._cached = target.read_text() if target.exists() else ""
       self._write_all(self._cached + line)
       return
-    with open(self.path, "a", encoding="utf-8") as f:
+    # A full disk raises here (in write or at close); the trainer reports it in one line.
+    with io_utils.naming(self.path), open(self.path, "a", encoding="utf-8") as f:
       f.write(line)
 
   def read(self) -> list[dict[str, Any]]:
@@ -143,11 +145,14 @@ def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike) -> None:
   # Fixed margins: tight_layout measures every text object and cost more than the rest of the
   # figure (seconds per stage end on a small CPU); these margins fit the titles and labels.
   fig.subplots_adjust(left=0.04, right=0.99, bottom=0.15, top=0.9, wspace=0.22)
-  if workdir_lib.is_uri(path):
-    buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=90, format="png")
-    epath.Path(path).write_bytes(buffer.getvalue())  # one object write
-  else:
-    with io_utils.atomic_path(path, suffix=".png") as tmp:
-      fig.savefig(tmp, dpi=90, format="png")
-  plt.close(fig)
+  try:
+    with io_utils.naming(path):
+      if workdir_lib.is_uri(path):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=90, format="png")
+        epath.Path(path).write_bytes(buffer.getvalue())  # one object write
+      else:
+        with io_utils.atomic_path(path, suffix=".png") as tmp:
+          fig.savefig(tmp, dpi=90, format="png")
+  finally:
+    plt.close(fig)

@@ -14,6 +14,7 @@ saved with the checkpoint, so a resumed run continues EXACTLY as the uninterrupt
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from typing import Any
@@ -23,6 +24,7 @@ import numpy as np
 
 from u2ad_jax import errors
 from u2ad_jax.train import checkpoint
+from u2ad_jax.train import distributed
 from u2ad_jax.train import state as state_lib
 from u2ad_jax.train import workdir as workdir_lib
 
@@ -190,12 +192,17 @@ def check_same_start(workdir: str, records: np.ndarray) -> None:
 
 
 def check_same_start_everywhere(workdir: str, start: Start) -> None:
-  """Gathers every process's start (a collective: all processes call it) and checks them."""
+  """Gathers every process's start and checks them (all processes call it).
+
+  Through `distributed.share`, a bounded wait: a process that died before this point makes the
+  others stop with one line (ProcessLostError) instead of waiting in a collective until the
+  job's time limit.
+  """
   if jax.process_count() == 1:
     return
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  records = multihost_utils.process_allgather(start_record(start))
-  check_same_start(workdir, np.asarray(records))
+  records = distributed.share("resume", json.dumps(start_record(start).tolist()),
+                              what="where it resumes")
+  check_same_start(workdir, np.array([json.loads(records[p]) for p in sorted(records)]))
 
 
 def stages_to_run(stages: tuple[str, ...], stage_epochs: dict[str, int],

@@ -28,6 +28,7 @@ from u2ad_jax import parallel
 from u2ad_jax.data import preprocess
 from u2ad_jax.data import sliceset
 from u2ad_jax.train import checkpoint
+from u2ad_jax.train import distributed
 from u2ad_jax.train import resume
 from u2ad_jax.train import run_log
 from u2ad_jax.train import settings as settings_lib
@@ -193,39 +194,74 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     start.params = state_lib.init_params(
         model, jax.random.fold_in(jax.random.key(run.seed), _INIT_TAG))
   # ---- every input is checked; from here on the workdir is written.
+  try:
+    _prepare_workdir(workdir, start)
+    chief = jax.process_index() == 0
+    with checkpoint.Checkpoints(workdir, max_to_keep=run.checkpoint.max_to_keep) as ckpts:
+      try:
+        log = run_log.RunLog(workdir, chief, verbose)
+        root = jax.random.key(run.seed)
+        validator = None
+        if validation_slices is not None and len(validation_slices):
+          validator = validation_lib.Validator(model, validation_slices, run.step,
+                                               run.validation, root, run.parallel, devices)
+          log.say(f"validation: {len(validation_slices)} normal slices "
+                  + (f"of the held-out public subjects {', '.join(held_out)}" if held_out
+                     else f"of {run.validation.data_dir}")
+                  + f", every {run.validation.every_steps} steps")
+        ctx = stage_lib.RunContext(run=run, config=config, model=model, cohorts=cohorts,
+                                   ckpts=ckpts, log=log, devices=devices, root_key=root,
+                                   train_key=jax.random.fold_in(root, _TRAIN_TAG),
+                                   validator=validator)
+        if start.message:
+          log.say(start.message)
+        log.resume_from(start.step)
+        if chief:
+          checkpoint.write_config(workdir, config)
+        return _run(ctx, start, workdir)
+      finally:
+        try:
+          ckpts.wait()  # a pending asynchronous save completes even when training failed
+        except OSError as e:
+          raise errors.CheckpointWriteError(ckpts.failure_message(e)) from e
+  except OSError as e:
+    # Writing metrics.jsonl, config.json, the curves or the marker failed (a full disk, a lost
+    # mount; checkpoint writes are CheckpointWriteErrors already): one line, like those.
+    raise errors.RunWriteError(checkpoint.write_failure_message(workdir, e)) from e
+
+
+def _prepare_workdir(workdir: str, start: resume.Start) -> None:
+  """Creates the workdir; process 0 marks it and sets the damaged checkpoints aside.
+
+  On several processes the others wait for process 0 to say it is done (a bounded wait,
+  `distributed.share`) before any of them opens the checkpoint manager: one opened earlier would
+  still list the damaged steps, which the resumed run writes again. If process 0 fails here, it
+  says so and every process stops with one line.
+
+  Raises:
+    OSError: process 0 could not write (the caller reports it with the last checkpoint).
+    WorkdirError: (other processes) process 0 could not prepare the workdir.
+    ProcessLostError: (other processes) process 0 did not answer in time.
+  """
   workdir_lib.path(workdir).mkdir(parents=True, exist_ok=True)
   chief = jax.process_index() == 0
+  failure = None
   if chief:
-    workdir_lib.mark(workdir)
-    if start.damaged:
-      resume.set_aside(workdir, start.damaged)
-  with checkpoint.Checkpoints(workdir, max_to_keep=run.checkpoint.max_to_keep) as ckpts:
     try:
-      log = run_log.RunLog(workdir, chief, verbose)
-      root = jax.random.key(run.seed)
-      validator = None
-      if validation_slices is not None and len(validation_slices):
-        validator = validation_lib.Validator(model, validation_slices, run.step, run.validation,
-                                             root, run.parallel, devices)
-        log.say(f"validation: {len(validation_slices)} normal slices "
-                + (f"of the held-out public subjects {', '.join(held_out)}" if held_out
-                   else f"of {run.validation.data_dir}")
-                + f", every {run.validation.every_steps} steps")
-      ctx = stage_lib.RunContext(run=run, config=config, model=model, cohorts=cohorts,
-                                 ckpts=ckpts, log=log, devices=devices, root_key=root,
-                                 train_key=jax.random.fold_in(root, _TRAIN_TAG),
-                                 validator=validator)
-      if start.message:
-        log.say(start.message)
-      log.resume_from(start.step)
-      if chief:
-        checkpoint.write_config(workdir, config)
-      return _run(ctx, start, workdir)
-    finally:
-      try:
-        ckpts.wait()  # a pending asynchronous save completes even when training failed
-      except OSError as e:
-        raise errors.CheckpointWriteError(ckpts.failure_message(e)) from e
+      workdir_lib.mark(workdir)
+      if start.damaged:
+        resume.set_aside(workdir, start.damaged)
+    except OSError as e:
+      failure = e
+  if jax.process_count() > 1:
+    said = distributed.share(
+        "workdir_ready", (f"failed: {failure}" if failure else "ready") if chief else None,
+        what="that the workdir is ready (damaged checkpoints set aside)", senders=[0])[0]
+    if not chief and said != "ready":
+      raise errors.WorkdirError(workdir, f"process 0 could not prepare it ({said}); nothing was "
+                                         "trained")
+  if failure is not None:
+    raise failure
 
 
 def _run(ctx: stage_lib.RunContext, start: resume.Start, workdir: str) -> TrainResult:

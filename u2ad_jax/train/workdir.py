@@ -25,26 +25,38 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 from etils import epath
 
 from u2ad_jax import errors
+from u2ad_jax import io_utils
 from u2ad_jax import output_guard
 
-# 'scheme://...': a URI (gs, s3, az, hf, ...); anything else is a local path.
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def is_uri(workdir: str | os.PathLike) -> bool:
-  """True for a URI workdir (`gs://bucket/run`), False for a local path."""
-  return bool(_URI.match(os.fspath(workdir)))
+# True for a URI workdir (`gs://bucket/run`), False for a local path.
+is_uri = io_utils.is_uri
 
 
 def resolve(workdir: str | os.PathLike) -> str:
-  """The workdir as used everywhere: a URI unchanged, a local path made absolute."""
+  """The workdir as used and recorded everywhere: a URI exactly as given, a local path made
+  absolute (the one place a workdir is made absolute: nothing else may touch it with os.path)."""
   text = os.fspath(workdir)
-  return text if is_uri(text) else os.path.abspath(text)
+  if is_uri(text):
+    return text
+  return os.path.abspath(text)
+
+
+def same(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+  """Whether two workdirs are the same run: URIs as given, local paths by their real path
+  (symlinks and `..` resolved)."""
+  a, b = resolve(a), resolve(b)
+  if is_uri(a) or is_uri(b):
+    return a.rstrip("/") == b.rstrip("/")
+  return os.path.realpath(a) == os.path.realpath(b)
+
+
+def name(workdir: str | os.PathLike) -> str:
+  """The run's folder name (`run` of `gs://bucket/run/` or of `runs/run`)."""
+  return resolve(workdir).rstrip("/").rsplit("/", 1)[-1]
 
 
 def path(workdir: str | os.PathLike, *parts: str) -> epath.Path:

@@ -58,7 +58,7 @@ def run_ablation(out_dir: str | os.PathLike, public_dir: str, clinical_dir: str,
   base = base.copy_and_resolve_references()
   config_lib.apply_overrides(base, overrides)
   out_dir = output_guard.check_output_dir(
-      out_dir, "ablate", overwrite=overwrite,
+      out_dir, "ablate", overwrite=overwrite, swapped=False,
       protected={"--public": public_dir, "--clinical": clinical_dir})
   if seed is not None:
     base.seed = int(seed)

@@ -150,7 +150,7 @@ def run_demo(out_dir: str | os.PathLike, *, smoke: bool = False, config_spec: st
   config_lib.apply_overrides(config, overrides)
   # `output_guard`: a non-empty out_dir must be an earlier demo's, and replacing it needs
   # `overwrite`; its cohorts are then reused when they match and its run resumes.
-  out_dir = output_guard.check_output_dir(out_dir, "demo", overwrite=overwrite)
+  out_dir = output_guard.check_output_dir(out_dir, "demo", overwrite=overwrite, swapped=False)
   os.makedirs(out_dir, exist_ok=True)
   output_guard.write_marker(out_dir, "demo")
   size = size or (SMOKE_SIZE if smoke else DEMO_SIZE)

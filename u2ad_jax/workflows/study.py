@@ -144,11 +144,10 @@ def run_study(out_dir: str | os.PathLike, seeds: Sequence[int], *, source: str |
   config_lib.apply_overrides(config, overrides)
   size = size or (demo.SMOKE_SIZE if smoke else demo.DEMO_SIZE)
   out_dir = os.path.abspath(os.fspath(out_dir))
-  # A study folder is resumed (finished seeds reused); any other non-empty folder is refused.
-  marker = output_guard.read_marker(out_dir) if os.path.isdir(out_dir) else None
-  if marker is None or marker["command"] != "study":
-    output_guard.check_output_dir(out_dir, "study",
-                                  protected={"--from-slices": source, "--public": public_dir})
+  # A study folder of its own is resumed (finished seeds reused); any other non-empty folder is
+  # refused, and the inputs are protected in both cases (a resumed study writes too).
+  output_guard.check_output_dir(out_dir, "study", overwrite=True, swapped=False,
+                                protected={"--from-slices": source, "--public": public_dir})
   os.makedirs(out_dir, exist_ok=True)
   output_guard.write_marker(out_dir, "study")
 

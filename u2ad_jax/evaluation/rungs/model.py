@@ -219,8 +219,10 @@ class ModelRung:
       UsageError: a bad override.
     """
     from u2ad_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+    from u2ad_jax.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
-    workdir = os.fspath(workdir)
+    # Recorded as `train` uses it: a URI (gs://bucket/run) exactly as given.
+    workdir = workdir_lib.resolve(workdir)
     try:
       model, params, config, restored_step = checkpoint.restore_for_eval(workdir, step)
     except (OSError, ValueError, KeyError) as e:
@@ -228,7 +230,7 @@ class ModelRung:
       # and keeps its traceback.
       raise errors.CheckpointError(workdir, f"cannot restore ({type(e).__name__}: {e})") from e
     config = settings_lib.apply_scoring_overrides(config, overrides)
-    return cls(name=name or os.path.basename(os.path.normpath(workdir)), workdir=workdir,
+    return cls(name=name or workdir_lib.name(workdir), workdir=workdir,
                model=model, params=params, config=config, step=restored_step, **options)
 
   def maps(self, prepared: base.PreparedCohort,
@@ -240,7 +242,7 @@ class ModelRung:
                f"{len(slice_set.subjects)} subjects")
     variant = settings_lib.section(self.config, "model").get("variant")
     provenance = {
-        "model": {"name": self.name, "workdir": os.path.abspath(self.workdir),
+        "model": {"name": self.name, "workdir": self.workdir,
                   "variant": variant, "stages": _stages(self.config)},
         "checkpoint_step": self.step,
         "num_samples": settings.mc_samples,
@@ -266,8 +268,8 @@ class ModelRung:
       return None
     anomaly = anomaly_lib.anomaly_maps(slice_set.images, maps["mean"], slice_set.score_roi,
                                        slice_set.subject_ids, settings.residual)
-    header = [f"- Model: `{self.name}` ({variant}), checkpoint step {self.step}, "
-              f"K = {provenance['num_samples']} MC reconstructions per patch; "
+    header = [f"- Model: `{self.name}` ({variant}) of `{self.workdir}`, checkpoint step "
+              f"{self.step}, K = {provenance['num_samples']} MC reconstructions per patch; "
               f"{provenance['anomaly_map']}.",
               f"- Cohort: `{prepared.root}` ({len(slice_set)} slices)."]
     return base.RungMaps(anomaly=anomaly, provenance=provenance, header=header, eu=maps["eu"],
