@@ -104,6 +104,8 @@ def write_subject_outputs(out_dir: str, result: analysis.CohortResult, slice_set
           "has_lesion": bool(result.truth.patient[i]),
           "segments": [n for n, t in zip(label_values.SEGMENT_NAMES, result.truth.segments[i])
                        if t],
+          "segments_unknown": [n for n, k in zip(label_values.SEGMENT_NAMES,
+                                                 result.truth.segments_known[i]) if not k],
           "source": result.truth.source,
       }
     rel = f"{sid}_scores.json"

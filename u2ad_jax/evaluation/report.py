@@ -83,15 +83,25 @@ def patient_rows(result: analysis.CohortResult, slice_index: np.ndarray,
   return rows
 
 
+def _segment_truth_cell(truth: analysis.Truth | None, patient: int, segment: int) -> Any:
+  """segments.csv's truth cell: '' without truth, 'n/a' where the table says n/a, else 0 / 1."""
+  if truth is None:
+    return ""
+  if not truth.segments_known[patient, segment]:
+    return "n/a"
+  return int(truth.segments[patient, segment])
+
+
 def segment_rows(result: analysis.CohortResult, slice_index: np.ndarray,
                  voxels: Voxels | None = None) -> list[list[Any]]:
   """Rows of segments.csv (see SEGMENT_HEADER)."""
   rows = []
   for i, s in enumerate(result.scores):
     for k, name in enumerate(label_values.SEGMENT_NAMES):
-      truth = "" if result.truth is None else int(result.truth.segments[i, k])
-      if not np.isfinite(s.segment_scores[k]):  # outside the field of view
-        rows.append([s.subject_id, name, "n/a", "n/a", "n/a", "n/a", "" if truth == "" else "n/a"])
+      truth = _segment_truth_cell(result.truth, i, k)
+      if not np.isfinite(s.segment_scores[k]):  # outside the field of view: no score, no peak
+        # Every row has the header's fields, so the truth stays in its column.
+        rows.append([s.subject_id, name, "n/a", "n/a", "", "", "", "", "", truth])
         continue
       rows.append([s.subject_id, name, f"{s.segment_scores[k]:.6g}",
                    int(result.decisions.segment_flags[i, k]), *_ijk(voxels, s.subject_id, k),
@@ -133,18 +143,19 @@ def write_figures(out_dir: str, result: analysis.CohortResult, images: np.ndarra
   fig_dir = os.path.join(out_dir, "figures")
   out: dict[str, Any] = {"roc": None, "scores": "figures/scores.png", "patients": {}}
   truth = result.truth
+  # Segments: the scored ones (finite), split by truth only where it is known.
+  cells = (np.isfinite(result.segment_scores) if truth is None
+           else truth.segment_cells(result.segment_scores))
   figures.score_distributions(
-      os.path.join(fig_dir, "scores.png"), result.patient_scores, result.segment_scores,
+      os.path.join(fig_dir, "scores.png"), result.patient_scores, result.segment_scores[cells],
       result.decisions.threshold,
       patient_truth=None if truth is None else truth.patient,
-      segment_truth=None if truth is None else truth.segments,
+      segment_truth=None if truth is None else truth.segments[cells],
       title=f"{result.name}: scores (threshold dashed)")
   if truth is not None and truth.patient.any() and not truth.patient.all():
     figures.roc_plot(os.path.join(fig_dir, "roc.png"), [
         ("patient level", {result.name: (result.patient_scores, truth.patient)}),
-        ("segment level", {result.name: (
-            result.segment_scores[np.isfinite(result.segment_scores)],
-            truth.segments[np.isfinite(result.segment_scores)])}),
+        ("segment level", {result.name: (result.segment_scores[cells], truth.segments[cells])}),
     ])
     out["roc"] = "figures/roc.png"
   flagged = [i for i in range(len(result.scores)) if result.decisions.patient_flags[i]]
