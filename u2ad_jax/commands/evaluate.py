@@ -82,7 +82,7 @@ def main(argv):
   prepared = rung_base.prepare_cohort(_DATA.value, rung.config.data, progress=not _QUIET.value)
   settings = settings_lib.EvalSettings.from_config(rung.config)
   result = rung_base.evaluate(rung, prepared, settings, _OUT.value, overwrite=_OVERWRITE.value,
-                              protected=protected)
+                              protected=protected, log=log)
   if result is None:  # a multi-process job: process 0 scores and writes both rungs
     return
   if log:
@@ -90,7 +90,9 @@ def main(argv):
   print(report.format_table(result))
   print(f"report: {_OUT.value}/report.md")
   if _INTENSITY_OUT.value:
+    intensity_log = None if log is None else (lambda msg: log(f"intensity rung: {msg}"))
     intensity = rung_base.evaluate(registry.get("intensity")(), prepared, settings,
-                                   _INTENSITY_OUT.value, overwrite=_OVERWRITE.value)
+                                   _INTENSITY_OUT.value, overwrite=_OVERWRITE.value,
+                                   log=intensity_log)
     print("intensity rung: " + report.format_table(intensity).splitlines()[-1])
     print(f"intensity rung report: {_INTENSITY_OUT.value}/report.md")

@@ -76,6 +76,7 @@ class CohortResult:
     metrics: nested dict of metrics (None without truth).
     eu, recon: epistemic-uncertainty and mean-reconstruction maps (None for the intensity rung).
     info: free-form provenance (model, checkpoint step, parameters) for sidecars and the report.
+    warnings: one-line warnings about what cannot be trusted (`trust.py`; set by the driver).
   """
   name: str
   subject_ids: list[str]
@@ -88,6 +89,7 @@ class CohortResult:
   eu: np.ndarray | None = None
   recon: np.ndarray | None = None
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
+  warnings: list[str] = dataclasses.field(default_factory=list)
 
   @property
   def patient_scores(self) -> np.ndarray:
