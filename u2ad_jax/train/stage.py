@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -59,6 +59,8 @@ class RunContext:
     log: the run's log.
     devices: devices of all processes.
     root_key: `key(seed)`; train_key: its training branch (folded with the step inside).
+    stop_requested: polled after every step (and its checkpoint): True stops the run there with
+      KeyboardInterrupt (the trainer's Ctrl-C handling: the step finishes, nothing is torn).
   """
   run: settings_lib.RunSettings
   config: Any
@@ -69,6 +71,7 @@ class RunContext:
   devices: list
   root_key: jax.Array
   train_key: jax.Array
+  stop_requested: Callable[[], bool] = lambda: False
 
 
 @dataclasses.dataclass
@@ -185,6 +188,9 @@ def run_stage(ctx: RunContext, stage_index: int, cursor: Cursor, start_epoch: in
       if 0 < run.debug_stop_after_steps <= cursor.step:
         log.flush(cursor.last_saved, ctx.ckpts.directory)
         raise Stop()
+      if ctx.stop_requested():
+        log.flush(cursor.last_saved, ctx.ckpts.directory)
+        raise KeyboardInterrupt
     start_batch = 0
   log.flush(cursor.last_saved, ctx.ckpts.directory)
   if cursor.last_saved != cursor.step:
