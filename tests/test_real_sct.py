@@ -154,3 +154,269 @@ def test_study_statistics_take_out_of_view_segments_and_na_truth(sct_cohort, tmp
   want = result.metrics["segment"]["f1"]
   assert seg_f1 == pytest.approx(want) if np.isfinite(want) else np.isnan(seg_f1)
   assert "segment_auroc" in summary["rungs"]["intensity"]
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def _tiny_workdir(root, trained_on):
+  """A `u2ad train` workdir holding a freshly initialised `mu` ViT at 64 px, recorded as trained
+  on the cohort `trained_on`, its checkpoint taken in the pretraining stage."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from u2ad_jax import config_lib  # pylint: disable=import-outside-toplevel
+  from u2ad_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
+  from u2ad_jax.train import settings  # pylint: disable=import-outside-toplevel
+  from u2ad_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
+
+  config = config_lib.sibling(str(SCT.parents[2] / "configs" / "base.py"),
+                              "base").get_config("runlocal")
+  config.data.update(data_config().to_dict())
+  config.data.clinical_dir = str(trained_on)
+  config.data.public_dir = str(trained_on)
+  model = settings.build_model(config)
+  optimizer = state_lib.make_optimizer(settings.optimizer_settings(config.optim), 1)
+  state = state_lib.create_state(state_lib.init_params(model, jax.random.key(0)), optimizer, 2)
+  os.makedirs(root)
+  checkpoint.write_config(root, config)
+  with checkpoint.Checkpoints(root) as ckpts:
+    ckpts.save(2, jax.device_get(state), {"stage": "pretrain", "stage_index": 0, "epoch": 0,
+                                          "batch": 2, "step": 2})
+    ckpts.wait()
+  return root
+
+
+@pytest.fixture(scope="module")
+def evaluated(sct_cohort, tmp_path_factory):
+  """The real scan evaluated end to end by a tiny model (trained on a phantom, in name)."""
+  from u2ad_jax.evaluation.rungs import model as model_rung  # pylint: disable=import-outside-toplevel
+  from u2ad_jax.phantom import cohort_writer  # pylint: disable=import-outside-toplevel
+
+  root = tmp_path_factory.mktemp("eval")
+  phantom = root / "phantom"
+  cohort_writer.write_cohort(phantom, 1, "clinical", seed=2, num_slices=3)
+  workdir = _tiny_workdir(str(root / "run"), phantom)
+  out = root / "out"
+  result = model_rung.evaluate_checkpoint(workdir, sct_cohort[0], str(out), batch_size=16,
+                                          verbose=False)
+  return result, out, workdir
+
+
+def test_real_scan_evaluated_end_to_end_on_its_own_grid(evaluated):
+  result, out, _ = evaluated
+  scan = nib.load(SCT / "t2.nii.gz")
+  for name in ("anomaly", "anomaly_postprocessed", "eu", "recon"):
+    written = nib.load(out / "subjects" / "sub-t2" / f"sub-t2_{name}.nii.gz")
+    assert written.shape == scan.shape
+    np.testing.assert_allclose(written.affine, scan.affine, atol=1e-5)
+  assert (np.asarray(nib.load(out / "subjects" / "sub-t2" / "sub-t2_anomaly.nii.gz").dataobj)
+          > 0).any()
+  # Each scored segment's peak lies between its two levels' centres along S-I (stored axis 1
+  # of the PSR file), as the SCT label file has them (1 voxel of rounding).
+  centres = level_centroids_si()
+  with open(out / "segments.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  scored = [r for r in rows if r["score"] != "n/a"]
+  assert [r["segment"] for r in scored] == ["C2-3", "C3-4", "C4-5"]
+  for r in scored:
+    upper, lower = r["segment"].split("-")
+    lower = lower if lower.startswith(("C", "T")) else "C" + lower
+    lo, hi = sorted((centres[upper], centres[lower]))
+    assert lo - 1 <= int(r["peak_j"]) <= hi + 1, (r, centres)
+  assert np.isnan(result.segment_scores[0, 3:]).all()
+
+
+def test_every_patient_of_a_small_cohort_gets_its_figures(evaluated):
+  _, out, _ = evaluated
+  report = (out / "report.md").read_text()
+  for name in ("sub-t2_slice.png", "sub-t2_curve.png"):
+    assert (out / "figures" / name).stat().st_size > 5000, name
+    assert f"](figures/{name})" in report  # embedded, not only linked
+    assert f"![sub-t2" in report
+  assert "Every patient (no truth)" in report
+
+
+def test_warnings_say_where_the_numbers_cannot_be_trusted(evaluated):
+  result, out, _ = evaluated
+  report = (out / "report.md").read_text()
+  summary = json.loads((out / "summary.json").read_text())
+  expected = {
+      "levels C2, C5 cut by the field of view": "partial level",
+      "computed from this cohort's 1 patient(s), fewer than 10": "few patients",
+      "checkpoint step 2 is from stage pretrain": "checkpoint before the final stage",
+      "trained on a phantom cohort": "another kind of cohort",
+      "masking ROI differs from training": "another ROI",
+  }
+  for needle, what in expected.items():
+    hits = [w for w in result.warnings if needle in w]
+    assert len(hits) == 1, (what, result.warnings)
+    assert "\n" not in hits[0]
+    assert f"- {hits[0]}" in report and hits[0] in summary["warnings"], what
+  assert summary["cohort_kind"] == "real scans (sct)"
+  assert summary["roi"].startswith("cord only")
+  assert summary["threshold"]["num_patients"] == 1
+
+
+def test_recorded_threshold_of_another_kind_of_cohort_is_warned_and_a_degenerate_one_refused(
+    evaluated, sct_cohort, tmp_path):
+  from u2ad_jax.evaluation.rungs import model as model_rung  # pylint: disable=import-outside-toplevel
+
+  _, out, workdir = evaluated
+  # The earlier evaluation as if run on the phantom (its cohort kind and ROI as recorded).
+  earlier = tmp_path / "earlier"
+  shutil.copytree(out, earlier)
+  summary = json.loads((earlier / "summary.json").read_text())
+  summary.update(cohort_kind="phantom", roi="cord + CSF, dilated")
+  (earlier / "summary.json").write_text(json.dumps(summary))
+  result = model_rung.evaluate_checkpoint(workdir, sct_cohort[0], None, batch_size=16,
+                                          verbose=False, threshold_from=str(earlier))
+  assert result.decisions.threshold == pytest.approx(summary["threshold"]["value"])
+  text = "\n".join(result.warnings)
+  assert "the threshold was recorded on a phantom cohort" in text
+  assert "recorded with the masking ROI 'cord + CSF, dilated'" in text
+  assert "recorded threshold" in text and "computed from 1 patient(s)" in text
+  # A degenerate recorded threshold (every pooled score equal: sigma 0) is refused, one line.
+  summary["threshold"]["sigma"] = 0.0
+  (earlier / "summary.json").write_text(json.dumps(summary))
+  with pytest.raises(errors.InputError, match="degenerate") as info:
+    model_rung.evaluate_checkpoint(workdir, sct_cohort[0], None, verbose=False,
+                                   threshold_from=str(earlier))
+  assert "\n" not in str(info.value)
+
+
+def test_degenerate_threshold_is_warned():
+  from u2ad_jax.evaluation import thresholds  # pylint: disable=import-outside-toplevel
+  from u2ad_jax.evaluation import trust  # pylint: disable=import-outside-toplevel
+
+  # Postprocessing left every segment at 0: the robust sigma is 0, the threshold the median.
+  decisions = thresholds.decide(np.zeros(12), np.zeros((12, 6)), thresholds.ThresholdRule(k=2.5))
+  assert decisions.sigma == 0.0 and not decisions.patient_flags.any()
+  warnings = trust.threshold_warnings(decisions, 12)
+  assert len(warnings) == 1 and warnings[0].startswith("degenerate threshold")
+  assert trust.threshold_warnings(thresholds.decide(
+      np.arange(12.0), np.arange(72.0).reshape(12, 6), thresholds.ThresholdRule()), 12) == []
+
+
+# ----------------------------------------------------------------------------- mistakes
+
+
+def _prepare_error(tmp_path, seg, scan="t2.nii.gz", stem="t2", segs_name=None, lesions=None):
+  images, segs = sct_inputs(str(tmp_path), seg=None, scan=scan, stem=stem)
+  if seg is not None:
+    shutil.copyfile(SCT / seg, os.path.join(segs, segs_name or f"{stem}_seg_labeled.nii.gz"))
+  out = tmp_path / "cohort"
+  with pytest.raises(errors.InputError) as info:
+    prepare.prepare_cohort("sct", images, segs, str(out), lesions_dir=lesions)
+  assert not out.exists() and "\n" not in str(info.value)
+  return str(info.value)
+
+
+def test_binary_cord_mask_instead_of_the_labelled_one(tmp_path):
+  message = _prepare_error(tmp_path, "t2_seg-manual.nii.gz")
+  assert "plain binary cord mask" in message
+  assert "sct_label_vertebrae -i t2.nii.gz -s t2_seg.nii.gz -c t2" in message
+  assert "vertebrae in view" not in message
+
+
+def test_sparse_point_labels_are_not_a_cord(tmp_path):
+  message = _prepare_error(tmp_path, "labels.nii.gz")
+  assert "sparse labels (C3: 1 mm^3, C5: 1 mm^3)" in message and "not a cord" in message
+
+
+def test_fake_lesion_volume_says_what_is_missing_and_how_to_get_it(tmp_path):
+  """The fake-lesion volume has a binary cord mask and a lesion mask, no vertebral levels: it
+  stops with one line naming the missing file and the SCT command that makes it."""
+  lesions = tmp_path / "lesions"
+  lesions.mkdir()
+  shutil.copyfile(SCT / "t2_fake_lesion_lesion_seg.nii.gz",
+                  lesions / "t2_fake_lesion_lesion_seg.nii.gz")
+  message = _prepare_error(tmp_path, "t2_fake_lesion_sc_seg.nii.gz", scan="t2_fake_lesion.nii.gz",
+                           stem="t2_fake_lesion", segs_name="t2_fake_lesion_sc_seg.nii.gz",
+                           lesions=str(lesions))
+  assert "t2_fake_lesion_seg_labeled.nii.gz" in message  # what is missing
+  assert ("sct_label_vertebrae -i t2_fake_lesion.nii.gz -s t2_fake_lesion_sc_seg.nii.gz -c t2"
+          in message)  # how to get it
+  assert "t2_fake_lesion_sc_seg_labeled.nii.gz" in message  # what that command writes
+
+
+def _fake_levels(cord_mask_path, out_path, levels=(3, 4, 5, 6)):
+  """The binary cord of the fake-lesion volume valued by made-up levels (equal S-I thirds):
+  what sct_label_vertebrae would give, for testing the lesion path only."""
+  img = nib.load(cord_mask_path)
+  cord = np.asarray(img.dataobj) > 0
+  si = np.argwhere(cord)[:, 1]  # stored PSR: axis 1 is S-I (superior = larger index)
+  edges = np.linspace(si.max() + 1, si.min(), len(levels) + 1)
+  labelled = np.zeros(cord.shape, np.uint8)
+  index = np.indices(cord.shape)[1]
+  for level, top, bottom in zip(levels, edges[:-1], edges[1:]):
+    labelled[cord & (index < top) & (index >= bottom)] = level
+  nib.save(nib.Nifti1Image(labelled, img.affine), out_path)
+
+
+def test_lesion_masks_give_real_scans_pixel_truth(tmp_path):
+  """`prepare --lesions DIR`: the real fake-lesion volume (its cord given levels here) goes
+  through with its lesion mask as truth: label 6 in the cord, has_lesion, pixel metrics; the
+  cord-intensity map lights the real inserted lesion up."""
+  images, segs = sct_inputs(str(tmp_path), seg=None, scan="t2_fake_lesion.nii.gz",
+                            stem="t2_fake_lesion")
+  _fake_levels(SCT / "t2_fake_lesion_sc_seg.nii.gz",
+               os.path.join(segs, "t2_fake_lesion_seg_labeled.nii.gz"))
+  lesions = tmp_path / "lesions"
+  lesions.mkdir()
+  shutil.copyfile(SCT / "t2_fake_lesion_lesion_seg.nii.gz",
+                  lesions / "t2_fake_lesion_lesion_seg.nii.gz")
+  out = str(tmp_path / "cohort")
+  records = prepare.prepare_cohort("sct", images, segs, out, lesions_dir=str(lesions))
+  assert records[0]["has_lesion"] == "1" and records[0]["lesion_voxels"] == "163"
+  label = np.asarray(nib.load(os.path.join(out, "derivatives", "labels", "sub-t2fakelesion",
+                                           "anat", "sub-t2fakelesion_T2w_label.nii.gz")).dataobj)
+  mask = np.asarray(nib.load(SCT / "t2_fake_lesion_lesion_seg.nii.gz").dataobj) > 0
+  assert np.array_equal(label == L.LESION, mask)  # all 163 voxels lie in the cord
+  config = data_config()
+  config.image_size, config.fov_mm = 96, 96.0  # the 0.8 mm volume spans 79 mm
+  prepared = rung_base.prepare_cohort(out, config, progress=False)
+  settings = eval_settings.EvalSettings.from_config(ml_collections.ConfigDict(
+      {"data": config.to_dict(), "evaluation": {"mad_k": 2.5}}))
+  result = rung_base.evaluate(registry.get("intensity")(), prepared, settings,
+                              str(tmp_path / "eval"))
+  assert result.truth is not None and result.truth.patient.tolist() == [True]
+  pixel = result.metrics["pixel"]
+  # Measured: AUROC 0.85, AP 0.73 against a prevalence of 0.036 (105 of 2937 ROI pixels).
+  prevalence = pixel["num_positive"] / (pixel["num_positive"] + pixel["num_negative"])
+  assert pixel["num_positive"] > 20 and pixel["auroc"] > 0.75, pixel
+  assert pixel["ap"] > 10 * prevalence, pixel
+  # Normal-cord SSIM leaves the lesion out: the scoring ROI's lesion pixels carry label 6.
+  assert (prepared.slice_set.labels[prepared.slice_set.score_roi] == L.LESION).sum() == \
+      pixel["num_positive"]
+
+
+def test_a_missing_lesion_mask_is_named(tmp_path):
+  lesions = tmp_path / "lesions"
+  lesions.mkdir()
+  images, segs = sct_inputs(str(tmp_path))
+  with pytest.raises(errors.InputError, match="t2_lesion_seg.nii.gz: lesion mask of .* not found"
+                     ".*all-zero mask"):
+    prepare.prepare_cohort("sct", images, segs, str(tmp_path / "c"), lesions_dir=str(lesions))
+
+
+def test_a_tilted_cord_is_warned_at_prepare_and_evaluate(tmp_path, capsys):
+  """The real scan and its labels rotated 40 degrees in the sagittal plane: segments are row
+  bands between level centroids, which a tilted cord breaks; both commands say so."""
+  from scipy import ndimage  # pylint: disable=import-outside-toplevel
+
+  images, segs = os.path.join(tmp_path, "images"), os.path.join(tmp_path, "segs")
+  os.makedirs(images)
+  os.makedirs(segs)
+  for src, dst, order in (("t2.nii.gz", os.path.join(images, "t2.nii.gz"), 1),
+                          ("t2_seg-manual_labeled.nii.gz",
+                           os.path.join(segs, "t2_seg_labeled.nii.gz"), 0)):
+    img = nib.load(SCT / src)
+    data = np.asarray(img.dataobj).astype(np.float32)
+    # Stored P, S, R: axes 0 and 1 span the sagittal plane.
+    rotated = ndimage.rotate(data, 40, axes=(0, 1), order=order, reshape=False)
+    nib.save(nib.Nifti1Image(np.rint(rotated).astype(np.int16), img.affine), dst)
+  out = str(tmp_path / "cohort")
+  prepare.prepare_cohort("sct", images, segs, out)
+  assert "the cord runs at 4" in capsys.readouterr().err
+  prepared = rung_base.prepare_cohort(out, data_config(), progress=False)
+  assert any("the cord runs at" in w and "degrees to the image's S-I axis" in w
+             for w in prepared.warnings), prepared.warnings
