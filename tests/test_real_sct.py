@@ -14,17 +14,30 @@ import os
 import pathlib
 import shutil
 
+import jax
 import ml_collections
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
+import test_evaluate as te  # its tiny NIfTI cohort writer
+from u2ad_jax import config_lib
 from u2ad_jax import errors
 from u2ad_jax import labels as L
 from u2ad_jax.commands import prepare
+from u2ad_jax.evaluation import postprocess
 from u2ad_jax.evaluation import settings as eval_settings
+from u2ad_jax.evaluation import stats
+from u2ad_jax.evaluation import thresholds
 from u2ad_jax.evaluation.rungs import base as rung_base
+from u2ad_jax.evaluation.rungs import model as model_rung
 from u2ad_jax.evaluation.rungs import registry
+from u2ad_jax.phantom import cohort_writer
+from u2ad_jax.train import checkpoint
+from u2ad_jax.train import settings as train_settings
+from u2ad_jax.train import state as state_lib
+from u2ad_jax.workflows import study
 
 SCT = pathlib.Path(__file__).resolve().parent / "data" / "sct"
 # 1 mm model pixels over 64 mm: the cropped SCT volumes (55-80 mm) keep their resolution.
@@ -133,8 +146,6 @@ def test_study_statistics_take_out_of_view_segments_and_na_truth(sct_cohort, tmp
   """`u2ad study`'s per-patient tables and bootstrap (stats.py) on a cohort with segments out of
   view (NaN scores) and n/a truth: no crash, and the segment metrics count the same cells as
   the evaluator's metrics."""
-  from u2ad_jax.evaluation import stats  # pylint: disable=import-outside-toplevel
-  from u2ad_jax.workflows import study  # pylint: disable=import-outside-toplevel
 
   src, _ = sct_cohort
   cohort_dir = str(tmp_path / "cohort")
@@ -162,19 +173,14 @@ def test_study_statistics_take_out_of_view_segments_and_na_truth(sct_cohort, tmp
 def _tiny_workdir(root, trained_on):
   """A `u2ad train` workdir holding a freshly initialised `mu` ViT at 64 px, recorded as trained
   on the cohort `trained_on`, its checkpoint taken in the pretraining stage."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from u2ad_jax import config_lib  # pylint: disable=import-outside-toplevel
-  from u2ad_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
-  from u2ad_jax.train import settings  # pylint: disable=import-outside-toplevel
-  from u2ad_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
 
   config = config_lib.sibling(str(SCT.parents[2] / "configs" / "base.py"),
                               "base").get_config("runlocal")
   config.data.update(data_config().to_dict())
   config.data.clinical_dir = str(trained_on)
   config.data.public_dir = str(trained_on)
-  model = settings.build_model(config)
-  optimizer = state_lib.make_optimizer(settings.optimizer_settings(config.optim), 1)
+  model = train_settings.build_model(config)
+  optimizer = state_lib.make_optimizer(train_settings.optimizer_settings(config.optim), 1)
   state = state_lib.create_state(state_lib.init_params(model, jax.random.key(0)), optimizer, 2)
   os.makedirs(root)
   checkpoint.write_config(root, config)
@@ -188,8 +194,6 @@ def _tiny_workdir(root, trained_on):
 @pytest.fixture(scope="module")
 def evaluated(sct_cohort, tmp_path_factory):
   """The real scan evaluated end to end by a tiny model (trained on a phantom, in name)."""
-  from u2ad_jax.evaluation.rungs import model as model_rung  # pylint: disable=import-outside-toplevel
-  from u2ad_jax.phantom import cohort_writer  # pylint: disable=import-outside-toplevel
 
   root = tmp_path_factory.mktemp("eval")
   phantom = root / "phantom"
@@ -258,7 +262,6 @@ def test_warnings_say_where_the_numbers_cannot_be_trusted(evaluated):
 
 def test_recorded_threshold_of_another_kind_of_cohort_is_warned_and_a_degenerate_one_refused(
     evaluated, sct_cohort, tmp_path):
-  from u2ad_jax.evaluation.rungs import model as model_rung  # pylint: disable=import-outside-toplevel
 
   _, out, workdir = evaluated
   # The earlier evaluation as if run on the phantom (its cohort kind and ROI as recorded).
@@ -284,8 +287,8 @@ def test_recorded_threshold_of_another_kind_of_cohort_is_warned_and_a_degenerate
 
 
 def test_degenerate_threshold_is_warned():
-  from u2ad_jax.evaluation import thresholds  # pylint: disable=import-outside-toplevel
-  from u2ad_jax.evaluation import trust  # pylint: disable=import-outside-toplevel
+  from u2ad_jax.evaluation import trust  # pylint: disable=import-outside-toplevel  (new module)
+
 
   # Postprocessing left every segment at 0: the robust sigma is 0, the threshold the median.
   decisions = thresholds.decide(np.zeros(12), np.zeros((12, 6)), thresholds.ThresholdRule(k=2.5))
@@ -305,7 +308,8 @@ def _prepare_error(tmp_path, seg, scan="t2.nii.gz", stem="t2", segs_name=None, l
     shutil.copyfile(SCT / seg, os.path.join(segs, segs_name or f"{stem}_seg_labeled.nii.gz"))
   out = tmp_path / "cohort"
   with pytest.raises(errors.InputError) as info:
-    prepare.prepare_cohort("sct", images, segs, str(out), lesions_dir=lesions)
+    prepare.prepare_cohort("sct", images, segs, str(out),
+                           **({} if lesions is None else {"lesions_dir": lesions}))
   assert not out.exists() and "\n" not in str(info.value)
   return str(info.value)
 
@@ -401,7 +405,6 @@ def test_a_missing_lesion_mask_is_named(tmp_path):
 def test_a_tilted_cord_is_warned_at_prepare_and_evaluate(tmp_path, capsys):
   """The real scan and its labels rotated 40 degrees in the sagittal plane: segments are row
   bands between level centroids, which a tilted cord breaks; both commands say so."""
-  from scipy import ndimage  # pylint: disable=import-outside-toplevel
 
   images, segs = os.path.join(tmp_path, "images"), os.path.join(tmp_path, "segs")
   os.makedirs(images)
@@ -420,3 +423,21 @@ def test_a_tilted_cord_is_warned_at_prepare_and_evaluate(tmp_path, capsys):
   prepared = rung_base.prepare_cohort(out, data_config(), progress=False)
   assert any("the cord runs at" in w and "degrees to the image's S-I axis" in w
              for w in prepared.warnings), prepared.warnings
+
+
+def test_a_large_cohort_with_truth_keeps_the_flagged_selection_and_says_so(tmp_path):
+  """Figures of every patient are for small or truth-less cohorts; a cohort of more than ten
+  patients with truth shows the flagged ones, and the report says which were drawn."""
+
+  root = str(tmp_path / "cohort")
+  te.write_cohort(root, num_subjects=12)
+  prepared = rung_base.prepare_cohort(root, te.data_config(), progress=False)
+  settings = eval_settings.EvalSettings(postprocess.PostprocessParams(90, 2, None),
+                                        thresholds.ThresholdRule(k=1.0))
+  out = tmp_path / "eval"
+  result = rung_base.evaluate(registry.get("intensity")(), prepared, settings, str(out))
+  flagged = [s.subject_id for s, f in zip(result.scores, result.decisions.patient_flags) if f]
+  assert 0 < len(flagged) < 12
+  drawn = sorted(p.name[:-len("_slice.png")] for p in (out / "figures").glob("*_slice.png"))
+  assert drawn == sorted(flagged)
+  assert f"Flagged patients only ({len(flagged)} of 12" in (out / "report.md").read_text()

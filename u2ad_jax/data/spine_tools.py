@@ -191,10 +191,10 @@ def segmentation_paths(tool: str, image_path: PathLike, segs_dir: PathLike) -> d
                       and n.endswith(NIFTI_EXTENSIONS) and "_labeled" not in n)
       if others:
         # Usually the plain cord mask of sct_deepseg_sc: say which step is missing.
+        hint = label_vertebrae_hint(os.path.basename(os.fspath(image_path)), others[0])
         raise errors.InputError(expected, f"SCT level-labelled cord of {os.fspath(image_path)} "
                                           f"not found; {others[0]} is there, but scoring needs "
-                                          f"the vertebral levels: "
-                                          f"{label_vertebrae_hint(os.path.basename(os.fspath(image_path)), others[0])}")
+                                          f"the vertebral levels: {hint}")
       raise errors.InputError(expected, f"SCT level-labelled cord of {os.fspath(image_path)} not "
                                         f"found (sct_label_vertebrae writes "
                                         f"<scan>{SCT_LABELED_SUFFIX}.nii.gz)")
@@ -328,14 +328,15 @@ def convert_sct(levels_cord: np.ndarray, canal: np.ndarray | None = None,
     raise errors.LabelError(path, "no spinal cord voxel (all zero)")
   if set(np.unique(levels_cord).tolist()) == {0, 1}:
     # Only "C1": a binary cord mask (sct_deepseg_sc), not a level-labelled one.
+    scan = _scan_of(path)
     raise errors.LabelError(path, "a plain binary cord mask (values 0 / 1, as sct_deepseg_sc "
                                   "writes), not a cord labelled by vertebral level: "
-                                  f"{label_vertebrae_hint(_scan_of(path) + '.nii.gz', _scan_of(path) + '_seg.nii.gz')}")
-  volumes = {level: int(n) * float(np.prod(voxel_mm))
-             for level, n in zip(*np.unique(levels_cord[cord], return_counts=True))}
-  if max(volumes.values()) < MIN_LEVEL_VOLUME_MM3:
-    shown = ", ".join(f"{_sct_level_name(v)}: {n * float(np.prod(voxel_mm)):.0f} mm^3"
-                      for v, n in zip(*np.unique(levels_cord[cord], return_counts=True)))
+                                  + label_vertebrae_hint(scan + ".nii.gz", scan + "_seg.nii.gz"))
+  voxel_mm3 = float(np.prod(voxel_mm))
+  values, counts = np.unique(levels_cord[cord], return_counts=True)
+  if counts.max() * voxel_mm3 < MIN_LEVEL_VOLUME_MM3:
+    shown = ", ".join(f"{_sct_level_name(v)}: {n * voxel_mm3:.0f} mm^3"
+                      for v, n in zip(values, counts))
     raise errors.LabelError(path, f"sparse labels ({shown}): point labels such as sct_label_utils "
                                   f"or the {SCT_LABELED_SUFFIX}_discs file write, not a cord "
                                   f"labelled by vertebral level; pass sct_label_vertebrae's "
