@@ -11,6 +11,10 @@ An output directory must be missing, empty or (with --overwrite) an earlier `u2a
 output, and may not be, lie inside or contain the workdir or the cohort.
 `--threshold-from EVAL_DIR` applies the threshold an earlier evaluation of the same checkpoint
 recorded (a new patient alone has no cohort statistics); the report names it and its source.
+Where the numbers cannot be fully trusted (a threshold from fewer than 10 patients, a model or
+threshold of another kind of cohort, a checkpoint before the final stage, levels cut by the field
+of view, ...: `evaluation/trust.py`) one warning line each goes to stderr, report.md and
+summary.json.
 Multi-host: `--distributed` (SLURM / TPU auto-detection) or explicit `--coordinator_address
 --num_processes --process_id`, the same command in every process: the cohort's subjects are
 split over the processes for the Monte-Carlo maps, and process 0 alone scores and writes

@@ -1,4 +1,5 @@
-"""`u2ad prepare --from totalspineseg|sct --images DIR --segs DIR --out COHORT [--participants TSV]`.
+"""`u2ad prepare --from totalspineseg|sct --images DIR --segs DIR --out COHORT [--participants TSV]
+[--lesions DIR]`.
 
 Turns real sagittal T2w scans (NIfTI, e.g. dcm2niix output) plus the segmentations TotalSpineSeg
 or Spinal Cord Toolbox wrote for them into the cohort layout `u2ad train` / `u2ad evaluate` read
@@ -12,6 +13,10 @@ file name, else `sub-` + the file stem. Every scan is checked before anything is
 scan stops the command with one line naming the file, and nothing is written (the cohort is built
 in a staging directory beside --out and renamed onto it only when complete). An existing
 non-empty --out is refused unless it is an earlier `u2ad prepare` output and --overwrite is given.
+The usual mix-ups (a binary cord mask or point labels given as SCT's level-labelled cord, a cord
+mask without levels) stop with one line saying which SCT step to run. `--lesions DIR` adds one
+lesion mask per scan (truth for pixel metrics). Levels cut by the field of view and a tilted cord
+are warned about (stderr, and per scan in derivatives/labels/sources.tsv).
 """
 
 from __future__ import annotations

@@ -31,12 +31,23 @@ from u2ad_jax.evaluation import thresholds
 MIN_THRESHOLD_PATIENTS = 10
 
 
+# A cohort-level warning names at most this many patients (then "+ N more"): one line each.
+MAX_NAMED_PATIENTS = 5
+
+
+def _patients(entries: list[str]) -> str:
+  shown = ", ".join(entries[:MAX_NAMED_PATIENTS])
+  more = len(entries) - MAX_NAMED_PATIENTS
+  return shown + (f" + {more} more" if more > 0 else "")
+
+
 def cohort_warnings(slice_set: Any, levels: Mapping[str, levels_lib.VertebralLevels]
                     ) -> list[str]:
-  """Levels cut by the field of view and tilted cords, per subject (model grid)."""
+  """Levels cut by the field of view and tilted cords (model grid): one line per kind of
+  problem, naming the patients."""
   from u2ad_jax.data import slice_geometry  # pylint: disable=g-import-not-at-top
 
-  out = []
+  cut_levels, tilted = [], []
   for sid in slice_set.subjects:
     positions = slice_set.indices_of(sid)
     geometry = slice_set.geometries.get(sid)
@@ -49,15 +60,20 @@ def cohort_warnings(slice_set: Any, levels: Mapping[str, levels_lib.VertebralLev
         margin = int(math.ceil(levels_lib.PARTIAL_LEVEL_MARGIN_MM / pixel_mm - 1e-9))
         cut = levels_lib.partial_levels(slice_set.vertebrae[positions], rows_in_view, margin)
         if cut:
-          out.append(f"{sid}: level{'s' if len(cut) > 1 else ''} {', '.join(cut)} cut by the "
-                     f"field of view (within {levels_lib.PARTIAL_LEVEL_MARGIN_MM:g} mm of its "
-                     f"end): centroid and segment bounds off the level's centre")
+          cut_levels.append(f"{sid} {'/'.join(cut)}")
     tilt = levels_lib.tilt_degrees(slice_set.score_roi[positions], (1.0, pixel_mm, pixel_mm),
                                    axis=1)
     if tilt > levels_lib.MAX_TILT_DEGREES:
-      out.append(f"{sid}: the cord runs at {tilt:.0f} degrees to the image's S-I axis (more than "
-                 f"{levels_lib.MAX_TILT_DEGREES:g}): segments are row bands between level "
-                 f"centroids and may be misnamed; reslice the scan along the cord")
+      tilted.append(f"{sid} {tilt:.0f} degrees")
+  out = []
+  if cut_levels:
+    out.append(f"levels cut by the field of view (within {levels_lib.PARTIAL_LEVEL_MARGIN_MM:g} "
+               f"mm of its end: centroid and segment bounds off the level's centre): "
+               f"{_patients(cut_levels)}")
+  if tilted:
+    out.append(f"cord tilted more than {levels_lib.MAX_TILT_DEGREES:g} degrees against the "
+               f"image's S-I axis (segments are row bands between level centroids and may be "
+               f"misnamed; reslice the scan along the cord): {_patients(tilted)}")
   return out
 
 
