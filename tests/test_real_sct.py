@@ -442,3 +442,32 @@ def test_a_large_cohort_with_truth_keeps_the_flagged_selection_and_says_so(tmp_p
   drawn = sorted(p.name[:-len("_slice.png")] for p in (out / "figures").glob("*_slice.png"))
   assert drawn == sorted(flagged)
   assert f"Flagged patients only ({len(flagged)} of 12" in (out / "report.md").read_text()
+
+
+def test_the_ladder_compares_rungs_on_a_cohort_with_levels_out_of_view(sct_cohort, tmp_path):
+  """`u2ad ablate`'s comparison (tables and ROC curves) on real scans whose C5-6 ... C7-T1 are
+  out of view (NaN segment scores), one lesion and one normal patient."""
+  from u2ad_jax.evaluation import ladder  # pylint: disable=import-outside-toplevel
+
+  src, _ = sct_cohort
+  cohort_dir = tmp_path / "cohort"
+  shutil.copytree(src, cohort_dir)
+  # The same scan as a second subject (the layout's names are the subject's).
+  for old, new in (("sub-t2", "sub-t3"),):
+    shutil.copytree(cohort_dir / old, cohort_dir / new)
+    shutil.copytree(cohort_dir / "derivatives" / "labels" / old,
+                    cohort_dir / "derivatives" / "labels" / new)
+    for folder in (cohort_dir / new / "anat", cohort_dir / "derivatives" / "labels" / new / "anat"):
+      for path in folder.iterdir():
+        path.rename(folder / path.name.replace(old, new))
+  # Truth known everywhere (0 out of view): the segments' ROC must skip the unscored ones.
+  _write_participants(str(cohort_dir), "participant_id\thas_lesion\tC2-3\tC3-4\tC4-5\tC5-6\t"
+                                       "C6-7\tC7-T1\nsub-t2\t1\t0\t1\t0\t0\t0\t0\n"
+                                       "sub-t3\t0\t0\t0\t0\t0\t0\t0\n")
+  prepared = rung_base.prepare_cohort(str(cohort_dir), data_config(), progress=False)
+  result = rung_base.evaluate(registry.get("intensity")(), prepared, eval_settings_for_tests())
+  assert np.isnan(result.segment_scores[:, 3:]).all()
+  path = ladder.write_comparison(str(tmp_path / "ladder"),
+                                 {"intensity": result, "eu_au": result})
+  assert (tmp_path / "ladder" / "figures" / "roc_ladder.png").stat().st_size > 5000
+  assert "roc_ladder.png" in open(path, encoding="utf-8").read()
