@@ -196,9 +196,11 @@ def _deferred_interrupt(verbose: bool) -> Iterator[Callable[[], bool]]:
   """While training: the first Ctrl-C (SIGINT) only asks the stage loop to stop after the
   current step (and its checkpoint save), so no save or map refresh is cut in half; a second
   Ctrl-C interrupts at once. Yields the poll the loop calls. Outside the main thread (where
-  Python cannot install a handler) Ctrl-C keeps its default behaviour."""
+  Python cannot install a handler) and in multi-process jobs (processes polling the flag at
+  different steps would leave one waiting in a collective) Ctrl-C keeps its default behaviour."""
   requested = threading.Event()
-  if threading.current_thread() is not threading.main_thread():
+  if (threading.current_thread() is not threading.main_thread()
+      or jax.process_count() > 1):
     yield requested.is_set
     return
 
