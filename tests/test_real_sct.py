@@ -471,3 +471,18 @@ def test_the_ladder_compares_rungs_on_a_cohort_with_levels_out_of_view(sct_cohor
                                  {"intensity": result, "eu_au": result})
   assert (tmp_path / "ladder" / "figures" / "roc_ladder.png").stat().st_size > 5000
   assert "roc_ladder.png" in open(path, encoding="utf-8").read()
+
+
+def test_only_a_checkpoint_before_the_end_of_the_final_stage_is_warned():
+  from u2ad_jax.evaluation import trust  # pylint: disable=import-outside-toplevel  (new module)
+
+  config = ml_collections.ConfigDict({"stages": ("pretrain", "adapt_eu", "adapt_eu_au"),
+                                      "stage_epochs": {"pretrain": 12, "adapt_eu": 6,
+                                                       "adapt_eu_au": 4}})
+  final = {"stage": "adapt_eu_au", "epoch": 4, "batch": 0}
+  assert trust.checkpoint_warning(final, config, 90) is None
+  assert trust.checkpoint_warning(None, config, 90) is None  # position unknown: no claim
+  for meta, where in (({"stage": "adapt_eu_au", "epoch": 3, "batch": 2}, "adapt_eu_au, epoch 3 "
+                       "of 4"), ({"stage": "adapt_eu", "epoch": 6, "batch": 0}, "adapt_eu")):
+    warning = trust.checkpoint_warning(meta, config, 50)
+    assert warning.startswith(f"checkpoint step 50 is from stage {where}"), warning
