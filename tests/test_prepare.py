@@ -230,7 +230,8 @@ def test_field_of_view_from_c3_is_scored_at_the_right_levels(tmp_path, subject):
   assert not result.decisions.segment_flags[0, 0]
   rows = (report_dir / "segments.csv").read_text().splitlines()
   c23 = [r for r in rows if r.startswith("sub-001,C2-3,")]
-  assert c23 == ["sub-001,C2-3,n/a,n/a,n/a,n/a,n/a"]  # truth column n/a too
+  # Every row has the header's ten fields; the truth stays in its column (0: no lesion there).
+  assert c23 == ["sub-001,C2-3,n/a,n/a,,,,,,0"]
   assert result.truth is not None and result.truth.segments[0].tolist() == truth.tolist()
   sidecar = json.loads((report_dir / "subjects" / "sub-001" / "sub-001_scores.json").read_text())
   assert sidecar["segments"]["C2-3"]["score"] is None

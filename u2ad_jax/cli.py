@@ -10,6 +10,8 @@ One contract for every subcommand, kept here so no command can differ:
   flag parsing (unknown flag, bad value, missing required flag, `--config.x=` typos, a config
   file that fails to load), stray positional arguments, and every `errors.U2ADError` (a lost
   process of a multi-process job, `ProcessLostError`, leaves at once);
+- exit 130 with ONE line `u2ad <cmd>: interrupted...` on Ctrl-C (training says the step it
+  reached, its last checkpoint and how to resume);
 - exit 1 with the traceback for anything else (an internal error: a bug to report);
 - a closed stdout (`u2ad synth -h | head -1`) ends quietly;
 - progress and logs go to stderr, results to stdout.
@@ -33,6 +35,8 @@ COMMANDS = {
 }
 
 USAGE_EXIT = 2
+# What a shell reports for a process ended by SIGINT (128 + 2): the user pressed Ctrl-C.
+INTERRUPT_EXIT = 130
 # What a shell reports for a process ended by SIGPIPE (128 + 13): the reader went away.
 BROKEN_PIPE_EXIT = 141
 
@@ -99,6 +103,15 @@ def _run(argv: list[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from u2ad_jax import errors  # pylint: disable=g-import-not-at-top
 
+  if hasattr(module, "resolve_argv"):
+    # A command may rewrite its arguments before absl parses them, e.g. `train` finds a bare
+    # `--config cpu.py` the way `demo` does, and fails on a missing file here: absl would load
+    # it while parsing `--config.x=` overrides and raise a traceback.
+    try:
+      argv = argv[:2] + list(module.resolve_argv(argv[2:]))
+    except errors.U2ADError as e:
+      _fail(name, str(e))
+
   if any(a in ("-h", "--help", "-?", "--helpshort") for a in argv[2:]):
     # absl's own --help describes the `__main__` module (this dispatcher) and exits 1; show
     # the subcommand's docstring and its flags instead, and exit 0.
@@ -117,6 +130,10 @@ def _run(argv: list[str]) -> None:
       return flags.FLAGS(args)
     except flags.Error as e:
       _fail(name, flag_error_line(e))
+    except OSError as e:
+      # ml_collections raises OSError for a config file that failed to load (a file that
+      # raises on import) when an override needs it: keep the last line of its message.
+      _fail(name, flag_error_line(e))
     except (AttributeError, KeyError) as e:
       # ml_collections' `--config.a.b=v` parser raises these for a key the config lacks.
       dotted = [a.split("=", 1)[0] for a in args[1:] if a.startswith("--config.")]
@@ -131,6 +148,12 @@ def _run(argv: list[str]) -> None:
       _fail(name, f"unexpected arguments: {' '.join(args[1:])} (every value goes with a --flag)")
     try:
       return module.main(args)
+    except errors.Interrupted as e:
+      print(f"u2ad {name}: {e}", file=sys.stderr, flush=True)
+      sys.exit(INTERRUPT_EXIT)
+    except KeyboardInterrupt:
+      print(f"u2ad {name}: interrupted", file=sys.stderr, flush=True)
+      sys.exit(INTERRUPT_EXIT)
     except errors.U2ADError as e:
       # One clear line, exit 2: bad input is the user's to fix, not a traceback.
       _fail(name, " ".join(str(e).split()) or type(e).__name__,

@@ -74,3 +74,25 @@ class ConfigValueError(U2ADError, ValueError):
 
   Also a ValueError, so callers that already treat config ValueErrors as bad config keep working.
   """
+
+
+class Interrupted(U2ADError):
+  """The user stopped a command (Ctrl-C). The message says what was kept and how to go on; the
+  command line exits 130 (128 + SIGINT), not 2: nothing was wrong with the input."""
+
+
+class TrainingInterrupted(Interrupted):
+  """Ctrl-C during training. `step`: steps done; `checkpoint`: the newest complete checkpoint's
+  step (None: none yet); `resume_hint`: how to go on (the command that resumes)."""
+
+  def __init__(self, step: int, checkpoint: int | None, checkpoint_dir: str,
+               resume_hint: str = "run the same command to resume"):
+    self.step, self.checkpoint, self.checkpoint_dir = int(step), checkpoint, checkpoint_dir
+    self.resume_hint = resume_hint
+    kept = (f"the last checkpoint is step {checkpoint} ({checkpoint_dir})" if checkpoint is not None
+            else f"no checkpoint was written yet ({checkpoint_dir})")
+    super().__init__(f"interrupted at step {self.step}; {kept}; {resume_hint}")
+
+  def with_hint(self, resume_hint: str) -> "TrainingInterrupted":
+    """The same interruption with another way to go on (e.g. `u2ad demo ... --overwrite`)."""
+    return TrainingInterrupted(self.step, self.checkpoint, self.checkpoint_dir, resume_hint)

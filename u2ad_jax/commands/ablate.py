@@ -13,6 +13,8 @@ from __future__ import annotations
 from absl import flags
 from absl import logging
 
+from u2ad_jax import errors
+
 from u2ad_jax import stages
 from u2ad_jax.workflows import ablate
 
@@ -36,8 +38,13 @@ def main(argv):
   del argv  # stray arguments are refused by the dispatcher
   # Library logs (checkpoint I/O, read-only notices) would bury the progress lines.
   logging.set_verbosity(logging.ERROR)
-  ablate.run_ablation(_OUT.value, _PUBLIC.value, _CLINICAL.value, config_spec=_CONFIG.value,
-                      smoke=_SMOKE.value, methods=_METHODS.value, seed=_SEED.value,
-                      overrides=_SET.value, overwrite=_OVERWRITE.value)
+  try:
+    ablate.run_ablation(_OUT.value, _PUBLIC.value, _CLINICAL.value, config_spec=_CONFIG.value,
+                        smoke=_SMOKE.value, methods=_METHODS.value, seed=_SEED.value,
+                        overrides=_SET.value, overwrite=_OVERWRITE.value)
+  except errors.TrainingInterrupted as e:
+    # An earlier ablate output is resumed only with --overwrite.
+    raise e.with_hint("run the same command with --overwrite to resume (its runs continue "
+                      "from their last checkpoints)") from None
   with open(f"{_OUT.value}/comparison.md", encoding="utf-8") as f:
     print(f.read())

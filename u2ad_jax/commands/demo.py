@@ -7,14 +7,17 @@ rung) on the clinical cohort, writes DIR/report.md and prints the patient / segm
 `--smoke` runs the same path at test size (5 patients, a tiny model, configs/smoke.py).
 `--config FILE[:args]` picks another config (default configs/cpu.py) and `--set key.path=value`
 changes single settings (e.g. `--set stage_epochs.pretrain=24`).
-Re-running with the same DIR needs `--overwrite` (DIR must hold an earlier demo): it reuses the
-cohorts that match, resumes / reuses the training run and replaces the evaluations.
+Re-running with the same DIR needs `--overwrite` (DIR must hold an earlier demo, finished or
+interrupted): it reuses the cohorts that match, resumes / reuses the training run and replaces
+the evaluations.
 """
 
 from __future__ import annotations
 
 from absl import flags
 from absl import logging
+
+from u2ad_jax import errors
 
 from u2ad_jax.evaluation import report
 from u2ad_jax.workflows import demo
@@ -43,9 +46,14 @@ def main(argv):
   size = demo.DemoSize(
       num_public=_PUBLIC.value if _PUBLIC.value is not None else default.num_public,
       num_clinical=_CLINICAL.value if _CLINICAL.value is not None else default.num_clinical)
-  result = demo.run_demo(_OUT.value, smoke=_SMOKE.value, config_spec=_CONFIG.value,
-                             size=size, seed=_SEED.value, overrides=_SET.value,
-                             overwrite=_OVERWRITE.value)
+  try:
+    result = demo.run_demo(_OUT.value, smoke=_SMOKE.value, config_spec=_CONFIG.value,
+                           size=size, seed=_SEED.value, overrides=_SET.value,
+                           overwrite=_OVERWRITE.value)
+  except errors.TrainingInterrupted as e:
+    # An earlier demo output is resumed only with --overwrite.
+    raise e.with_hint("run the same command with --overwrite to resume (its cohorts are reused "
+                      "and training continues from that checkpoint)") from None
   print(report.format_table(result.u2ad))
   print("intensity rung: " + report.format_table(result.intensity).splitlines()[-1])
   print(f"report: {result.report_path}")

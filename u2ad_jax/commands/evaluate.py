@@ -11,6 +11,10 @@ An output directory must be missing, empty or (with --overwrite) an earlier `u2a
 output, and may not be, lie inside or contain the workdir or the cohort.
 `--threshold-from EVAL_DIR` applies the threshold an earlier evaluation of the same checkpoint
 recorded (a new patient alone has no cohort statistics); the report names it and its source.
+Where the numbers cannot be fully trusted (a threshold from fewer than 10 patients, a model or
+threshold of another kind of cohort, a checkpoint before the final stage, levels cut by the field
+of view, ...: `evaluation/trust.py`) one warning line each goes to stderr, report.md and
+summary.json.
 Multi-host: `--distributed` (SLURM / TPU auto-detection) or explicit `--coordinator_address
 --num_processes --process_id`, the same command in every process: the cohort's subjects are
 split over the processes for the Monte-Carlo maps, and process 0 alone scores and writes
@@ -82,7 +86,7 @@ def main(argv):
   prepared = rung_base.prepare_cohort(_DATA.value, rung.config.data, progress=not _QUIET.value)
   settings = settings_lib.EvalSettings.from_config(rung.config)
   result = rung_base.evaluate(rung, prepared, settings, _OUT.value, overwrite=_OVERWRITE.value,
-                              protected=protected)
+                              protected=protected, log=log)
   if result is None:  # a multi-process job: process 0 scores and writes both rungs
     return
   if log:
@@ -90,7 +94,9 @@ def main(argv):
   print(report.format_table(result))
   print(f"report: {_OUT.value}/report.md")
   if _INTENSITY_OUT.value:
+    intensity_log = None if log is None else (lambda msg: log(f"intensity rung: {msg}"))
     intensity = rung_base.evaluate(registry.get("intensity")(), prepared, settings,
-                                   _INTENSITY_OUT.value, overwrite=_OVERWRITE.value)
+                                   _INTENSITY_OUT.value, overwrite=_OVERWRITE.value,
+                                   log=intensity_log)
     print("intensity rung: " + report.format_table(intensity).splitlines()[-1])
     print(f"intensity rung report: {_INTENSITY_OUT.value}/report.md")

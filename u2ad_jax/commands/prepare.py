@@ -1,4 +1,5 @@
-"""`u2ad prepare --from totalspineseg|sct --images DIR --segs DIR --out COHORT [--participants TSV]`.
+"""`u2ad prepare --from totalspineseg|sct --images DIR --segs DIR --out COHORT [--participants TSV]
+[--lesions DIR]`.
 
 Turns real sagittal T2w scans (NIfTI, e.g. dcm2niix output) plus the segmentations TotalSpineSeg
 or Spinal Cord Toolbox wrote for them into the cohort layout `u2ad train` / `u2ad evaluate` read
@@ -12,6 +13,10 @@ file name, else `sub-` + the file stem. Every scan is checked before anything is
 scan stops the command with one line naming the file, and nothing is written (the cohort is built
 in a staging directory beside --out and renamed onto it only when complete). An existing
 non-empty --out is refused unless it is an earlier `u2ad prepare` output and --overwrite is given.
+The usual mix-ups (a binary cord mask or point labels given as SCT's level-labelled cord, a cord
+mask without levels) stop with one line saying which SCT step to run. `--lesions DIR` adds one
+lesion mask per scan (truth for pixel metrics). Levels cut by the field of view and a tilted cord
+are warned about (stderr, and per scan in derivatives/labels/sources.tsv).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from u2ad_jax import errors
 from u2ad_jax import io_utils
 from u2ad_jax import output_guard
 from u2ad_jax.data import cohort
+from u2ad_jax.data import levels as levels_lib
 from u2ad_jax.data import nifti
 from u2ad_jax.data import spine_tools
 
@@ -40,6 +46,11 @@ _OUT = flags.DEFINE_string("out", None, "new cohort directory (missing, empty, o
                                         "prepare output with --overwrite)")
 _PARTICIPANTS = flags.DEFINE_string("participants", None,
                                     "optional participants.tsv (participant_id + truth columns)")
+_LESIONS = flags.DEFINE_string(
+    "lesions", None, "optional folder of lesion masks on the scans' grids, one per scan "
+    "(<scan>_lesion_seg / _lesionseg / _lesion .nii.gz; all zero = no lesion): lesion voxels "
+    "in the cord become label 6, so evaluation has pixel metrics and normal-cord SSIM leaves "
+    "the lesion out")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                 "replace --out when it holds an earlier `u2ad prepare` output")
 _QUIET = flags.DEFINE_bool("quiet", False, "no progress messages")
@@ -60,8 +71,17 @@ def list_scans(images_dir: str) -> list[str]:
 
 def prepare_cohort(tool: str, images_dir: str, segs_dir: str, out_dir: str,
                    participants: str | None = None, log=None,
-                   overwrite: bool = False) -> list[dict[str, str]]:
+                   overwrite: bool = False,
+                   lesions_dir: str | None = None) -> list[dict[str, str]]:
   """Converts every scan into a new cohort at `out_dir`; returns one record per subject.
+
+  `lesions_dir`: a folder with one lesion mask per scan (`spine_tools.lesion_path`): lesion
+  voxels in the cord become label 6 (truth for pixel metrics; left out of the normal-cord SSIM),
+  and, without `participants`, participants.tsv gets `has_lesion` from the masks.
+
+  Warnings (stderr, one line each, also in `derivatives/labels/sources.tsv`): levels out of
+  view, levels cut by the field of view, a cord tilted beyond `levels_lib.MAX_TILT_DEGREES`
+  against the scan's S-I axis, lesion-mask voxels outside the cord.
 
   Raises:
     UsageError / InputError (an --out that may not be written: `output_guard`), InputError and
@@ -69,9 +89,12 @@ def prepare_cohort(tool: str, images_dir: str, segs_dir: str, out_dir: str,
   """
   out_dir = output_guard.check_output_dir(
       out_dir, "prepare", overwrite=overwrite,
-      protected={"--images": images_dir, "--segs": segs_dir, "--participants": participants})
+      protected={"--images": images_dir, "--segs": segs_dir, "--participants": participants,
+                 "--lesions": lesions_dir})
   if not os.path.isdir(segs_dir):
     raise errors.InputError(segs_dir, "--segs folder not found")
+  if lesions_dir is not None and not os.path.isdir(lesions_dir):
+    raise errors.InputError(lesions_dir, "--lesions folder not found")
   scans = list_scans(images_dir)
   ids: dict[str, str] = {}
   for scan in scans:
@@ -84,22 +107,51 @@ def prepare_cohort(tool: str, images_dir: str, segs_dir: str, out_dir: str,
     records = []
     for i, (sid, scan) in enumerate(ids.items()):
       files = spine_tools.segmentation_paths(tool, scan, segs_dir)
+      if lesions_dir is not None:
+        files["lesion"] = spine_tools.lesion_path(scan, lesions_dir)
       image = nifti.read_volume(scan, "image")
       converted = spine_tools.convert_scan(tool, image, files)
       _write_subject(staging, sid, scan, image, converted)
-      missing = converted.levels_missing
-      if missing:
-        print(f"[prepare] warning: {sid} ({scan}): levels {', '.join(missing)} not in view; "
-              f"segments {', '.join(converted.segments_missing)} will be n/a in evaluation",
-              file=sys.stderr, flush=True)
-      records.append({"participant_id": sid, "source_image": os.path.basename(scan),
-                      "source_segmentation": os.path.basename(files["seg"]),
-                      "levels_in_view": ";".join(converted.levels_present)})
+      warnings = subject_warnings(converted)
+      for warning in warnings:
+        print(f"[prepare] warning: {sid} ({scan}): {warning}", file=sys.stderr, flush=True)
+      record = {"participant_id": sid, "source_image": os.path.basename(scan),
+                "source_segmentation": os.path.basename(files["seg"]),
+                "levels_in_view": ";".join(converted.levels_present),
+                "levels_cut_by_field_of_view": ";".join(converted.levels_partial) or "n/a",
+                "cord_tilt_degrees": f"{converted.tilt_degrees:.1f}"}
+      if lesions_dir is not None:
+        record.update(source_lesion_mask=os.path.basename(files["lesion"]),
+                      lesion_voxels=str(converted.lesion_voxels),
+                      has_lesion=str(int(converted.lesion_voxels > 0)))
+      records.append(record)
       if log:
         log(f"{i + 1}/{len(ids)} {sid}: levels {converted.levels_present[0]}.."
             f"{converted.levels_present[-1]} by identity")
     _write_tables(staging, tool, records, participants)
   return records
+
+
+def subject_warnings(converted: spine_tools.Converted) -> list[str]:
+  """One line per thing about a converted scan that evaluation cannot fully trust."""
+  warnings = []
+  if converted.levels_missing:
+    warnings.append(f"levels {', '.join(converted.levels_missing)} not in view; segments "
+                    f"{', '.join(converted.segments_missing)} will be n/a in evaluation")
+  if converted.levels_partial:
+    warnings.append(f"levels {', '.join(converted.levels_partial)} are cut by the field of view "
+                    f"(within {levels_lib.PARTIAL_LEVEL_MARGIN_MM:g} mm of its superior / "
+                    f"inferior end): their centroids, and the segment bounds set by them, are off "
+                    f"their true centres")
+  if converted.tilt_degrees > levels_lib.MAX_TILT_DEGREES:
+    warnings.append(f"the cord runs at {converted.tilt_degrees:.0f} degrees to the scan's S-I "
+                    f"axis (more than {levels_lib.MAX_TILT_DEGREES:g}): segments are scored as "
+                    f"row bands between level centroids and may be misnamed; reslice the scan "
+                    f"along the cord (e.g. sct_resample / a true sagittal reformat)")
+  if converted.lesion_outside_cord:
+    warnings.append(f"{converted.lesion_outside_cord} lesion-mask voxels lie outside the cord "
+                    f"segmentation and were left out (a T2 hyperintensity is scored in the cord)")
+  return warnings
 
 
 def _write_subject(root: str, sid: str, scan: str, image: nifti.Volume,
@@ -144,7 +196,11 @@ def _write_tables(root: str, tool: str, records: list[dict[str, str]],
   io_utils.write_text(os.path.join(root, "derivatives", "labels", "dataset_description.json"),
                       json.dumps({"Name": f"u2ad_jax labels from {tool}", "BIDSVersion": "1.8.0",
                                   "DatasetType": "derivative",
-                                  "GeneratedBy": [{"Name": "u2ad prepare"}]}, indent=2) + "\n")
+                                  # `cohort.cohort_kind` reads the name and the tool.
+                                  "GeneratedBy": [{"Name": "u2ad prepare",
+                                                   "Description": f"labels converted from "
+                                                                  f"{tool}"}]},
+                                 indent=2) + "\n")
 
 
 def main(argv):
@@ -152,6 +208,7 @@ def main(argv):
   log = None if _QUIET.value else (
       lambda msg: print(f"[prepare] {msg}", file=sys.stderr, flush=True))
   records = prepare_cohort(_FROM.value, _IMAGES.value, _SEGS.value, _OUT.value,
-                           _PARTICIPANTS.value, log=log, overwrite=_OVERWRITE.value)
+                           _PARTICIPANTS.value, log=log, overwrite=_OVERWRITE.value,
+                           lesions_dir=_LESIONS.value)
   print(f"prepared {len(records)} subject(s) from {_FROM.value} into {_OUT.value}")
 

@@ -34,6 +34,34 @@ _SET = flags.DEFINE_multi_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def resolve_argv(args: list[str]) -> list[str]:
+  """`--config FILE[:args]` with FILE found as `u2ad demo` finds it (`config_files.resolve`: as
+  given, else by name in the checkout's configs/ or the installed package), called by the
+  dispatcher before absl parses the flags.
+
+  Raises:
+    InputError: the file is nowhere (one line, before absl loads it for a `--config.x=`).
+  """
+  from u2ad_jax import config_files  # pylint: disable=g-import-not-at-top
+
+  def resolved(spec: str) -> str:
+    path, sep, arg = spec.partition(":")
+    return config_files.resolve(path) + sep + arg
+
+  out, i = [], 0
+  while i < len(args):
+    arg = args[i]
+    if arg == "--config" and i + 1 < len(args):
+      out += [arg, resolved(args[i + 1])]
+      i += 2
+      continue
+    if arg.startswith("--config="):
+      arg = "--config=" + resolved(arg[len("--config="):])
+    out.append(arg)
+    i += 1
+  return out
+
+
 def _loaded_config():
   """The parsed --config. ml_collections defers a file that failed to load (missing, or raising
   on import) to the first use of the config; this turns that into one line naming the file."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 import re
 from typing import Any, Sequence
@@ -135,6 +136,56 @@ def check_participants(root: PathLike, subject_ids: Sequence[str],
   for sid in sorted(listed - folders):
     raise errors.InputError(path, f"{sid} is listed but has no {sid}/anat/{sid}_T2w image "
                                   f"({len(listed - folders)} listed subject(s) without one)")
+
+
+# What generated a cohort (`derivatives/labels/dataset_description.json`, GeneratedBy[0].Name)
+# -> its kind. A model or threshold of one kind means little on another.
+_GENERATORS = {"u2ad_jax.phantom": "phantom",
+               "u2ad_jax.phantom.pseudo_patients": "real-anatomy pseudo-patients",
+               "u2ad prepare": "real scans"}
+
+
+def cohort_kind(root: PathLike) -> str:
+  """The kind of a cohort: "phantom", "real-anatomy pseudo-patients", "real scans (<tool>)"
+  (`u2ad prepare`), or "unknown" (no generation record, e.g. a hand-made cohort)."""
+  path = os.path.join(os.fspath(root), "derivatives", "labels", "dataset_description.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      generated = json.load(f)["GeneratedBy"][0]
+  except (OSError, ValueError, KeyError, IndexError, TypeError):
+    return "unknown"
+  kind = _GENERATORS.get(str(generated.get("Name")), "unknown")
+  description = str(generated.get("Description", ""))
+  if kind == "real scans" and description.startswith("labels converted from "):
+    kind += f" ({description[len('labels converted from '):]})"
+  return kind
+
+
+def same_kind(a: str, b: str) -> bool:
+  """Whether two `cohort_kind`s are the same kind of image (real scans of either tool are; an
+  unknown kind is not compared)."""
+  if "unknown" in (a, b):
+    return True
+  return a.split(" (")[0] == b.split(" (")[0]
+
+
+def roi_definition(has_csf: bool) -> str:
+  """The masking ROI a cohort's labels give (`sliceset.train_roi_from_labels`)."""
+  return ("cord + CSF, dilated" if has_csf
+          else "cord only, dilated (no CSF label: e.g. SCT without a canal mask)")
+
+
+def first_subject_has_csf(root: PathLike) -> bool | None:
+  """Whether the first subject's label map of a cohort has CSF (label 4); None when the cohort
+  cannot be read (e.g. a training cohort moved away since). One file: cohorts are made by one
+  tool, so their subjects share the label set."""
+  try:
+    import nibabel as nib  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    first = list_subjects(root)[0]
+    return bool((np.asarray(nib.load(first.label).dataobj) == label_defs.CSF).any())
+  except Exception:  # pylint: disable=broad-except  (a provenance note, never a failure)
+    return None
 
 
 def _find_nifti(stem: str) -> str | None:

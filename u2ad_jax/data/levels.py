@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -48,6 +49,16 @@ from u2ad_jax import labels as label_values
 
 # Components below this fraction of the slice's median body area are fragments, not bodies.
 MIN_BODY_FRACTION = 0.25
+# A level whose voxels come this close (mm) to the superior / inferior end of the field of view
+# is cut by it: its centroid is not its centre, nor are the segment bounds it sets (SCT cord
+# masks stop 1-3 mm short of the edge, hence a margin rather than "touches the edge").
+PARTIAL_LEVEL_MARGIN_MM = 3.0
+# Beyond this angle between the cord and the image's S-I axis, row bands between level
+# centroids misname segments: a vertebral-body centroid lies ~20 mm in front of the cord, so a
+# tilt t moves its row by ~20 sin(t) mm against the cord (measured on 12 phantom lesion patients
+# with their slices rotated in plane: 10 degrees already moves 2-7 of 17 lesion segments' truth
+# into a neighbouring band). Warned about, not corrected.
+MAX_TILT_DEGREES = 25.0
 NUM_LEVELS = len(label_values.VERTEBRA_NAMES)
 NUM_SEGMENTS = len(label_values.SEGMENT_NAMES)
 
@@ -238,3 +249,39 @@ def segment_truth_from_labels(label_slices: np.ndarray, levels: VertebralLevels)
     if seg >= 0:
       truth[seg] = True
   return truth
+
+
+def partial_levels(vertebrae: np.ndarray, rows_in_view: np.ndarray,
+                   margin_rows: int) -> tuple[str, ...]:
+  """Names of C2 ... T1 cut by the field of view on the model grid.
+
+  Args:
+    vertebrae: `[S, H, W]` vertebra instance ids of one subject's slices.
+    rows_in_view: `[H]` bool, the model rows inside the acquired volume.
+    margin_rows: a level with a voxel within this many rows of the first or last row in view
+      is cut (PARTIAL_LEVEL_MARGIN_MM in rows).
+  """
+  rows = np.flatnonzero(np.asarray(rows_in_view, bool))
+  if rows.size == 0:
+    return ()
+  first, last = int(rows.min()), int(rows.max())
+  cut = []
+  for name in label_values.VERTEBRA_NAMES:
+    present = np.flatnonzero((np.asarray(vertebrae) ==
+                              label_values.VERTEBRA_INSTANCE_IDS[name]).any(axis=(0, 2)))
+    if present.size and (present.min() < first + margin_rows or
+                         present.max() > last - margin_rows):
+      cut.append(name)
+  return tuple(cut)
+
+
+def tilt_degrees(mask: np.ndarray, spacing: Sequence[float], axis: int) -> float:
+  """Angle (degrees) between the long axis of a mask (the principal direction of its voxel
+  coordinates, each axis scaled by `spacing` in mm) and the array axis `axis` (the S-I axis:
+  canonical z of a volume, the rows of model slices `[S, H, W]`); 0 for a cord along it."""
+  points = np.argwhere(np.asarray(mask, bool)).astype(np.float64)
+  if points.shape[0] < 3:
+    return 0.0
+  points = (points - points.mean(axis=0)) * np.asarray(spacing, np.float64)[None]
+  _, _, vt = np.linalg.svd(points, full_matrices=False)
+  return float(np.degrees(np.arccos(min(1.0, abs(float(vt[0, axis]))))))

@@ -55,12 +55,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from typing import Sequence
 
 import nibabel as nib
 import numpy as np
 
 from u2ad_jax import errors
 from u2ad_jax import labels as label_defs
+from u2ad_jax.data import levels as levels_lib
 from u2ad_jax.data import nifti
 
 PathLike = str | os.PathLike
@@ -85,6 +87,15 @@ TSS_LEGACY_MARKERS = frozenset({200, 201})
 SCT_MAX_LEVEL = 24
 SCT_LABELED_SUFFIX = "_seg_labeled"
 SCT_CANAL_SUFFIX = "_canal_seg"
+# A level-labelled cord occupies hundreds of mm^3 per level (cross-section ~50-80 mm^2 over
+# 15-20 mm); point labels (sct_label_utils, `_seg_labeled_discs`) a few voxels. A file whose
+# largest level is below this is point labels, not a cord: one axial millimetre of thin cord.
+MIN_LEVEL_VOLUME_MM3 = 30.0
+
+# Lesion masks of `prepare --lesions DIR`, by scan stem: the first that exists. `_lesion_seg`
+# is sct_deepseg's lesion tasks (and the SCT test data), `_lesionseg` sct_deepseg_lesion's.
+LESION_SUFFIXES = ("_lesion_seg", "_lesionseg", "_lesion")
+
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 # Our instance ids of C2 ... T2 in each tool's numbering.
@@ -97,13 +108,22 @@ class Converted:
   """One scan's maps in the canonical RAS+ frame (`[X, Y, Z]` uint8).
 
   Attributes:
-    labels: `labels.py` values (0, 1 disc, 2 body, 3 cord, 4 CSF).
+    labels: `labels.py` values (0, 1 disc, 2 body, 3 cord, 4 CSF, 6 lesion with a lesion mask).
     vertebrae: instance ids of C2 ... T2 (0 elsewhere).
     levels_present: the names of C2 ... T1 present in the vertebra map.
+    levels_partial: those cut by the superior / inferior end of the field of view
+      (`partial_levels`): their centroids are not their centres.
+    tilt_degrees: angle between the cord and the S-I voxel axis (`levels.tilt_degrees`).
+    lesion_voxels: voxels labelled lesion (6) from a lesion mask (`with_lesions`).
+    lesion_outside_cord: lesion-mask voxels outside the cord, left unlabelled.
   """
   labels: np.ndarray
   vertebrae: np.ndarray
   levels_present: tuple[str, ...]
+  levels_partial: tuple[str, ...] = ()
+  tilt_degrees: float = 0.0
+  lesion_voxels: int = 0
+  lesion_outside_cord: int = 0
 
   @property
   def levels_missing(self) -> tuple[str, ...]:
@@ -166,11 +186,49 @@ def segmentation_paths(tool: str, image_path: PathLike, segs_dir: PathLike) -> d
   if tool == "sct":
     seg = find_nifti(os.path.join(segs_dir, stem + SCT_LABELED_SUFFIX))
     if seg is None:
-      raise errors.InputError(os.path.join(segs_dir, stem + SCT_LABELED_SUFFIX + ".nii.gz"),
-                              f"SCT level-labelled cord of {os.fspath(image_path)} not found "
-                              f"(sct_label_vertebrae writes <scan>{SCT_LABELED_SUFFIX}.nii.gz)")
+      expected = os.path.join(segs_dir, stem + SCT_LABELED_SUFFIX + ".nii.gz")
+      others = sorted(n for n in os.listdir(segs_dir) if n.startswith(stem + "_")
+                      and n.endswith(NIFTI_EXTENSIONS) and "_labeled" not in n)
+      if others:
+        # Usually the plain cord mask of sct_deepseg_sc: say which step is missing.
+        hint = label_vertebrae_hint(os.path.basename(os.fspath(image_path)), others[0])
+        raise errors.InputError(expected, f"SCT level-labelled cord of {os.fspath(image_path)} "
+                                          f"not found; {others[0]} is there, but scoring needs "
+                                          f"the vertebral levels: {hint}")
+      raise errors.InputError(expected, f"SCT level-labelled cord of {os.fspath(image_path)} not "
+                                        f"found (sct_label_vertebrae writes "
+                                        f"<scan>{SCT_LABELED_SUFFIX}.nii.gz)")
     return {"seg": seg, "canal": find_nifti(os.path.join(segs_dir, stem + SCT_CANAL_SUFFIX))}
   raise ValueError(f"unknown tool {tool!r}; expected one of {TOOLS}")
+
+
+def label_vertebrae_hint(scan_name: str, cord_mask: PathLike) -> str:
+  """How to get the level-labelled cord of `scan_name` (a file name) from a plain cord mask, as
+  one clause (sct_label_vertebrae names its output after the mask: `<mask>_labeled`)."""
+  scan_stem = strip_nifti_extension(os.path.basename(scan_name))
+  mask_name = os.path.basename(os.fspath(cord_mask))
+  return (f"run `sct_label_vertebrae -i {scan_name} -s {mask_name} -c t2` and put the "
+          f"{strip_nifti_extension(mask_name)}_labeled.nii.gz it writes into --segs as "
+          f"{scan_stem}{SCT_LABELED_SUFFIX}.nii.gz")
+
+
+def lesion_path(image_path: PathLike, lesions_dir: PathLike) -> str:
+  """The lesion mask of a scan in `lesions_dir` (`<stem>` + one of LESION_SUFFIXES).
+
+  Raises:
+    InputError naming the expected file: every scan needs one once --lesions is given (an
+    all-zero mask says "no lesion"; a missing file would be an unknown, not a healthy, cord).
+  """
+  stem = strip_nifti_extension(os.path.basename(os.fspath(image_path)))
+  for suffix in LESION_SUFFIXES:
+    found = find_nifti(os.path.join(os.fspath(lesions_dir), stem + suffix))
+    if found is not None:
+      return found
+  raise errors.InputError(os.path.join(os.fspath(lesions_dir), stem + LESION_SUFFIXES[0] +
+                                       ".nii.gz"),
+                          f"lesion mask of {os.fspath(image_path)} not found (looked for "
+                          f"{', '.join(stem + s for s in LESION_SUFFIXES)}); give an all-zero "
+                          f"mask for a scan without lesion")
 
 
 def read_segmentation(path: PathLike, image: nifti.Volume) -> np.ndarray:
@@ -223,8 +281,10 @@ def _unknown_values(path: str, seg: np.ndarray, allowed: frozenset[int], what: s
     raise errors.LabelError(path, f"values {shown} are not {what}")
 
 
-def convert_totalspineseg(seg: np.ndarray, path: PathLike = "<segmentation>") -> Converted:
-  """TotalSpineSeg step-2 labels `[X, Y, Z]` (canonical RAS+) -> our maps (module docstring)."""
+def convert_totalspineseg(seg: np.ndarray, path: PathLike = "<segmentation>",
+                          voxel_mm: Sequence[float] = (1.0, 1.0, 1.0)) -> Converted:
+  """TotalSpineSeg step-2 labels `[X, Y, Z]` (canonical RAS+) -> our maps (module docstring);
+  `voxel_mm` (canonical voxel size) measures the field-of-view margin and the cord's tilt."""
   path = os.fspath(path)
   seg = np.asarray(seg)
   values = set(np.unique(seg).tolist())
@@ -247,13 +307,17 @@ def convert_totalspineseg(seg: np.ndarray, path: PathLike = "<segmentation>") ->
   vertebrae = np.zeros(seg.shape, np.uint8)
   for tool_value, instance in _TSS_TO_INSTANCE.items():
     vertebrae[body & (seg == tool_value)] = instance
-  return _finish(path, labels, vertebrae)
+  return _finish(path, labels, vertebrae, voxel_mm)
 
 
 def convert_sct(levels_cord: np.ndarray, canal: np.ndarray | None = None,
                 path: PathLike = "<segmentation>",
-                canal_path: PathLike = "<canal>") -> Converted:
-  """SCT level-valued cord (and optional binary canal) `[X, Y, Z]` -> our maps (docstring)."""
+                canal_path: PathLike = "<canal>",
+                voxel_mm: Sequence[float] = (1.0, 1.0, 1.0)) -> Converted:
+  """SCT level-valued cord (and optional binary canal) `[X, Y, Z]` -> our maps (docstring).
+
+  Raises LabelError for the two common mix-ups: a plain binary cord mask (values 0 / 1) and
+  sparse point labels (every level under MIN_LEVEL_VOLUME_MM3, `voxel_mm` the voxel size)."""
   path = os.fspath(path)
   levels_cord = np.asarray(levels_cord)
   _unknown_values(path, levels_cord, frozenset(range(SCT_MAX_LEVEL + 1)),
@@ -262,6 +326,21 @@ def convert_sct(levels_cord: np.ndarray, canal: np.ndarray | None = None,
   cord = levels_cord > 0
   if not cord.any():
     raise errors.LabelError(path, "no spinal cord voxel (all zero)")
+  if set(np.unique(levels_cord).tolist()) == {0, 1}:
+    # Only "C1": a binary cord mask (sct_deepseg_sc), not a level-labelled one.
+    scan = _scan_of(path)
+    raise errors.LabelError(path, "a plain binary cord mask (values 0 / 1, as sct_deepseg_sc "
+                                  "writes), not a cord labelled by vertebral level: "
+                                  + label_vertebrae_hint(scan + ".nii.gz", scan + "_seg.nii.gz"))
+  voxel_mm3 = float(np.prod(voxel_mm))
+  values, counts = np.unique(levels_cord[cord], return_counts=True)
+  if counts.max() * voxel_mm3 < MIN_LEVEL_VOLUME_MM3:
+    shown = ", ".join(f"{_sct_level_name(v)}: {n * voxel_mm3:.0f} mm^3"
+                      for v, n in zip(values, counts))
+    raise errors.LabelError(path, f"sparse labels ({shown}): point labels such as sct_label_utils "
+                                  f"or the {SCT_LABELED_SUFFIX}_discs file write, not a cord "
+                                  f"labelled by vertebral level; pass sct_label_vertebrae's "
+                                  f"<scan>{SCT_LABELED_SUFFIX}.nii.gz")
   labels = np.zeros(levels_cord.shape, np.uint8)
   if canal is not None:
     canal = np.asarray(canal)
@@ -271,12 +350,35 @@ def convert_sct(levels_cord: np.ndarray, canal: np.ndarray | None = None,
   vertebrae = np.zeros(levels_cord.shape, np.uint8)
   for level, instance in _SCT_TO_INSTANCE.items():
     vertebrae[levels_cord == level] = instance
-  return _finish(path, labels, vertebrae)
+  return _finish(path, labels, vertebrae, voxel_mm)
+
+
+def _scan_of(seg_path: PathLike) -> str:
+  """The scan name a `<scan>_seg_labeled` (or other `<scan>_...`) file belongs to, for hints."""
+  stem = strip_nifti_extension(os.path.basename(os.fspath(seg_path)))
+  for suffix in (SCT_LABELED_SUFFIX, "_seg"):
+    if stem.endswith(suffix):
+      return stem[:-len(suffix)]
+  return stem
+
+
+def _sct_level_name(value: int) -> str:
+  value = int(value)
+  if value <= 7:
+    return f"C{value}"
+  return f"T{value - 7}" if value <= 19 else f"L{value - 19}"
 
 
 def anterior_to(canal: np.ndarray, path: PathLike = "<segmentation>") -> np.ndarray:
   """`[X, Y, Z]` bool: voxels anterior to the canal's most anterior voxel at their axial level z
-  (any x), the edge interpolated linearly along z where the canal is not labelled."""
+  (any x), the edge interpolated linearly along z where the canal is not labelled.
+
+  The levels are voxel planes, not world S-I positions: for a straight spine the canal's anterior
+  wall and the bodies' posterior walls are parallel lines, so "in front of the wall in the same
+  plane" holds at any tilt of the grid below 90 degrees (measured on the phantom with its grid
+  rotated 0-75 degrees against the body: the same body voxels, Dice 1.000). What a tilt does
+  break is the scoring by row bands (`levels.MAX_TILT_DEGREES`, warned about in `prepare`).
+  """
   canal = np.asarray(canal, bool)
   levels_with_canal = canal.any(axis=(0, 1))
   if not levels_with_canal.any():
@@ -289,10 +391,25 @@ def anterior_to(canal: np.ndarray, path: PathLike = "<segmentation>") -> np.ndar
   return np.broadcast_to(y[None, :, None] > edge[None, None, :], canal.shape)
 
 
-def _finish(path: str, labels: np.ndarray, vertebrae: np.ndarray) -> Converted:
+def partial_levels(vertebrae: np.ndarray, voxel_mm: Sequence[float],
+                   margin_mm: float = levels_lib.PARTIAL_LEVEL_MARGIN_MM) -> tuple[str, ...]:
+  """Names of C2 ... T1 in a `[X, Y, Z]` vertebra map (canonical: z = S-I) whose voxels come
+  within `margin_mm` of the field of view's superior or inferior end: cut by it."""
+  margin = int(np.ceil(margin_mm / float(voxel_mm[2]) - 1e-9))
+  # levels_lib.partial_levels works on [S, H, W] with rows superior -> inferior; the canonical
+  # z axis as "rows" (its direction does not matter for a two-sided margin).
+  as_rows = np.moveaxis(np.asarray(vertebrae), 2, 1)
+  return levels_lib.partial_levels(as_rows, np.ones(as_rows.shape[1], bool), margin)
+
+
+def _finish(path: str, labels: np.ndarray, vertebrae: np.ndarray,
+            voxel_mm: Sequence[float] = (1.0, 1.0, 1.0)) -> Converted:
   present = tuple(n for n in label_defs.VERTEBRA_NAMES
                   if (vertebrae == label_defs.VERTEBRA_INSTANCE_IDS[n]).any())
-  converted = Converted(labels=labels, vertebrae=vertebrae, levels_present=present)
+  converted = Converted(labels=labels, vertebrae=vertebrae, levels_present=present,
+                        levels_partial=partial_levels(vertebrae, voxel_mm),
+                        tilt_degrees=levels_lib.tilt_degrees(labels == label_defs.CORD, voxel_mm,
+                                                             axis=2))
   if len(converted.segments_missing) == len(label_defs.SEGMENT_NAMES):
     shown = ", ".join(present) if present else "none"
     raise errors.LabelError(path, f"vertebrae in view among C2 ... T1: {shown}; no segment C2-3 "
@@ -301,10 +418,35 @@ def _finish(path: str, labels: np.ndarray, vertebrae: np.ndarray) -> Converted:
   return converted
 
 
+def with_lesions(converted: Converted, lesion: np.ndarray,
+                 path: PathLike = "<lesion mask>") -> Converted:
+  """`converted` with the voxels of a lesion mask `[X, Y, Z]` (0 = none, any positive integer =
+  lesion) inside the cord labelled 6 (T2 hyperintensity). Lesion voxels outside the cord stay
+  unlabelled and are counted (`lesion_outside_cord`): the scoring ROI is the cord, and a T2
+  hyperintensity of the method lies in it."""
+  lesion = np.asarray(lesion)
+  if (lesion < 0).any():
+    raise errors.LabelError(path, "negative values; a lesion mask is 0 (none) / 1 (lesion)")
+  lesion = lesion > 0
+  cord = np.isin(converted.labels, label_defs.CORD_LABELS)
+  labels = converted.labels.copy()
+  labels[lesion & cord] = label_defs.LESION
+  return dataclasses.replace(converted, labels=labels,
+                             lesion_voxels=int((lesion & cord).sum()),
+                             lesion_outside_cord=int((lesion & ~cord).sum()))
+
+
 def convert_scan(tool: str, image: nifti.Volume, files: dict[str, str | None]) -> Converted:
-  """Reads and converts one scan's segmentation files (see `segmentation_paths`)."""
+  """Reads and converts one scan's segmentation files (see `segmentation_paths`; `files` may
+  also name a lesion mask, `files["lesion"]`, see `with_lesions`)."""
   seg = read_segmentation(files["seg"], image)
+  voxel_mm = tuple(float(v) for v in image.voxel_mm)
   if tool == "totalspineseg":
-    return convert_totalspineseg(seg, files["seg"])
-  canal = None if files.get("canal") is None else read_segmentation(files["canal"], image)
-  return convert_sct(seg, canal, files["seg"], files.get("canal") or "<canal>")
+    converted = convert_totalspineseg(seg, files["seg"], voxel_mm)
+  else:
+    canal = None if files.get("canal") is None else read_segmentation(files["canal"], image)
+    converted = convert_sct(seg, canal, files["seg"], files.get("canal") or "<canal>", voxel_mm)
+  if files.get("lesion") is not None:
+    converted = with_lesions(converted, read_segmentation(files["lesion"], image),
+                             files["lesion"])
+  return converted

@@ -8,10 +8,14 @@ when truth is available, the metrics. Truth only enters the metrics, after the d
 Truth, in order of preference:
 - patient: `has_lesion` of participants.tsv; else whether any loaded slice carries label 6.
 - segment: the per-segment 0/1 columns (C2-3 ... C7-T1) of participants.tsv; else whether the
-  lesion label overlaps the segment's rows (levels.segment_truth_from_labels). When the table is
-  used, the metrics also report `segment_model_grid`: the same decisions against the label maps
-  as scored (the model grid, loaded slices only). The two differ where a lesion reaches past a
-  vertebral centroid by less than a model pixel, or only on slices that were not loaded.
+  lesion label overlaps the segment's rows (levels.segment_truth_from_labels). In a table with
+  segment columns, `n/a` (or empty, or a missing column) makes THAT segment's truth unknown: it
+  stays out of the segment metrics, and the patient's other segments keep the table's truth (the
+  label maps are not consulted: a prepared cohort has no lesion label, so they would say 0).
+  When the table is used, the metrics also report `segment_model_grid`: the same decisions
+  against the label maps as scored (the model grid, loaded slices only). The two differ where a
+  lesion reaches past a vertebral centroid by less than a model pixel, or only on slices that
+  were not loaded.
 - pixel: label 6 inside the scoring ROI.
 """
 
@@ -35,10 +39,27 @@ from u2ad_jax.evaluation import thresholds
 
 @dataclasses.dataclass(frozen=True)
 class Truth:
-  """Reference labels. patient `[P]` bool, segments `[P, 6]` bool; `source` says where from."""
+  """Reference labels; `source` says where from.
+
+  Attributes:
+    patient: `[P]` bool.
+    segments: `[P, 6]` bool (False where unknown).
+    source: e.g. "participants.tsv + label maps".
+    segments_known: `[P, 6]` bool, False where the table says n/a (default: all known).
+  """
   patient: np.ndarray
   segments: np.ndarray
   source: str
+  segments_known: np.ndarray | None = None
+
+  def __post_init__(self):
+    if self.segments_known is None:
+      object.__setattr__(self, "segments_known", np.ones(np.shape(self.segments), bool))
+
+  def segment_cells(self, segment_scores: np.ndarray) -> np.ndarray:
+    """`[P, 6]` bool: the (patient, segment) cells that count in segment metrics: scored (a
+    finite score: both levels in view) and with known truth."""
+    return np.isfinite(np.asarray(segment_scores, np.float64)) & self.segments_known
 
 
 @dataclasses.dataclass
@@ -56,6 +77,7 @@ class CohortResult:
     metrics: nested dict of metrics (None without truth).
     eu, recon: epistemic-uncertainty and mean-reconstruction maps (None for the intensity rung).
     info: free-form provenance (model, checkpoint step, parameters) for sidecars and the report.
+    warnings: one-line warnings about what cannot be trusted (`trust.py`; set by the driver).
   """
   name: str
   subject_ids: list[str]
@@ -68,6 +90,7 @@ class CohortResult:
   eu: np.ndarray | None = None
   recon: np.ndarray | None = None
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
+  warnings: list[str] = dataclasses.field(default_factory=list)
 
   @property
   def patient_scores(self) -> np.ndarray:
@@ -95,28 +118,35 @@ def cohort_truth(subject_ids: Sequence[str], labels: np.ndarray,
   positions = scoring.subject_positions(slice_subjects)
   patient = np.zeros(len(subject_ids), dtype=bool)
   segments = np.zeros((len(subject_ids), levels_lib.NUM_SEGMENTS), dtype=bool)
+  known = np.ones_like(segments)
   sources = set()
   for i, sid in enumerate(subject_ids):
     row = participants.get(sid, {})
     subject_labels = labels[positions[sid]]
+    if any(name in row for name in label_values.SEGMENT_NAMES):
+      # Per segment: 0 / 1 from the table; n/a, empty or a missing column -> unknown.
+      seg_values = [row.get(name) for name in label_values.SEGMENT_NAMES]
+      known[i] = [v is not None for v in seg_values]
+      segments[i] = [bool(v) for v in seg_values]
+      if known[i].any():
+        sources.add("participants.tsv")
+    else:
+      segments[i] = levels_lib.segment_truth_from_labels(subject_labels, levels[sid])
+      sources.add("label maps")
     if row.get("has_lesion") is not None:
       patient[i] = bool(row["has_lesion"])
       sources.add("participants.tsv")
     else:
-      patient[i] = bool((subject_labels == label_values.LESION).any())
-      sources.add("label maps")
-    seg_values = [row.get(name) for name in label_values.SEGMENT_NAMES]
-    if all(v is not None for v in seg_values):
-      segments[i] = np.asarray(seg_values, dtype=bool)
-    else:
-      segments[i] = levels_lib.segment_truth_from_labels(subject_labels, levels[sid])
+      # A lesion segment in the table makes a lesion patient even without has_lesion.
+      patient[i] = bool((subject_labels == label_values.LESION).any() or segments[i].any())
       sources.add("label maps")
   has_lesion_label = bool((np.asarray(labels) == label_values.LESION).any())
   if "participants.tsv" not in sources and not has_lesion_label:
     # Neither a truth table nor a lesion label: nothing says which patients are ill, so the
     # cohort is unlabelled (not "all healthy").
     return None
-  return Truth(patient=patient, segments=segments, source=" + ".join(sorted(sources)))
+  return Truth(patient=patient, segments=segments, source=" + ".join(sorted(sources)),
+               segments_known=known)
 
 
 def _nan_to_none(obj: Any) -> Any:
@@ -157,7 +187,8 @@ def compute_metrics(result_scores: Sequence[scoring.SubjectScores],
   """
   patient_scores = scoring.patient_vector(result_scores)
   segment_scores = scoring.segment_matrix(result_scores)
-  scored = np.isfinite(segment_scores)  # n/a segments (outside the field of view) are not scored
+  # n/a segments (outside the field of view, or truth n/a in the table) are not counted.
+  scored = truth.segment_cells(segment_scores)
   out = {
       "patient": metric_registry.level_metrics("patient", patient_scores, truth.patient,
                                                decisions.patient_flags),
@@ -169,9 +200,10 @@ def compute_metrics(result_scores: Sequence[scoring.SubjectScores],
       "truth_source": truth.source,
   }
   if grid_truth is not None:
+    on_grid = grid_truth.segment_cells(segment_scores)
     out["segment_model_grid"] = metric_registry.level_metrics(
-        "segment", segment_scores[scored], grid_truth.segments[scored],
-        decisions.segment_flags[scored])
+        "segment", segment_scores[on_grid], grid_truth.segments[on_grid],
+        decisions.segment_flags[on_grid])
   if recon is not None:
     out["reconstruction"] = reconstruction_ssim(images, recon, labels, score_roi)
   return _nan_to_none(out)

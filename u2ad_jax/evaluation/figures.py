@@ -31,17 +31,33 @@ def _save(fig, path: str | os.PathLike) -> None:
   plt.close(fig)
 
 
+Crop = tuple[int, int, int, int]  # (first row, end row, first column, end column), end exclusive
+
+
 def slice_panels(path: str | os.PathLike, image: np.ndarray, anomaly: np.ndarray,
                  levels: levels_lib.VertebralLevels, *, recon: np.ndarray | None = None,
                  eu: np.ndarray | None = None, title: str = "",
-                 peak_row: int | None = None) -> None:
-  """Panels of one `[H, W]` slice: image (with levels), reconstruction, EU, anomaly overlay."""
+                 peak_row: int | None = None, crop: Crop | None = None) -> None:
+  """Panels of one `[H, W]` slice: image (with levels), reconstruction, EU, anomaly overlay.
+
+  `crop`: the model-grid box to show (the scan's field of view: a cropped scan fills a few
+  tenths of the 200 mm model grid); levels and the peak row are drawn in the cropped frame.
+  """
+  r0, r1, c0, c1 = crop if crop is not None else (0, image.shape[0], 0, image.shape[1])
+
+  def cut(data):
+    return None if data is None else np.asarray(data)[r0:r1, c0:c1]
+
+  image, anomaly, recon, eu = cut(image), cut(anomaly), cut(recon), cut(eu)
   panels = [("image", image, "gray")]
   if recon is not None:
     panels.append(("mean reconstruction", recon, "gray"))
   if eu is not None:
     panels.append(("epistemic uncertainty", eu, "magma"))
-  fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.6))
+  # Panel width follows the crop's aspect, so a tall cropped scan is not squeezed.
+  aspect = (r1 - r0) / max(1, c1 - c0)
+  width = float(np.clip(3.2 / max(aspect, 1e-3), 1.6, 4.0))
+  fig, axes = plt.subplots(1, len(panels) + 1, figsize=(width * (len(panels) + 1), 3.6))
   for ax, (name, data, cmap) in zip(axes, panels):
     vmax = 1.0 if cmap == "gray" else max(float(np.max(data)), 1e-12)
     ax.imshow(data, cmap=cmap, vmin=0.0, vmax=vmax)
@@ -53,10 +69,12 @@ def slice_panels(path: str | os.PathLike, image: np.ndarray, anomaly: np.ndarray
   ax.set_title("postprocessed anomaly", fontsize=9)
   for name, row, col in zip(label_values.VERTEBRA_NAMES, levels.centroid_rows,
                             levels.centroid_cols):
-    axes[0].plot(col, row, "c+", markersize=6)
-    axes[0].text(col + 3, row, name, color="c", fontsize=6, va="center")
+    if not (np.isfinite(row) and np.isfinite(col)):
+      continue  # a level outside the field of view
+    axes[0].plot(col - c0, row - r0, "c+", markersize=6)
+    axes[0].text(col - c0 + 3, row - r0, name, color="c", fontsize=6, va="center")
   if peak_row is not None:
-    ax.axhline(peak_row, color="c", lw=0.6, ls=":")
+    ax.axhline(peak_row - r0, color="c", lw=0.6, ls=":")
   for a in axes:
     a.set_xticks([])
     a.set_yticks([])
@@ -65,29 +83,49 @@ def slice_panels(path: str | os.PathLike, image: np.ndarray, anomaly: np.ndarray
 
 
 def curve_plot(path: str | os.PathLike, scores: scoring.SubjectScores, threshold: float | None, *,
-               truth_segments: np.ndarray | None = None, title: str = "") -> None:
-  """The subject's anomaly curve against the image row (superior left), levels and threshold
-  (None: no threshold line, e.g. when segment scores are per-level z, not curve units)."""
+               truth_segments: np.ndarray | None = None, title: str = "",
+               segment_flags: np.ndarray | None = None,
+               rows: tuple[int, int] | None = None) -> None:
+  """The subject's anomaly curve against the image row (superior left), levels, each segment's
+  score (a bar across its rows, red when flagged; none for a segment out of view) and the
+  threshold (None: no threshold line, e.g. when segment scores are per-level z, not curve
+  units).
+
+  `rows`: (first, end) rows to show (the scan's field of view), default the whole grid.
+  """
   fig, ax = plt.subplots(figsize=(7.5, 3.0))
-  rows = np.arange(scores.curve.shape[0])
+  all_rows = np.arange(scores.curve.shape[0])
   for curve in scores.slice_curves:
-    ax.plot(rows, curve, color="0.75", lw=0.6)
-  ax.plot(rows, scores.curve, color="k", lw=1.2, label="anomaly curve (max over slices)")
+    ax.plot(all_rows, curve, color="0.75", lw=0.6)
+  ax.plot(all_rows, scores.curve, color="k", lw=1.2, label="anomaly curve (max over slices)")
   ax.axhline(scores.reference, color="tab:blue", ls="--", lw=0.9, label="mean error C2..T1")
   if threshold is not None:
     ax.axhline(threshold, color="tab:red", ls="-", lw=0.9, label="threshold")
   bounds = scores.levels.segment_bounds()
   if truth_segments is not None:
     for (start, stop), positive in zip(bounds, truth_segments):
-      if positive:
+      if positive and np.isfinite(start) and np.isfinite(stop):
         ax.axvspan(start, stop, color="tab:orange", alpha=0.18, lw=0)
+  # Segment scores are in curve units only without per-level normalisation.
+  if not scores.level_normalised:
+    flags = (np.zeros(len(bounds), bool) if segment_flags is None
+             else np.asarray(segment_flags, bool))
+    for k, ((start, stop), value) in enumerate(zip(bounds, scores.segment_scores)):
+      if not (np.isfinite(start) and np.isfinite(stop)):
+        continue
+      ax.hlines(value, start, stop, colors="tab:red" if flags[k] else "tab:green", lw=2.0,
+                label="segment score (red: flagged)" if k == int(np.argmax(np.isfinite(
+                    scores.segment_scores))) else None)
   for name, row in zip(label_values.VERTEBRA_NAMES, scores.levels.centroid_rows):
+    if not np.isfinite(row):
+      continue  # out of view
     ax.axvline(row, color="0.5", lw=0.5, ls=":")
     ax.text(row, 1.0, name, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
             fontsize=7)
   ax.set_xlabel("image row (superior -> inferior)")
   ax.set_ylabel("anomaly")
-  ax.set_xlim(0, rows[-1])
+  first, end = rows if rows is not None else (0, int(all_rows[-1]) + 1)
+  ax.set_xlim(first, max(first + 1, end - 1))
   ax.legend(fontsize=7, loc="upper right")
   ax.set_title(title, fontsize=9, pad=14)
   _save(fig, path)

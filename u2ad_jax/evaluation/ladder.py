@@ -92,7 +92,9 @@ def write_comparison(out_dir: str | os.PathLike, results: Mapping[str, analysis.
     if truth.patient.any() and not truth.patient.all():
       figures.roc_plot(os.path.join(out_dir, "figures", "roc_ladder.png"), [
           ("patient level", {k: (r.patient_scores, r.truth.patient) for k, r in with_truth.items()}),
-          ("segment level", {k: (r.segment_scores, r.truth.segments)
+          # Scored segments with known truth only (n/a: out of view, or n/a in the table).
+          ("segment level", {k: (r.segment_scores[r.truth.segment_cells(r.segment_scores)],
+                                 r.truth.segments[r.truth.segment_cells(r.segment_scores)])
                              for k, r in with_truth.items()}),
       ])
       lines.append("![ROC curves of the ladder](figures/roc_ladder.png)")

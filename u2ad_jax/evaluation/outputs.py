@@ -104,6 +104,8 @@ def write_subject_outputs(out_dir: str, result: analysis.CohortResult, slice_set
           "has_lesion": bool(result.truth.patient[i]),
           "segments": [n for n, t in zip(label_values.SEGMENT_NAMES, result.truth.segments[i])
                        if t],
+          "segments_unknown": [n for n, k in zip(label_values.SEGMENT_NAMES,
+                                                 result.truth.segments_known[i]) if not k],
           "source": result.truth.source,
       }
     rel = f"{sid}_scores.json"
@@ -178,8 +180,30 @@ def write_all(out_dir: str, result: analysis.CohortResult, slice_set: Any,
       "reconstruction) and score sidecars: `subjects/<id>/`."]
   io_utils.write_json(os.path.join(out_dir, "summary.json"), {
       "name": result.name, **dict(provenance), "threshold": report.threshold_summary(result),
+      "warnings": list(result.warnings),
       "patients": {s.subject_id: {"score": s.patient_score,
                                   "flagged": bool(result.decisions.patient_flags[i])}
                    for i, s in enumerate(result.scores)}})
   return report.write_report(out_dir, result, slice_set.images, slice_set.slice_index, lines,
-                             voxels=peak_positions(result, slice_set))
+                             voxels=peak_positions(result, slice_set),
+                             crops=field_of_view(slice_set))
+
+
+def field_of_view(slice_set: Any, margin: int = 2) -> dict[str, tuple[int, int, int, int]]:
+  """Each subject's acquired field of view on the model grid, as (first row, end row, first
+  column, end column) with `margin` pixels around it: what the figures show. Subjects without
+  a NIfTI geometry are left out (shown whole)."""
+  from u2ad_jax.data import slice_geometry  # pylint: disable=g-import-not-at-top
+
+  out = {}
+  for sid, geometry in (slice_set.geometries or {}).items():
+    if geometry is None:
+      continue
+    inside = slice_geometry.model_inside(geometry)
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    if rows.size == 0 or cols.size == 0:
+      continue
+    size = inside.shape[0]
+    out[sid] = (max(0, int(rows.min()) - margin), min(size, int(rows.max()) + 1 + margin),
+                max(0, int(cols.min()) - margin), min(size, int(cols.max()) + 1 + margin))
+  return out

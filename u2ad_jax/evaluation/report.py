@@ -83,15 +83,25 @@ def patient_rows(result: analysis.CohortResult, slice_index: np.ndarray,
   return rows
 
 
+def _segment_truth_cell(truth: analysis.Truth | None, patient: int, segment: int) -> Any:
+  """segments.csv's truth cell: '' without truth, 'n/a' where the table says n/a, else 0 / 1."""
+  if truth is None:
+    return ""
+  if not truth.segments_known[patient, segment]:
+    return "n/a"
+  return int(truth.segments[patient, segment])
+
+
 def segment_rows(result: analysis.CohortResult, slice_index: np.ndarray,
                  voxels: Voxels | None = None) -> list[list[Any]]:
   """Rows of segments.csv (see SEGMENT_HEADER)."""
   rows = []
   for i, s in enumerate(result.scores):
     for k, name in enumerate(label_values.SEGMENT_NAMES):
-      truth = "" if result.truth is None else int(result.truth.segments[i, k])
-      if not np.isfinite(s.segment_scores[k]):  # outside the field of view
-        rows.append([s.subject_id, name, "n/a", "n/a", "n/a", "n/a", "" if truth == "" else "n/a"])
+      truth = _segment_truth_cell(result.truth, i, k)
+      if not np.isfinite(s.segment_scores[k]):  # outside the field of view: no score, no peak
+        # Every row has the header's fields, so the truth stays in its column.
+        rows.append([s.subject_id, name, "n/a", "n/a", "", "", "", "", "", truth])
         continue
       rows.append([s.subject_id, name, f"{s.segment_scores[k]:.6g}",
                    int(result.decisions.segment_flags[i, k]), *_ijk(voxels, s.subject_id, k),
@@ -109,11 +119,15 @@ def write_tables(out_dir: str, result: analysis.CohortResult, slice_index: np.nd
 
 
 def threshold_summary(result: analysis.CohortResult) -> dict[str, Any]:
+  """The threshold as summary.json / metrics.json / sidecars record it. `num_patients`: the
+  patients whose scores it was computed from (a recorded one: there)."""
   d = result.decisions
   out = {"value": d.threshold, "rule": d.rule.name, "k": d.rule.k, "pool": d.rule.pool,
-         "median": d.median, "sigma": d.sigma, "description": d.rule.describe()}
+         "median": d.median, "sigma": d.sigma, "description": d.rule.describe(),
+         "num_patients": len(result.scores), "degenerate": d.sigma == 0.0}
   if getattr(d.rule, "source", None):  # a recorded threshold (--threshold-from)
     out["recorded_by"] = d.rule.source
+    out["num_patients"] = d.rule.num_patients
   return out
 
 
@@ -126,48 +140,76 @@ def write_metrics(out_dir: str, result: analysis.CohortResult) -> None:
   io_utils.write_json(os.path.join(out_dir, "metrics.json"), payload)
 
 
+# Cohorts up to this size, and every cohort without truth, get a figure of every patient (a
+# single new scan must be looked at); larger ones only of the flagged patients (at most
+# MAX_FIGURE_PATIENTS), and the report says so.
+ALL_FIGURES_MAX_PATIENTS = 10
+MAX_FIGURE_PATIENTS = 50
+
+
+def figure_selection(result: analysis.CohortResult) -> tuple[list[int], str]:
+  """The patients (result order) that get a slice panel and curve, and a sentence for the report
+  saying which."""
+  num = len(result.scores)
+  if result.truth is None or num <= ALL_FIGURES_MAX_PATIENTS:
+    why = "no truth" if result.truth is None else f"{num} patient(s)"
+    return list(range(num)), f"Every patient ({why}): slice with the highest score; anomaly curve."
+  flagged = [i for i in range(num) if result.decisions.patient_flags[i]][:MAX_FIGURE_PATIENTS]
+  return flagged, (f"Flagged patients only ({len(flagged)} of {num}: a cohort of more than "
+                   f"{ALL_FIGURES_MAX_PATIENTS} patients with truth; every patient's maps are in "
+                   f"`subjects/<id>/`): slice with the highest score; anomaly curve.")
+
+
 def write_figures(out_dir: str, result: analysis.CohortResult, images: np.ndarray,
-                  slice_index: np.ndarray, max_patients: int | None = None) -> dict[str, Any]:
+                  slice_index: np.ndarray, crops: dict[str, figures.Crop] | None = None
+                  ) -> dict[str, Any]:
   """All figures; returns {'roc': rel path or None, 'scores': ..., 'patients': {id: (slice,
-  curve)}}. Slice panels are drawn for every flagged patient (at most `max_patients`)."""
+  curve)}, 'selection': sentence}. Slice panels and curves: `figure_selection`'s patients,
+  cropped to `crops[id]` (the scan's field of view on the model grid) where given."""
   fig_dir = os.path.join(out_dir, "figures")
   out: dict[str, Any] = {"roc": None, "scores": "figures/scores.png", "patients": {}}
   truth = result.truth
+  # Segments: the scored ones (finite), split by truth only where it is known.
+  cells = (np.isfinite(result.segment_scores) if truth is None
+           else truth.segment_cells(result.segment_scores))
   figures.score_distributions(
-      os.path.join(fig_dir, "scores.png"), result.patient_scores, result.segment_scores,
+      os.path.join(fig_dir, "scores.png"), result.patient_scores, result.segment_scores[cells],
       result.decisions.threshold,
       patient_truth=None if truth is None else truth.patient,
-      segment_truth=None if truth is None else truth.segments,
+      segment_truth=None if truth is None else truth.segments[cells],
       title=f"{result.name}: scores (threshold dashed)")
   if truth is not None and truth.patient.any() and not truth.patient.all():
     figures.roc_plot(os.path.join(fig_dir, "roc.png"), [
         ("patient level", {result.name: (result.patient_scores, truth.patient)}),
-        ("segment level", {result.name: (
-            result.segment_scores[np.isfinite(result.segment_scores)],
-            truth.segments[np.isfinite(result.segment_scores)])}),
+        ("segment level", {result.name: (result.segment_scores[cells], truth.segments[cells])}),
     ])
     out["roc"] = "figures/roc.png"
-  flagged = [i for i in range(len(result.scores)) if result.decisions.patient_flags[i]]
-  if max_patients is not None:
-    flagged = flagged[:max_patients]
-  for i in flagged:
+  selected, out["selection"] = figure_selection(result)
+  for i in selected:
     s = result.scores[i]
     pos = int(s.positions[s.peak_slice])
+    crop = (crops or {}).get(s.subject_id)
     slice_rel = f"figures/{s.subject_id}_slice.png"
     curve_rel = f"figures/{s.subject_id}_curve.png"
     figures.slice_panels(
         os.path.join(out_dir, slice_rel), images[pos], result.postprocessed[pos], s.levels,
         recon=None if result.recon is None else result.recon[pos],
-        eu=None if result.eu is None else result.eu[pos], peak_row=s.peak_row,
+        eu=None if result.eu is None else result.eu[pos], peak_row=s.peak_row, crop=crop,
         title=f"{s.subject_id} slice {int(slice_index[pos])}: score {s.patient_score:.3g} "
-              f"({label_values.SEGMENT_NAMES[s.peak_segment]})")
+              f"({label_values.SEGMENT_NAMES[s.peak_segment]})"
+              + (" - flagged" if result.decisions.patient_flags[i] else ""))
+    not_in_view = [n for n, v in zip(label_values.SEGMENT_NAMES, s.segment_scores)
+                   if not np.isfinite(v)]
     figures.curve_plot(
         # Level-normalised scores are z-scores, not curve units: no threshold line then.
         os.path.join(out_dir, curve_rel), s,
         None if s.level_normalised else result.decisions.threshold,
         truth_segments=None if truth is None else truth.segments[i],
+        segment_flags=result.decisions.segment_flags[i],
+        rows=None if crop is None else (crop[0], crop[1]),
         title=f"{s.subject_id}: anomaly curve along the cord"
-              + ("" if truth is None else " (orange: lesion segments)"))
+              + ("" if truth is None else " (orange: lesion segments)")
+              + (f"; n/a (out of view): {', '.join(not_in_view)}" if not_in_view else ""))
     out["patients"][s.subject_id] = (slice_rel, curve_rel)
   return out
 
@@ -202,6 +244,9 @@ def markdown_report(result: analysis.CohortResult, slice_index: np.ndarray,
   """The one-page report (Markdown)."""
   d = result.decisions
   lines = [f"# U2AD evaluation: {result.name}", ""]
+  if result.warnings:
+    lines += ["**Warnings** (where these numbers cannot be fully trusted):", ""]
+    lines += [f"- {w}" for w in result.warnings] + [""]
   lines += list(header_lines)
   num_flagged = int(d.patient_flags.sum())
   lines += [
@@ -237,24 +282,28 @@ def markdown_report(result: analysis.CohortResult, slice_index: np.ndarray,
   lines.append(f"![scores]({figure_paths['scores']})")
   lines.append("")
   if figure_paths["patients"]:
-    lines.append("Flagged patients (slice with the highest score; anomaly curve):")
+    lines.append(figure_paths.get("selection", ""))
     lines.append("")
     for sid, (slice_rel, curve_rel) in figure_paths["patients"].items():
-      lines.append(f"- {sid}: [slice]({slice_rel}), [curve]({curve_rel})")
+      lines += [f"### {sid}", "", f"![{sid}: slice]({slice_rel})", "",
+                f"![{sid}: anomaly curve]({curve_rel})", ""]
   else:
-    lines.append("No patient exceeds the threshold.")
+    lines.append("No patient exceeds the threshold "
+                 f"({figure_paths.get('selection', 'figures of flagged patients only')}).")
   return "\n".join(lines) + "\n"
 
 
 def write_report(out_dir: str, result: analysis.CohortResult, images: np.ndarray,
                  slice_index: np.ndarray, header_lines: Sequence[str] = (), *,
-                 voxels: Voxels | None = None) -> str:
+                 voxels: Voxels | None = None,
+                 crops: dict[str, figures.Crop] | None = None) -> str:
   """Tables, metrics, figures and report.md into `out_dir`; returns the report's path.
-  `voxels`: peak voxels of the input NIfTI (`outputs.peak_positions`) for the tables."""
+  `voxels`: peak voxels of the input NIfTI (`outputs.peak_positions`) for the tables; `crops`:
+  each patient's field of view on the model grid, for the figures (`outputs.field_of_view`)."""
   os.makedirs(out_dir, exist_ok=True)
   write_tables(out_dir, result, slice_index, voxels)
   write_metrics(out_dir, result)
-  figure_paths = write_figures(out_dir, result, images, slice_index)
+  figure_paths = write_figures(out_dir, result, images, slice_index, crops)
   path = os.path.join(out_dir, "report.md")
   io_utils.write_text(path, markdown_report(result, slice_index, figure_paths, header_lines))
   return path

@@ -45,6 +45,9 @@ class PatientTable:
     segment_scores, segment_flags, segment_truth: `[P, 6]`.
     ssim_sum, ssim_count: `[P]` sum and number of per-slice normal-cord SSIM values (zeros for a
       rung without reconstructions), so the cohort SSIM is the mean over slices as in the metrics.
+    segment_known: `[P, 6]` bool, False where the segment's truth is n/a (default: all known).
+      Segment metrics count the cells with a finite score (both levels in view) and known truth,
+      as the evaluator's do; the others stay out of F1 and AUROC.
   """
   patient_scores: np.ndarray
   patient_flags: np.ndarray
@@ -54,6 +57,16 @@ class PatientTable:
   segment_truth: np.ndarray
   ssim_sum: np.ndarray
   ssim_count: np.ndarray
+  segment_known: np.ndarray | None = None
+
+  def __post_init__(self):
+    if self.segment_known is None:
+      object.__setattr__(self, "segment_known", np.ones(np.shape(self.segment_truth), bool))
+
+  def segment_cells(self, index: np.ndarray) -> np.ndarray:
+    """`[n, 6]` bool of the patients `index`: the segment cells that count (see above)."""
+    scores = np.asarray(self.segment_scores, np.float64)[index]
+    return np.isfinite(scores) & np.asarray(self.segment_known, bool)[index]
 
   def __len__(self) -> int:
     return int(np.asarray(self.patient_scores).shape[0])
@@ -63,9 +76,22 @@ class PatientTable:
 
   @classmethod
   def from_json(cls, data: Mapping[str, Any]) -> "PatientTable":
-    kinds = dict(patient_flags=bool, patient_truth=bool, segment_flags=bool, segment_truth=bool)
-    return cls(**{f.name: np.asarray(data[f.name], dtype=kinds.get(f.name, np.float64))
-                  for f in dataclasses.fields(cls)})
+    kinds = dict(patient_flags=bool, patient_truth=bool, segment_flags=bool, segment_truth=bool,
+                 segment_known=bool)
+    # Tables written before `segment_known` existed knew every segment's truth; NaN scores
+    # (out-of-view segments) come back from JSON's null.
+    return cls(**{f.name: np.asarray(_nan_for_none(data[f.name]),
+                                     dtype=kinds.get(f.name, np.float64))
+                  for f in dataclasses.fields(cls) if data.get(f.name) is not None})
+
+
+def _nan_for_none(value: Any) -> Any:
+  """JSON null (how an undefined score is written) -> NaN, in nested lists."""
+  if value is None:
+    return math.nan
+  if isinstance(value, list):
+    return [_nan_for_none(v) for v in value]
+  return value
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -88,8 +114,10 @@ def _ssim(table: PatientTable, index: np.ndarray) -> float:
 METRICS: dict[str, tuple[str, Callable[[PatientTable, np.ndarray], float]]] = {
     "patient_f1": ("patient F1", lambda t, i: _f1(t.patient_flags[i], t.patient_truth[i])),
     "patient_auroc": ("patient AUROC", lambda t, i: _auroc(t.patient_scores[i], t.patient_truth[i])),
-    "segment_f1": ("segment F1", lambda t, i: _f1(t.segment_flags[i], t.segment_truth[i])),
-    "segment_auroc": ("segment AUROC", lambda t, i: _auroc(t.segment_scores[i], t.segment_truth[i])),
+    "segment_f1": ("segment F1", lambda t, i: _f1(t.segment_flags[i][t.segment_cells(i)],
+                                                  t.segment_truth[i][t.segment_cells(i)])),
+    "segment_auroc": ("segment AUROC", lambda t, i: _auroc(t.segment_scores[i][t.segment_cells(i)],
+                                                        t.segment_truth[i][t.segment_cells(i)])),
     "ssim_normal_cord": ("SSIM normal cord", _ssim),
 }
 

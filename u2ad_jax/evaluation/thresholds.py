@@ -13,7 +13,9 @@ segments) exceeds t, so a patient is flagged exactly when at least one of its se
 When more than half of the pool is tied (e.g. many segments scoring exactly 0 after
 postprocessing), the MAD is 0; sigma then falls back to 1.2533 * mean absolute deviation from the
 median (the same normal-consistent scale from the first absolute moment), and to 0 when every
-score is equal (nothing exceeds the median then).
+score is equal (nothing exceeds the median then). Such a degenerate threshold is reported with a
+warning (`trust.py`) and `load_recorded` refuses to reuse it: applied to a later scan it would
+flag every score above that one value.
 
 The threshold depends only on the scores; the truth never enters (a test permutes the labels).
 
@@ -68,12 +70,17 @@ class RecordedThreshold(ThresholdRule):
   """A threshold chosen by an earlier evaluation, applied as is (see the module docstring).
 
   Attributes (besides the original rule's name / k / pool): value, the original median and
-  sigma (reported, not used), source (the earlier evaluation's directory).
+  sigma (reported, not used), source (the earlier evaluation's directory), and what the
+  threshold was computed on there (for warnings, `trust.threshold_warnings`): num_patients (0:
+  not recorded), cohort_kind and roi ("" when not recorded).
   """
   value: float = 0.0
   median: float = 0.0
   sigma: float = 0.0
   source: str = ""
+  num_patients: int = 0
+  cohort_kind: str = ""
+  roi: str = ""
 
   def describe(self) -> str:
     return (f"threshold recorded by the earlier evaluation {self.source} (there: "
@@ -114,6 +121,12 @@ def load_recorded(eval_dir: str | os.PathLike, provenance: Mapping[str, Any]) ->
                                         f"{e})") from e
   if not np.isfinite(value):
     raise errors.CorruptFileError(path, f"recorded threshold {value} is not finite")
+  if threshold.get("sigma") == 0.0 and "recorded_by" not in threshold:
+    # Every pooled score was equal there: the value is that score, and any later scan scoring
+    # above it would be flagged, whatever its size.
+    raise errors.InputError(path, f"the recorded threshold is degenerate (every pooled score "
+                                  f"was {value:.4g}, robust sigma 0) and would flag any higher "
+                                  f"score; record one on a cohort whose scores vary")
   if not isinstance(model, dict) or not model.get("workdir"):
     raise errors.InputError(path, "not an evaluation of a trained checkpoint (no model workdir; "
                                   "the intensity rung?)")
@@ -134,7 +147,10 @@ def load_recorded(eval_dir: str | os.PathLike, provenance: Mapping[str, Any]) ->
                              pool=str(threshold.get("pool", "segments")), value=value,
                              median=float(threshold.get("median", float("nan"))),
                              sigma=float(threshold.get("sigma", float("nan"))),
-                             source=os.path.abspath(eval_dir))
+                             source=os.path.abspath(eval_dir),
+                             num_patients=int(threshold.get("num_patients", 0)),
+                             cohort_kind=str(summary.get("cohort_kind", "")),
+                             roi=str(summary.get("roi", "")))
   except (ValueError, TypeError) as e:
     raise errors.CorruptFileError(path, f"threshold entry does not parse ({e})") from e
 

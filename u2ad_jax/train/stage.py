@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -67,6 +67,8 @@ class RunContext:
     root_key: `key(seed)`; train_key: its training branch (folded with the step inside).
     validator: scores held-out normal slices (None: validation off).
     cpu_start, wall_start: process CPU time and monotonic time when the stages started.
+    stop_requested: polled after every step (and its checkpoint): True stops the run there with
+      KeyboardInterrupt (the trainer's Ctrl-C handling: the step finishes, nothing is torn).
   """
   run: settings_lib.RunSettings
   config: Any
@@ -80,6 +82,7 @@ class RunContext:
   validator: validation_lib.Validator | None = None
   cpu_start: float = dataclasses.field(default_factory=validation_lib.process_cpu_seconds)
   wall_start: float = dataclasses.field(default_factory=time.monotonic)
+  stop_requested: Callable[[], bool] = lambda: False
 
 
 @dataclasses.dataclass
@@ -200,6 +203,9 @@ def run_stage(ctx: RunContext, stage_index: int, cursor: Cursor, start_epoch: in
       if 0 < run.debug_stop_after_steps <= cursor.step:
         log.flush(cursor.last_saved, ctx.ckpts.directory)
         raise Stop()
+      if ctx.stop_requested():
+        log.flush(cursor.last_saved, ctx.ckpts.directory)
+        raise KeyboardInterrupt
     start_batch = 0
   log.flush(cursor.last_saved, ctx.ckpts.directory)
   if ctx.validator is not None and cursor.last_validated != cursor.step:

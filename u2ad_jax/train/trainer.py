@@ -17,8 +17,13 @@ through `run_log.RunLog`. A resumed run continues EXACTLY as the uninterrupted r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
+import sys
+import threading
+from typing import Callable, Iterator
 
 import jax
 import ml_collections
@@ -165,6 +170,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     NonFiniteLossError: a step produced a non-finite loss; the last good checkpoint is kept.
     CheckpointWriteError: a checkpoint could not be written (e.g. disk full); the last complete
       one is kept and the same command resumes from it.
+    TrainingInterrupted: Ctrl-C; the save in flight is completed, the message names the step
+      reached and the last checkpoint (the same command resumes from it).
     WorkdirError, CheckpointError, InputError: bad workdir, checkpoint or data.
   """
   run = settings_lib.resolve(config)
@@ -197,7 +204,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   try:
     _prepare_workdir(workdir, start)
     chief = jax.process_index() == 0
-    with checkpoint.Checkpoints(workdir, max_to_keep=run.checkpoint.max_to_keep) as ckpts:
+    with checkpoint.Checkpoints(workdir, max_to_keep=run.checkpoint.max_to_keep) as ckpts, \
+        _deferred_interrupt(verbose) as stop_requested:
       try:
         log = run_log.RunLog(workdir, chief, verbose)
         root = jax.random.key(run.seed)
@@ -212,13 +220,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         ctx = stage_lib.RunContext(run=run, config=config, model=model, cohorts=cohorts,
                                    ckpts=ckpts, log=log, devices=devices, root_key=root,
                                    train_key=jax.random.fold_in(root, _TRAIN_TAG),
-                                   validator=validator)
+                                   validator=validator, stop_requested=stop_requested)
         if start.message:
           log.say(start.message)
         log.resume_from(start.step)
         if chief:
           checkpoint.write_config(workdir, config)
-        return _run(ctx, start, workdir)
+        try:
+          return _run(ctx, start, workdir)
+        except _Interrupted as stop:
+          ckpts.wait()  # the save in flight completes: it is the checkpoint to resume from
+          ckpts.manager.reload()  # a wait cut short by a second Ctrl-C left its list stale
+          raise errors.TrainingInterrupted(stop.step, ckpts.latest_step(),
+                                           ckpts.directory) from None
       finally:
         try:
           ckpts.wait()  # a pending asynchronous save completes even when training failed
@@ -264,6 +278,43 @@ def _prepare_workdir(workdir: str, start: resume.Start) -> None:
     raise failure
 
 
+@contextlib.contextmanager
+def _deferred_interrupt(verbose: bool) -> Iterator[Callable[[], bool]]:
+  """While training: the first Ctrl-C (SIGINT) only asks the stage loop to stop after the
+  current step (and its checkpoint save), so no save or map refresh is cut in half; a second
+  Ctrl-C interrupts at once. Yields the poll the loop calls. Outside the main thread (where
+  Python cannot install a handler) and in multi-process jobs (processes polling the flag at
+  different steps would leave one waiting in a collective) Ctrl-C keeps its default behaviour."""
+  requested = threading.Event()
+  if (threading.current_thread() is not threading.main_thread()
+      or jax.process_count() > 1):
+    yield requested.is_set
+    return
+
+  def handler(signum, frame):
+    del signum, frame
+    if requested.is_set():
+      raise KeyboardInterrupt  # the second Ctrl-C: stop now
+    requested.set()
+    if verbose:
+      print("\n[train] Ctrl-C: stopping after this step (Ctrl-C again to stop at once)",
+            file=sys.stderr, flush=True)
+
+  previous = signal.signal(signal.SIGINT, handler)
+  try:
+    yield requested.is_set
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
+class _Interrupted(KeyboardInterrupt):
+  """Ctrl-C inside the stage loop, with the number of steps done."""
+
+  def __init__(self, step: int):
+    super().__init__(step)
+    self.step = step
+
+
 def _run(ctx: stage_lib.RunContext, start: resume.Start, workdir: str) -> TrainResult:
   """The stages from `start` on (the checkpoint manager is opened and closed by the caller)."""
   run = ctx.run
@@ -283,6 +334,9 @@ def _run(ctx: stage_lib.RunContext, start: resume.Start, workdir: str) -> TrainR
     stopped = True
     ctx.log.say(f"stopped after step {cursor.step} "
                 f"(debug_stop_after_steps={run.debug_stop_after_steps})")
+  except KeyboardInterrupt:
+    # Ctrl-C: one line saying where the run stands, not a traceback (`train` finishes it).
+    raise _Interrupted(cursor.step) from None
 
   final = cursor.state
   if final is None:  # no stage had anything left to run: the start point is the result

@@ -19,6 +19,7 @@ from typing import Sequence
 import ml_collections
 
 from u2ad_jax import config_files
+from u2ad_jax import errors
 from u2ad_jax import io_utils
 from u2ad_jax import output_guard
 from u2ad_jax.evaluation import analysis
@@ -150,6 +151,14 @@ def run_demo(out_dir: str | os.PathLike, *, smoke: bool = False, config_spec: st
   config_lib.apply_overrides(config, overrides)
   # `output_guard`: a non-empty out_dir must be an earlier demo's, and replacing it needs
   # `overwrite`; its cohorts are then reused when they match and its run resumes.
+  marker = output_guard.read_marker(out_dir) if os.path.isdir(out_dir) else None
+  if marker is not None and marker["command"] == "demo" and not overwrite:
+    # The guard's generic "pass --overwrite to replace it" would hide that --overwrite RESUMES
+    # an interrupted demo (the usual reason to run it again) rather than starting over.
+    raise errors.InputError(os.path.abspath(os.fspath(out_dir)),
+                            "holds an earlier `u2ad demo` run (finished or interrupted); pass "
+                            "--overwrite to resume it: matching cohorts are reused, training "
+                            "continues from its last checkpoint, the evaluations are replaced")
   out_dir = output_guard.check_output_dir(out_dir, "demo", overwrite=overwrite, swapped=False)
   os.makedirs(out_dir, exist_ok=True)
   output_guard.write_marker(out_dir, "demo")

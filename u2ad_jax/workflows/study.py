@@ -78,7 +78,8 @@ def patient_table(result: Any, slice_set: Any) -> stats.PatientTable:
       segment_scores=np.asarray(result.segment_scores, np.float64),
       segment_flags=np.asarray(result.decisions.segment_flags, bool),
       segment_truth=np.asarray(result.truth.segments, bool),
-      ssim_sum=ssim_sum, ssim_count=ssim_count)
+      ssim_sum=ssim_sum, ssim_count=ssim_count,
+      segment_known=np.asarray(result.truth.segments_known, bool))
 
 
 # ------------------------------------------------------------------------------ cohorts

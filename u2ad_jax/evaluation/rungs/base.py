@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -28,16 +28,25 @@ from u2ad_jax.evaluation import outputs
 from u2ad_jax.evaluation import scoring
 from u2ad_jax.evaluation import settings as settings_lib
 from u2ad_jax.evaluation import thresholds
+from u2ad_jax.evaluation import trust
 
 
 @dataclasses.dataclass
 class PreparedCohort:
-  """A cohort loaded and checked for scoring (levels found)."""
+  """A cohort loaded and checked for scoring (levels found).
+
+  Attributes (besides the loaded data): kind (`cohort.cohort_kind`: phantom, real scans, ...),
+  roi (`cohort.roi_definition`: the masking ROI its labels give), warnings (`trust.
+  cohort_warnings`: levels cut by the field of view, tilted cords), one line each.
+  """
   root: str
   slice_set: Any
   participants: dict[str, dict[str, Any]]
   levels: dict[str, Any]
   label_files: dict[str, str]
+  kind: str = "unknown"
+  roi: str = ""
+  warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 def prepare_cohort(data_dir: str | os.PathLike, data_config: Any,
@@ -56,7 +65,9 @@ def prepare_cohort(data_dir: str | os.PathLike, data_config: Any,
                                  {f.subject_id: f.vertebrae or f.label for f in files},
                                  vertebrae=slice_set.vertebrae)
   return PreparedCohort(root=root, slice_set=slice_set, participants=participants,
-                        levels=levels, label_files=label_files)
+                        levels=levels, label_files=label_files, kind=cohort.cohort_kind(root),
+                        roi=cohort.roi_definition(trust.has_csf(slice_set)),
+                        warnings=trust.cohort_warnings(slice_set, levels))
 
 
 @dataclasses.dataclass
@@ -70,6 +81,7 @@ class RungMaps:
     header: the report's first lines (what the rung is, which cohort).
     eu, recon: `[S, H, W]` epistemic uncertainty and mean reconstruction (None: not made).
     rule: the threshold rule when it is not the settings' (a recorded threshold).
+    warnings: the rung's own one-line warnings (`trust.model_warnings`), for the report.
   """
   anomaly: np.ndarray
   provenance: dict[str, Any]
@@ -77,6 +89,7 @@ class RungMaps:
   eu: np.ndarray | None = None
   recon: np.ndarray | None = None
   rule: thresholds.ThresholdRule | None = None
+  warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 class Rung(Protocol):
@@ -90,7 +103,8 @@ class Rung(Protocol):
 
 def evaluate(rung: Rung, prepared: PreparedCohort, settings: settings_lib.EvalSettings,
              out_dir: str | os.PathLike | None = None, *, overwrite: bool = False,
-             protected: dict[str, Any] | None = None) -> analysis.CohortResult | None:
+             protected: dict[str, Any] | None = None,
+             log: Callable[[str], None] | None = None) -> analysis.CohortResult | None:
   """Scores `rung` on `prepared` and, when `out_dir`, writes its outputs there; returns None
   (nothing scored or written) when the rung returns no maps in this process (the processes
   other than 0 of a multi-process job).
@@ -98,6 +112,9 @@ def evaluate(rung: Rung, prepared: PreparedCohort, settings: settings_lib.EvalSe
   `out_dir` follows `output_guard.check_output_dir` (checked before the maps): it may not be, lie
   inside or contain the cohort or a `protected` path ({flag: path}), and an existing non-empty
   `out_dir` is replaced only when it is a previous evaluation and `overwrite` is set.
+
+  The result's `warnings` (cohort, rung and threshold: `trust.py`) go to `log` (one call per
+  line, prefixed "warning: "), the report and summary.json.
   """
   if out_dir is not None:
     output_guard.check_output_dir(out_dir, "evaluate", overwrite=overwrite,
@@ -113,7 +130,14 @@ def evaluate(rung: Rung, prepared: PreparedCohort, settings: settings_lib.EvalSe
       curve_window=settings.curve_window, segment_norm=settings.segment_norm,
       participants=prepared.participants, levels=prepared.levels, eu=maps.eu, recon=maps.recon,
       info=maps.provenance)
+  result.warnings = (list(prepared.warnings) + list(maps.warnings) + trust.threshold_warnings(
+      result.decisions, len(result.scores), prepared.kind, prepared.roi))
+  # What the threshold was computed on, for a later --threshold-from to compare with.
+  provenance = {**maps.provenance, "cohort_kind": prepared.kind, "roi": prepared.roi}
+  if log is not None:
+    for warning in result.warnings:
+      log(f"warning: {warning}")
   if out_dir is not None:
     with outputs.staged_directory(out_dir) as staging:
-      outputs.write_all(staging, result, s, maps.provenance, maps.header)
+      outputs.write_all(staging, result, s, provenance, maps.header)
   return result

@@ -30,6 +30,7 @@ from u2ad_jax import output_guard
 from u2ad_jax.evaluation import analysis
 from u2ad_jax.evaluation import settings as settings_lib
 from u2ad_jax.evaluation import thresholds
+from u2ad_jax.evaluation import trust
 from u2ad_jax.evaluation.rungs import base
 
 
@@ -260,6 +261,10 @@ class ModelRung:
                                 f"{settings.segment_norm!r}: per-level scores need a cohort; "
                                 f"set evaluation.segment_norm=none")
       rule = thresholds.load_recorded(self.threshold_from, provenance)
+    warnings = trust.model_warnings(self.config, prepared.kind, prepared.roi)
+    stage_warning = trust.checkpoint_warning(self._checkpoint_meta(), self.config, self.step)
+    if stage_warning:
+      warnings.insert(0, stage_warning)
     maps = model_maps(self.model, self.params, self.config, slice_set.images,
                       slice_set.train_roi, subject_ids=slice_set.subject_ids,
                       batch_size=self.batch_size, num_samples=settings.mc_samples,
@@ -273,7 +278,21 @@ class ModelRung:
               f"{provenance['anomaly_map']}.",
               f"- Cohort: `{prepared.root}` ({len(slice_set)} slices)."]
     return base.RungMaps(anomaly=anomaly, provenance=provenance, header=header, eu=maps["eu"],
-                         recon=maps["mean"], rule=rule)
+                         recon=maps["mean"], rule=rule, warnings=warnings)
+
+  def _checkpoint_meta(self) -> dict[str, Any] | None:
+    """The restored checkpoint's training position (stage, epoch), None when unreadable."""
+    from u2ad_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+    try:
+      checkpoints = checkpoint.Checkpoints(self.workdir, read_only=True)
+    except errors.U2ADError:
+      return None
+    try:
+      return checkpoints.restore_meta(self.step)
+    except errors.U2ADError:
+      return None
+    finally:
+      checkpoints.close()
 
 
 def evaluate_checkpoint(workdir: str | os.PathLike, data_dir: str | os.PathLike,
@@ -311,7 +330,7 @@ def evaluate_checkpoint(workdir: str | os.PathLike, data_dir: str | os.PathLike,
     prepared = base.prepare_cohort(data_dir, rung.config.data, progress=verbose)
   settings = settings_lib.EvalSettings.from_config(rung.config)
   result = base.evaluate(rung, prepared, settings, out_dir, overwrite=overwrite,
-                         protected=protected)
+                         protected=protected, log=log)
   if out_dir is not None and result is not None and log:
     log(f"wrote {os.path.abspath(os.fspath(out_dir))}")
   return result
