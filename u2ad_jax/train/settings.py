@@ -202,9 +202,15 @@ def model_overrides(config: Any) -> dict[str, Any]:
 
 
 def build_model(config: Any) -> vit_mae.MaskedAutoencoderViT:
-  """The model of `config`: the variant's transformer at the data's image and patch size."""
-  return vit_mae.build_model(config.model.variant, image_size=int(config.data.image_size),
-                             patch_size=int(config.data.patch_size), **model_overrides(config))
+  """The model of `config`: the variant's transformer at the data's image and patch size.
+
+  With `attention` 'auto' (the default) the platform's fused kernel is checked here, once per
+  process, for the model's shapes, and replaced by 'dot_product' (one warning line) if it does
+  not compile or run (`vit_mae.with_checked_attention`): a run never dies on it hours in.
+  """
+  model = vit_mae.build_model(config.model.variant, image_size=int(config.data.image_size),
+                              patch_size=int(config.data.patch_size), **model_overrides(config))
+  return vit_mae.with_checked_attention(model)
 
 
 def _get(config: Any, dotted: str) -> Any:
