@@ -40,15 +40,14 @@ SHAPE_FIELDS = ("model.variant", "model.overrides", "data.image_size", "data.pat
 
 @dataclasses.dataclass(frozen=True)
 class DataSettings:
-  """How batches are built (the cohorts themselves are loaded at the door).
+  """How batches are built (the cohorts themselves are loaded at the door; augmentation runs in
+  the step: `StepSettings.augment`).
 
   Attributes:
     batch_size: the global batch, split over all devices of all processes.
-    augment: brightness / contrast / noise on training batches.
     prefetch: host batches built ahead of the device step.
   """
   batch_size: int
-  augment: bool
   prefetch: int
 
 
@@ -135,8 +134,7 @@ def resolve(config: Any) -> RunSettings:
   return RunSettings(
       seed=int(config.seed), stages=stages, stage_epochs=stage_epochs,
       parallel=str(config.parallel), optimizer=optimizer, step=step_settings(config),
-      data=DataSettings(batch_size=int(config.batch_size), augment=bool(config.data.augment),
-                        prefetch=int(config.data.prefetch)),
+      data=DataSettings(batch_size=int(config.batch_size), prefetch=int(config.data.prefetch)),
       checkpoint=CheckpointSettings(every_steps=int(config.checkpoint.every_steps),
                                     max_to_keep=config.checkpoint.max_to_keep),
       schedule=schedule, refresh_epochs=int(config.uncertainty.refresh_epochs),
@@ -186,11 +184,13 @@ def optimizer_settings(optim: Any) -> state_lib.OptimizerSettings:
 
 
 def step_settings(config: Any, guided: bool = False) -> step_lib.StepSettings:
-  """The step's static settings of `config` (masking ratio, patch size, loss weights)."""
+  """The step's static settings of `config` (masking ratio, patch size, loss weights, whether
+  the step augments its examples)."""
   return step_lib.StepSettings(
       patch_size=int(config.data.patch_size), ratio=float(config.masking.ratio),
       image_weight=float(config.loss.image_weight), edge_weight=float(config.loss.edge_weight),
-      structure_weight=bool(config.loss.structure_weight), guided=bool(guided))
+      structure_weight=bool(config.loss.structure_weight), guided=bool(guided),
+      augment=bool(config.data.augment))
 
 
 def model_overrides(config: Any) -> dict[str, Any]:
