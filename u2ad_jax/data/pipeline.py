@@ -24,11 +24,12 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from u2ad_jax.data import sliceset
+if TYPE_CHECKING:  # annotations only (keeps this module, imported by the train step, light)
+  from u2ad_jax.data import sliceset
 
 BRIGHTNESS_RANGE = (0.8, 1.2)
 CONTRAST_RANGE = (0.8, 1.2)

@@ -172,7 +172,7 @@ def run_stage(ctx: RunContext, stage_index: int, cursor: Cursor, start_epoch: in
     for batch_index, batch in enumerate(iterator.epoch(epoch)):
       if batch_index < start_batch:
         continue  # done before the checkpoint this run resumed from
-      feed = _feed(batch, cursor.maps, guided, ctx.model.num_patches)
+      feed = maps_lib.step_feed(batch, cursor.maps, guided, ctx.model.num_patches)
       step_cohort = cohort
       if faults.hit("step", cursor.step + 1) == "nan":  # this step's images are all NaN
         step_cohort = step_lib.device_cohort(
@@ -213,21 +213,6 @@ def _refresh_maps(ctx: RunContext, generator: maps_lib.MapGenerator, cursor: Cur
   ctx.log.event({"event": "maps", "stage": stage, "epoch": epoch, "step": cursor.step,
                  "seconds": seconds, "mean_patch_eu": float(cursor.maps["patch_eu"].mean()),
                  "candidate_patches": int(cursor.maps["exclude"].sum())})
-
-
-def _feed(batch: dict[str, np.ndarray], maps: dict[str, np.ndarray] | None, guided: bool,
-          num_patches: int) -> dict[str, np.ndarray]:
-  """The step's host batch: the pipeline's slice indices `[D, b]` (the step gathers the images
-  from its device cohort) plus, in a guided stage, their per-patch EU and AU-candidate patches
-  `[D, b, N]` (zeros when no epoch of the stage uses guidance)."""
-  feed = {"index": batch["index"], "valid": batch["valid"]}
-  if guided:
-    if maps is not None:
-      feed.update(maps_lib.gather_guidance(maps, batch["index"]))
-    else:
-      feed["patch_eu"] = np.zeros(batch["index"].shape + (num_patches,), np.float32)
-      feed["exclude"] = np.zeros(batch["index"].shape + (num_patches,), bool)
-  return feed
 
 
 def save(ctx: RunContext, stage: str, cursor: Cursor, epoch: int, batch: int) -> None:
