@@ -82,14 +82,15 @@ def _model_attention_shapes(variant):
   of a few widths."""
   model = vit_mae.build_model(variant)
   h, p = model.image_size, model.patch_size
-  shapes = {(1 + model.num_patches, model.encoder_heads, model.encoder_width // model.encoder_heads),
-            (1 + model.num_patches, model.decoder_heads, model.decoder_width // model.decoder_heads)}
+  encoder = (model.encoder_heads, model.encoder_width // model.encoder_heads)
+  decoder = (model.decoder_heads, model.decoder_width // model.decoder_heads)
+  shapes = {(1 + model.num_patches, *encoder), (1 + model.num_patches, *decoder)}
   for half_width in (p // 2, p, 3 * p):
     roi = np.zeros((1, h, h), bool)
     roi[:, :, h // 2 - half_width:h // 2 + half_width] = True
     for multiple in (64, 1):
       length = uncertainty.mc_encoder_length(roi, p, 0.75, multiple=multiple)
-      shapes.add((1 + length, model.encoder_heads, model.encoder_width // model.encoder_heads))
+      shapes.add((1 + length, *encoder))
   return sorted(shapes)
 
 
@@ -128,10 +129,26 @@ def test_paper_train_step_traces_and_differentiates_with_cudnn_in_bfloat16(cudnn
   batch = {"image": jax.ShapeDtypeStruct((b, h, h, 1), jnp.float32),
            "train_roi": jax.ShapeDtypeStruct((b, h, h), jnp.bool_),
            "valid": jax.ShapeDtypeStruct((b,), jnp.bool_)}
-  new_state, metrics = jax.eval_shape(wrapped._fn, abstract_state, batch, jax.random.key(1),  # pylint: disable=protected-access
+  step_fn = wrapped._fn  # pylint: disable=protected-access  (the jitted shard_map, unplaced)
+  new_state, metrics = jax.eval_shape(step_fn, abstract_state, batch, jax.random.key(1),
                                       step_lib.guidance_arrays())
   assert jax.tree.structure(new_state) == jax.tree.structure(abstract_state)
   assert metrics["loss"].shape == () and metrics["loss"].dtype == jnp.float32
+
+
+def test_remat_keeps_the_cudnn_forward_instead_of_rerunning_it(cudnn_version_stub):
+  """Under the default remat policy the gradient runs cuDNN's attention forward once per
+  stack (encoder, decoder: scanned, one traced block each), not twice (forward + rerun)."""
+  model = vit_mae.build_model("mu", attention="cudnn", dtype=jnp.bfloat16)
+  assert model.remat and model.remat_policy == "recompute_elementwise"
+  params = jax.eval_shape(lambda key: state_lib.init_params(vit_mae.build_model("mu"), key),
+                          jax.random.key(0))
+  images = jnp.zeros((2, 32, 32, 1))
+  plan = make_plan(jnp.zeros((2, model.num_patches), bool).at[:, :10].set(True))
+  loss = lambda p: model.apply({"params": p}, images, plan)[0].sum()
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+  assert jaxpr.count("dot_product_attention_fwd") == 2
+  assert jaxpr.count("dot_product_attention_bwd") == 2
 
 
 @pytest.mark.parametrize("t", [37, 200])  # one 128-row block; two blocks (padded to 256)

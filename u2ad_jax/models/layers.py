@@ -1,6 +1,6 @@
 """Transformer building blocks for the masked-autoencoder ViT, with interchangeable attention.
 
-Longer than the other modules (about 480 lines) because the attention implementations are one
+Longer than the other modules (about 600 lines) because the attention implementations are one
 family with one signature, tested against each other; splitting them would scatter that contract.
 
 Every attention implementation has the same signature
@@ -30,12 +30,17 @@ train-step variants".
 
 On accelerators the fused flash kernels that ship with JAX do the same job in one kernel:
 `cudnn` (GPU, half precision) and `tpu_flash` (Pallas, TPU); `attention='auto'` picks per
-platform (`resolve_attention`). Under remat their internal residuals are not named, so the
-backward pass recomputes the attention forward (cheap next to the matmuls on those chips).
+platform (`resolve_attention`), and a run checks that choice once at start-up
+(`checked_attention`: compiled, run and compared with XLA's attention, else 'dot_product').
+Their internal residuals carry no names, so the remat policy keeps the cuDNN forward's outputs
+by primitive (`FUSED_ATTENTION_FORWARD`): otherwise the backward pass would rerun the attention
+forward, ~1/3 of the attention's time at width-8 heads, which the exponential units bound
+(benchmarks/README.md, the H100 / H200 estimate). The Pallas TPU kernel's forward is still rerun.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import sys
@@ -552,12 +557,29 @@ class TransformerBlock(nn.Module):
 # encoder block at batch 10 it keeps ~48 MB instead of ~200 MB without remat.
 RECOMPUTE_ELEMENTWISE_NAMES = ("attn_q", "attn_k", "attn_v", "attn_out", "attn_lse",
                                "mlp_hidden", "block_mid")
+# The fused cuDNN attention's forward primitive: its outputs (the attention output and the
+# softmax statistics, the residuals of its backward) carry no name, so a names-only policy
+# would rerun the whole attention forward in the backward pass; at width-8 heads that is a third
+# of the attention's exponentials, its bound (benchmarks/README.md). Kept: B x H x T float32
+# statistics per layer beside the output that 'attn_out' keeps anyway.
+FUSED_ATTENTION_FORWARD = ("dot_product_attention_fwd_wrapper",)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SaveNamesAndFusedAttention:
+  """Remat policy: save the values named `names` and the fused attention forward's outputs."""
+  names: frozenset
+
+  def __call__(self, prim, *args, **params) -> bool:
+    if prim.name in FUSED_ATTENTION_FORWARD:
+      return True
+    return jax.checkpoint_policies.save_only_these_names(*self.names)(prim, *args, **params)
 
 
 def remat_policy_by_name(name: str):
   """'recompute_elementwise' or any `jax.checkpoint_policies` member name."""
   if name == "recompute_elementwise":
-    return jax.checkpoint_policies.save_only_these_names(*RECOMPUTE_ELEMENTWISE_NAMES)
+    return _SaveNamesAndFusedAttention(frozenset(RECOMPUTE_ELEMENTWISE_NAMES))
   policy = getattr(jax.checkpoint_policies, name, None)
   if policy is None:
     raise ValueError(f"unknown remat policy {name!r}")

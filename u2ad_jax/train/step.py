@@ -11,12 +11,13 @@ With `settings.augment` the step augments them itself (`data/augment.py`, the la
 `pipeline.augment_batch`), so the host does no per-pixel work and never bounds the step.
 
 Randomness. The step key is `fold_in(key, state.step)`: reproducible from (seed, step), so a
-resumed run draws the same masks and the same augmentation. Each example then folds in its position in the GLOBAL batch,
-`axis_index * b + i` (the mesh slot of the device, whose rows the pipeline builds from the same
-slot, `parallel.mesh_positions`, so the index is right wherever a process's devices sit in the
-mesh): examples on different devices (and different examples on one device) get
-different masks, as with the usual `fold_in(step_key, axis_index)`, but the draw does not depend
-on how the global batch is split, so 1 device, 2 devices and 2 processes train identically.
+resumed run draws the same masks and the same augmentation. Each example then folds in its
+position in the GLOBAL batch, `axis_index * b + i` (the mesh slot of the device, whose rows the
+pipeline builds from the same slot, `parallel.mesh_positions`, so the index is right wherever a
+process's devices sit in the mesh): examples on different devices (and different examples on
+one device) get different masks, as with the usual `fold_in(step_key, axis_index)`, but the draw
+does not depend on how the global batch is split, so 1 device, 2 devices and 2 processes train
+identically.
 
 Loss reduction. `losses.reconstruction_loss` is a pooled mean over the masked patches of its
 batch. To get the pooled mean over the GLOBAL batch whatever the split, each device scales its
