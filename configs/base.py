@@ -34,7 +34,7 @@ def make_config() -> ml_collections.ConfigDict:
   config.data.min_roi_patches = 4       # slices whose train ROI touches fewer patches are skipped
   config.data.public_dir = ""           # healthy public cohort (pretraining)
   config.data.clinical_dir = ""         # the clinical cohort (adaptation, then evaluation)
-  config.data.augment = True            # brightness / contrast / noise, training batches only
+  config.data.augment = True            # brightness / contrast / noise, inside the train step
   config.data.prefetch = 2              # host batches built ahead of the device step
 
   # The model: a variant of models/vit_mae.VARIANTS (transformer widths / depths) at the input

@@ -1,5 +1,6 @@
 """`benchmarks/run.py --size mu --quick --json` end to end: every field present, positive, finite."""
 
+import importlib.util
 import json
 import math
 import os
@@ -18,15 +19,26 @@ def _positive_finite(x):
 
 @pytest.mark.slow
 def test_quick_mu_benchmark_writes_complete_json(tmp_path):
+  """Run as from a bare checkout (no PYTHONPATH, another working directory): the script finds
+  the library beside it, measures THAT one, and streams a RESULT line per measurement."""
   out = tmp_path / "bench.json"
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   proc = subprocess.run(
       [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--size", "mu", "--quick",
-       "--json", str(out)],
-      capture_output=True, text=True, timeout=600, cwd=ROOT, env=dict(os.environ))
+       "--json", str(out), "--cache-dir", str(tmp_path / "cache")],
+      capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
   assert result["errors"] == [], proc.stderr[-3000:]
   assert result["size"] == "mu" and result["quick"] is True
+  streamed = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines()
+              if line.startswith("RESULT ")]
+  assert [r["name"] for r in streamed][:2] == ["matmul", "flops_32px"]
+  assert {r["kind"] for r in streamed} == {"matmul", "flops", "train", "mc", "attention",
+                                           "input"}
+  assert all(r["u2ad_jax_file"] == str(ROOT / "u2ad_jax" / "__init__.py") for r in streamed)
+  assert any((tmp_path / "cache").iterdir())  # the persistent compilation cache was written
+  assert 0 < result["summary"]["train_host_fraction"] < 0.5
 
   summary = result["summary"]
   for name in ("matmul_gflops", "train_gflop_per_image", "forward_gflop_per_image",
@@ -52,6 +64,114 @@ def test_quick_mu_benchmark_writes_complete_json(tmp_path):
       assert _positive_finite(row["first_call_s"]), (axis, row)
   assert result["train"]["loss_finite"] is True
   assert result["machine"]["jax"]
+
+
+def _bench_run_module():
+  spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+class _FakeRunner:
+  """Stands in for the subprocesses: canned results by spec, the specs in the order run."""
+  library = str(ROOT / "u2ad_jax" / "__init__.py")
+
+  def __init__(self, results):
+    self.results, self.specs = results, []
+
+  def __call__(self, log, cache_dir, budget_s):
+    return self
+
+  def run(self, spec, min_s=15.0):
+    self.specs.append(spec)
+    result = self.results(spec)
+    return {"u2ad_jax_file": self.library, **result}
+
+  def start_background(self, name, spec):
+    self.specs.append(spec)
+
+  def collect(self, name, timeout=None):
+    return {"u2ad_jax_file": self.library, "train_gflop_per_image": 46.6,
+            "forward_gflop_per_image": 16.2} if name == "flops" else {
+                "u2ad_jax_file": self.library}
+
+
+def _canned(probe_ok=True):
+  oom = {"error": "XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory allocating 9e10 bytes",
+         "error_kind": "oom"}
+
+  def results(spec):
+    if spec["kind"] == "attention_probe":
+      return ({"attention": "cudnn", "agrees": True} if probe_ok else
+              {"error": "NotImplementedError: no", "error_kind": "error"})
+    if spec["kind"] == "train":
+      batch = spec["batch"]
+      return oom if batch > 1200 else {"batch": batch, "images_per_s": 3000.0,
+                                       "peak_device_gb": 20.0, "device_bytes_limit_gb": 140.0}
+    return {"gflops": 5e5, "s_per_image": 0.004, "passes": 14}
+  return results
+
+
+def test_accelerator_plan_retries_smaller_after_oom_and_rewrites_the_json(tmp_path, monkeypatch,
+                                                                          capsys):
+  bench = _bench_run_module()
+  runner = _FakeRunner(_canned())
+  monkeypatch.setattr(bench, "Runner", runner)
+  out_path = tmp_path / "accel.json"
+  writes = []
+  write = bench.Recorder.write
+  monkeypatch.setattr(bench.Recorder, "write",
+                      lambda self: (write(self), writes.append(json.loads(out_path.read_text()))))
+  out = bench.main(["--platform", "accelerator", "--json", str(out_path)])
+  # Batch 256 peaks at 20 GB of 140: the guess is 0.9 * 140 / (20 / 256) -> 1536 (a multiple
+  # of 256); it runs out of memory and the plan tries 0.7x of it once.
+  assert [s["batch"] for s in runner.specs if s["kind"] == "train"] == [256, 1536, 1056]
+  assert out["train_largest"]["batch"] == 1056
+  assert [w.get("train_largest", {}).get("error_kind") for w in writes][3] == "oom"
+  lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("RESULT ")]
+  assert [json.loads(l[7:])["name"] for l in lines] == [
+      "matmul", "attention_probe", "train_b256", "train_largest", "train_largest", "mc",
+      "flops", "input", "summary"]
+  assert len(writes) == len(lines)  # the JSON is rewritten after every measurement
+  assert out["summary"]["train"][0]["tflop_per_s"] == pytest.approx(3000 * 46.6 / 1e3)
+
+
+def test_accelerator_plan_stops_when_the_attention_probe_fails(tmp_path, monkeypatch):
+  bench = _bench_run_module()
+  runner = _FakeRunner(_canned(probe_ok=False))
+  monkeypatch.setattr(bench, "Runner", runner)
+  out = bench.main(["--platform", "accelerator", "--json", str(tmp_path / "a.json")])
+  assert [s["kind"] for s in runner.specs if s["kind"] in ("train", "mc")] == []
+  assert "--attention dot_product" in out["stopped"]
+  assert json.loads((tmp_path / "a.json").read_text())["errors"] == ["/attention_probe"]
+
+
+def test_measurements_run_without_nibabel_and_ml_collections(tmp_path):
+  """The GPU machine's image has JAX, flax, optax, orbax and scipy but neither nibabel nor
+  ml_collections: the measuring script and everything it imports must not need them. Run with
+  both blocked, without PYTHONPATH, from another directory (the script's own import shim)."""
+  code = ("import sys, runpy; sys.modules.update(nibabel=None, ml_collections=None); "
+          "sys.argv = ['_measure.py', sys.argv[1]]; "
+          f"runpy.run_path({str(ROOT / 'benchmarks' / '_measure.py')!r}, run_name='__main__')")
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run([sys.executable, "-c", code, json.dumps(
+      {"kind": "input", "size": "mu", "batch": 4, "steps": 1})], capture_output=True, text=True,
+      timeout=300, cwd=tmp_path, env=env)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+  assert result["u2ad_jax_file"] == str(ROOT / "u2ad_jax" / "__init__.py")
+  assert result["new_index_feed"]["images_per_s"] > 0
+
+
+def test_out_of_memory_is_told_from_other_errors():
+  bench = _bench_run_module()
+  died = bench._result_of("", "...\njaxlib.XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory", -9)
+  assert died["error_kind"] == "oom"
+  assert bench._result_of("", "ValueError: bad shape", 1)["error_kind"] == "error"
+  reported = bench._result_of('RESULT {"error": "x", "error_kind": "oom"}\n', "", 1)
+  assert reported == {"error": "x", "error_kind": "oom"}
 
 
 def test_mc_with_real_model_matches_per_pass_reference():

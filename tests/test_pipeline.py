@@ -211,3 +211,18 @@ def test_prefetch_same_batches_and_early_stop():
   next(gen)
   gen.close()
   assert not any(t.name == "u2ad-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+def test_index_only_batches_pick_the_same_rows():
+  """What the trainer iterates (the step gathers the images on the device): the same index and
+  valid arrays as full batches, nothing else."""
+  data = make_slice_set()
+  full = stack_epoch(iterator(data, seed=4), 1)
+  light = stack_epoch(iterator(data, seed=4, with_examples=False), 1)
+  assert len(full) == len(light)
+  for x, y in zip(full, light):
+    assert set(y) == {"index", "valid"}
+    np.testing.assert_array_equal(x["index"], y["index"])
+    np.testing.assert_array_equal(x["valid"], y["valid"])
+  with pytest.raises(ValueError, match="with_examples"):
+    iterator(data, augment=True, with_examples=False)

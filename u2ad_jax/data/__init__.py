@@ -8,7 +8,8 @@
   levels.py          vertebral levels C2 ... T1 of a label map and the six segments' rows (the
                      phantom writes its truth by them, the evaluation scores by them).
   npy_slices.py      the original release's `.npy` slices.
-  pipeline.py        seeded training batches and augmentation.
+  pipeline.py        seeded training batches and the augmentation law (NumPy reference).
+  augment.py         the same augmentation in JAX, run inside the train step from its key.
   spine_tools.py     TotalSpineSeg / SCT segmentations -> our label maps (`u2ad prepare`).
 
 The synthetic cohorts that produce data in this layout live in `u2ad_jax.phantom`.

@@ -24,11 +24,12 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from u2ad_jax.data import sliceset
+if TYPE_CHECKING:  # annotations only (keeps this module, imported by the train step, light)
+  from u2ad_jax.data import sliceset
 
 BRIGHTNESS_RANGE = (0.8, 1.2)
 CONTRAST_RANGE = (0.8, 1.2)
@@ -41,7 +42,11 @@ def augment_batch(images: np.ndarray, roi: np.ndarray, rng: np.random.Generator,
                   brightness_range: tuple[float, float] = BRIGHTNESS_RANGE,
                   contrast_range: tuple[float, float] = CONTRAST_RANGE,
                   noise_std: float = NOISE_STD, return_params: bool = False) -> Any:
-  """Training augmentation (`docs/method.md`), per image.
+  """Training augmentation (`docs/method.md`), per image: the law's NumPy reference.
+
+  The trainer runs the same law inside the jitted step (`data/augment.py`, tested against this
+  function), so that the host does no per-pixel work; this one serves host-side batches
+  (`BatchIterator(augment=True)`) and the tests.
 
   x -> contrast c about the image's ROI mean (whole-image mean when the ROI is empty; pivoting on
   the cord / CSF level keeps that level while stretching its contrast) -> brightness factor b ->
@@ -85,13 +90,15 @@ class BatchIterator:
     image: `[D, b, H, W, 1]` float32;  train_roi, score_roi: `[D, b, H, W]` bool;
     index: `[D, b]` int32 position in the SliceSet (-1 = padding);  valid: `[D, b]` bool,
   where D = num_devices (local to this process, row block i for mesh slot device_positions[i])
-  and b = global_batch / total devices.
+  and b = global_batch / total devices. With `with_examples=False` only index and valid (the
+  train step gathers the examples from its device-resident cohort).
   """
 
   def __init__(self, slice_set: sliceset.SliceSet, *, global_batch: int, num_devices: int,
                seed: int, augment: bool, drop_remainder: bool, shuffle: bool = True,
                process_index: int = 0, process_count: int = 1, prefetch: int = 0,
-               device_positions: Any = None, total_devices: int | None = None):
+               device_positions: Any = None, total_devices: int | None = None,
+               with_examples: bool = True):
     """
     Args:
       slice_set: the slices.
@@ -108,6 +115,8 @@ class BatchIterator:
         its row blocks (None: `process_index * num_devices + arange(num_devices)`).
       total_devices: devices of the whole mesh (None: `process_count * num_devices`); required
         with `device_positions`.
+      with_examples: False leaves out image / train_roi / score_roi (and the augmentation):
+        the batch is only which slices (index, valid), microseconds of host work per step.
 
     Raises:
       ValueError: the batch does not split evenly, or `drop_remainder` leaves no batch.
@@ -148,6 +157,9 @@ class BatchIterator:
     self.drop_remainder = bool(drop_remainder)
     self.shuffle = bool(shuffle)
     self.prefetch = int(prefetch)
+    self.with_examples = bool(with_examples)
+    if self.augment and not self.with_examples:
+      raise ValueError("augment=True needs with_examples=True (it augments the host images)")
     if self.steps_per_epoch == 0:
       raise ValueError(f"{len(slice_set)} slices make no full global batch of {global_batch} "
                        f"with drop_remainder=True")
@@ -186,6 +198,9 @@ class BatchIterator:
     in_range = positions < order.shape[0]
     index = np.where(in_range, order[np.minimum(positions, order.shape[0] - 1)], -1)
     valid = index >= 0
+    shape = (self.num_devices, self.per_device)
+    if not self.with_examples:
+      return {"index": index.astype(np.int32).reshape(shape), "valid": valid.reshape(shape)}
     real = index[valid]
     data = self.slice_set
     h, w = data.image_shape
@@ -201,7 +216,6 @@ class BatchIterator:
         rng = np.random.default_rng(
             np.random.SeedSequence([self.seed, epoch], spawn_key=(1, int(positions[slot]))))
         images[slot] = augment_batch(images[slot][None], train_roi[slot][None], rng)[0]
-    shape = (self.num_devices, self.per_device)
     return {
         "image": images.reshape(shape + (h, w, 1)),
         "train_roi": train_roi.reshape(shape + (h, w)),

@@ -7,13 +7,15 @@ Train ROI = labels {3, 4, 6} (cord, CSF, lesion) dilated once (3x3 cross); scori
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from u2ad_jax import labels as label_defs
-from u2ad_jax.data import slice_geometry
+
+if TYPE_CHECKING:  # annotations only: training code (and the benchmarks) need no NIfTI reader
+  from u2ad_jax.data import slice_geometry
 
 
 # 3x3 cross (4-connectivity) for the ROI dilation / erosion, as in the original release.

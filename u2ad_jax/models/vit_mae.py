@@ -60,16 +60,22 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 class ImageHead(nn.Module):
-  """LayerNorm -> Dense(p*p) -> sigmoid: `[B, N, D]` -> `[B, N, p*p]` in (0, 1), float32."""
+  """LayerNorm -> Dense(p*p) -> sigmoid: `[B, N, D]` -> `[B, N, p*p]` in (0, 1), float32.
+
+  Always computed in float32, whatever the model's compute dtype: a bfloat16 logit has 8
+  mantissa bits, a quantisation step of ~1e-3 after the sigmoid, which would floor the
+  reconstructions and the EU variance (of order 1e-4 and below) built from them. The head is
+  ~0.1% of the model's FLOPs.
+  """
   patch_pixels: int
-  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    x = nn.LayerNorm(epsilon=layers.LAYER_NORM_EPS, dtype=self.dtype, name="norm")(x)
-    x = nn.Dense(self.patch_pixels, dtype=self.dtype, kernel_init=layers.dense_init,
+    x = x.astype(jnp.float32)
+    x = nn.LayerNorm(epsilon=layers.LAYER_NORM_EPS, dtype=jnp.float32, name="norm")(x)
+    x = nn.Dense(self.patch_pixels, dtype=jnp.float32, kernel_init=layers.dense_init,
                  name="pred")(x)
-    return jax.nn.sigmoid(x.astype(jnp.float32))
+    return jax.nn.sigmoid(x)
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -89,8 +95,8 @@ class MaskedAutoencoderViT(nn.Module):
     scan_layers: `nn.scan` over blocks (default on: faster compile, and XLA CPU only honours
       the remat memory savings for scanned blocks). Params of a stack are then stacked under
       '<stack>/blocks' with a leading depth axis; `convert_block_layout` converts checkpoints.
-    dtype: compute dtype (e.g. jnp.bfloat16 on accelerators); params stay float32 and the
-      heads' sigmoid outputs are float32.
+    dtype: compute dtype of the transformer (e.g. jnp.bfloat16 on accelerators); params stay
+      float32 and the two output heads compute in float32 (`ImageHead`).
   """
   image_size: int = 256
   patch_size: int = 8
@@ -191,8 +197,8 @@ class MaskedAutoencoderViT(nn.Module):
     decoded = x[:, 1:]  # [B, N or M, D_dec]
 
     p2 = self.patch_size * self.patch_size
-    recon = ImageHead(p2, self.dtype, name="image_head")(decoded)
-    edge = ImageHead(p2, self.dtype, name="edge_head")(decoded)
+    recon = ImageHead(p2, name="image_head")(decoded)
+    edge = ImageHead(p2, name="edge_head")(decoded)
     if plan.ids_active is not None:
       recon, edge = (_scatter_patches(y, plan.ids_active, plan.active_valid, n)
                      for y in (recon, edge))
@@ -226,6 +232,28 @@ def convert_block_layout(params: dict, scanned: bool) -> dict:
       params[stack] = {f"block_{i}": jax.tree.map(lambda x, i=i: x[i], stacked)
                        for i in range(depth)}
   return params
+
+
+def attention_shapes(model: MaskedAutoencoderViT, batch: int = 2
+                     ) -> tuple[tuple[int, int, int, int], ...]:
+  """`(batch, tokens, heads, head_dim)` of the encoder's and the decoder's attention at the
+  full sequence (1 + N tokens: cls and every patch), the longest either runs."""
+  tokens = model.num_patches + 1
+  return ((batch, tokens, model.encoder_heads, model.encoder_width // model.encoder_heads),
+          (batch, tokens, model.decoder_heads, model.decoder_width // model.decoder_heads))
+
+
+def with_checked_attention(model: MaskedAutoencoderViT,
+                           platform: str | None = None) -> MaskedAutoencoderViT:
+  """The model, or a copy with `attention='dot_product'` when `'auto'`'s platform kernel does
+  not compile / run here for its shapes (`layers.checked_attention`: checked once per process,
+  one warning line). Call it at start-up, before the first step is traced."""
+  if model.attention != "auto":
+    return model
+  choice = layers.checked_attention("auto", model.dtype, attention_shapes(model), platform)
+  if choice == layers.resolve_attention("auto", model.dtype, platform):
+    return model  # the platform's kernel works: keep 'auto'
+  return model.clone(attention=choice)
 
 
 def build_model(variant: str, **overrides: Any) -> MaskedAutoencoderViT:

@@ -108,6 +108,22 @@ class MapGenerator:
                                "exclude": np.concatenate(exclude)})
 
 
+def step_feed(batch: dict[str, np.ndarray], maps: dict[str, np.ndarray] | None, guided: bool,
+              num_patches: int) -> dict[str, np.ndarray]:
+  """The train step's host batch: the pipeline's slice indices and validity `[D, b]` (the step
+  gathers the images from its device cohort) plus, in a guided stage, the rows' per-patch EU and
+  AU-candidate patches `[D, b, N]` (`gather_guidance`; zeros when no epoch of the stage uses
+  guidance). All the host does per step."""
+  feed = {"index": batch["index"], "valid": batch["valid"]}
+  if guided:
+    if maps is not None:
+      feed.update(gather_guidance(maps, batch["index"]))
+    else:
+      feed["patch_eu"] = np.zeros(batch["index"].shape + (num_patches,), np.float32)
+      feed["exclude"] = np.zeros(batch["index"].shape + (num_patches,), bool)
+  return feed
+
+
 def gather_guidance(maps: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
   """Per-example guidance inputs for a batch: `index [D, b]` (-1 = padding) -> `[D, b, N]` each.
 

@@ -58,17 +58,19 @@ class Progress:
     if self.enabled:
       print(f"[{self.stage}] {text}", file=self.stream, flush=True)
 
-  def update(self, global_step: int, epoch: int, epochs: int,
-             metrics: dict[str, Any]) -> dict[str, float]:
+  def update(self, global_step: int, epoch: int, epochs: int, metrics: dict[str, Any],
+             now: float | None = None) -> dict[str, float]:
     """Records one finished step; prints every `every` steps. Returns the speed figures.
 
-    The speed excludes the first step after (re)start, which includes compilation.
+    now: when the step's metrics arrived (default: this call); steps fetched together share it.
+    The speed excludes the steps that arrived with the first one after (re)start, which
+    include compilation.
     """
-    now = time.monotonic()
+    now = time.monotonic() if now is None else now
     self.done += 1
     if self._t0 is None:
       self._t0 = now  # timing starts after the first (compiling) step
-    else:
+    elif now > self._t0:
       self._steps_since_t0 += 1
     elapsed = now - self._t0
     rate = self._steps_since_t0 / elapsed if elapsed > 0 and self._steps_since_t0 else float("nan")

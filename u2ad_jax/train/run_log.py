@@ -1,15 +1,18 @@
 """What a training run reports: metric records, the console lines, the loss check.
 
-The step's metrics are fetched one step late (`add` keeps them pending until the next step has
-been dispatched), so the host never waits on the device in between; `flush` fetches them, stops
-the run on a non-finite loss (before the state is saved) and logs them. Every process checks the
-loss; only process 0 (`chief`) writes `metrics.jsonl` and the curves, and only a verbose process
-0 prints.
+The step's metrics stay on the device until a log boundary (`every` pending steps), a checkpoint
+or the end of the stage: `add` only queues them, so the host keeps dispatching steps without
+waiting for any of them to finish, and `flush` fetches all pending metrics in one transfer,
+stops the run on the first non-finite loss (the trainer flushes before every save, so an
+unchecked state is never saved) and logs them in step order. Every process checks the loss;
+only process 0 (`chief`) writes `metrics.jsonl` and the curves, and only a verbose process 0
+prints.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -38,7 +41,8 @@ class RunLog:
     self.progress: progress_lib.Progress | None = None
     self.stage = ""
     self.epochs = 0
-    self._pending: tuple[dict[str, Any], dict[str, Any]] | None = None
+    self.every = 1
+    self._pending: list[tuple[dict[str, Any], dict[str, Any]]] = []
 
   def say(self, text: str) -> None:
     if self.verbose:
@@ -57,8 +61,9 @@ class RunLog:
 
   def begin_stage(self, stage: str, epochs: int, steps_per_epoch: int, done_steps: int,
                   every: int) -> None:
-    """Starts the progress of `stage` (`done_steps` of it already done by a resumed run)."""
-    self.stage, self.epochs = stage, epochs
+    """Starts the progress of `stage` (`done_steps` of it already done by a resumed run);
+    metrics are fetched every `every` steps."""
+    self.stage, self.epochs, self.every = stage, epochs, max(1, int(every))
     self.progress = progress_lib.Progress(stage, epochs * steps_per_epoch, done_steps,
                                           every=every, enabled=self.verbose)
 
@@ -68,33 +73,39 @@ class RunLog:
 
   def add(self, record: dict[str, Any], metrics: dict[str, Any], last_saved: int | None,
           checkpoint_dir: str) -> None:
-    """Queues a step's record (`step`, `epoch`, guidance) and its device metrics; flushes the
-    previous one first."""
-    self.flush(last_saved, checkpoint_dir)
-    self._pending = (record, metrics)
+    """Queues a step's record (`step`, `epoch`, guidance) and its device metrics (not read:
+    no wait on the device); flushes when `every` steps are pending."""
+    self._pending.append((record, metrics))
+    if len(self._pending) >= self.every:
+      self.flush(last_saved, checkpoint_dir)
 
   def flush(self, last_saved: int | None, checkpoint_dir: str) -> None:
-    """Fetches the pending step's metrics, checks them and logs them.
+    """Fetches the pending steps' metrics (waits for the newest of those steps), checks and
+    logs them in step order.
 
     Raises:
-      NonFiniteLossError: the loss is NaN / inf; names the last good checkpoint
-        (`last_saved` in `checkpoint_dir`).
+      NonFiniteLossError: a loss is NaN / inf (the first such step is named, with the last good
+        checkpoint, `last_saved` in `checkpoint_dir`).
     """
-    if self._pending is None:
+    if not self._pending:
       return
-    record, metrics = self._pending
-    self._pending = None
-    values = {k: float(v) for k, v in parallel.to_host(metrics).items()}
-    record.update(values)
-    if not np.isfinite(values["loss"]):
-      kept = (f"the last good checkpoint is step {last_saved} in {checkpoint_dir}"
-              if last_saved is not None else "no checkpoint had been saved")
-      raise errors.NonFiniteLossError(
-          f"non-finite loss ({values['loss']}) at step {record['step']} (stage {self.stage}, "
-          f"epoch {record['epoch'] + 1}); training stopped and {kept}")
-    record.update(self.progress.update(record["step"], record["epoch"], self.epochs, values))
-    if self.chief:
-      self.records.write(record)
+    pending, self._pending = self._pending, []
+    fetched = parallel.to_host([metrics for _, metrics in pending])
+    # One arrival time for all of them: the speed counts steps finished between fetches.
+    arrived = time.monotonic()
+    for (record, _), metrics in zip(pending, fetched):
+      values = {k: float(v) for k, v in metrics.items()}
+      record.update(values)
+      if not np.isfinite(values["loss"]):
+        kept = (f"the last good checkpoint is step {last_saved} in {checkpoint_dir}"
+                if last_saved is not None else "no checkpoint had been saved")
+        raise errors.NonFiniteLossError(
+            f"non-finite loss ({values['loss']}) at step {record['step']} (stage {self.stage}, "
+            f"epoch {record['epoch'] + 1}); training stopped and {kept}")
+      record.update(self.progress.update(record["step"], record["epoch"], self.epochs, values,
+                                         now=arrived))
+      if self.chief:
+        self.records.write(record)
 
   def end_stage(self, step: int, seconds: float) -> None:
     """The stage's closing line and record; redraws the curves."""

@@ -42,15 +42,14 @@ SHAPE_FIELDS = ("model.variant", "model.overrides", "data.image_size", "data.pat
 
 @dataclasses.dataclass(frozen=True)
 class DataSettings:
-  """How batches are built (the cohorts themselves are loaded at the door).
+  """How batches are built (the cohorts themselves are loaded at the door; augmentation runs in
+  the step: `StepSettings.augment`).
 
   Attributes:
     batch_size: the global batch, split over all devices of all processes.
-    augment: brightness / contrast / noise on training batches.
     prefetch: host batches built ahead of the device step.
   """
   batch_size: int
-  augment: bool
   prefetch: int
 
 
@@ -139,8 +138,7 @@ def resolve(config: Any) -> RunSettings:
   return RunSettings(
       seed=int(config.seed), stages=stages, stage_epochs=stage_epochs,
       parallel=str(config.parallel), optimizer=optimizer, step=step_settings(config),
-      data=DataSettings(batch_size=int(config.batch_size), augment=bool(config.data.augment),
-                        prefetch=int(config.data.prefetch)),
+      data=DataSettings(batch_size=int(config.batch_size), prefetch=int(config.data.prefetch)),
       checkpoint=CheckpointSettings(every_steps=int(config.checkpoint.every_steps),
                                     max_to_keep=config.checkpoint.max_to_keep),
       schedule=schedule, refresh_epochs=int(config.uncertainty.refresh_epochs),
@@ -222,13 +220,14 @@ def context_patches(config: Any) -> int | None:
 
 
 def step_settings(config: Any, guided: bool = False) -> step_lib.StepSettings:
-  """The step's static settings of `config` (masking ratio, patch size, loss weights, context
-  band; the band's lengths are set per stage from its cohort)."""
+  """The step's static settings of `config` (masking ratio, patch size, loss weights, whether
+  the step augments its examples, context band; the band's lengths are set per stage from its
+  cohort)."""
   return step_lib.StepSettings(
       patch_size=int(config.data.patch_size), ratio=float(config.masking.ratio),
       image_weight=float(config.loss.image_weight), edge_weight=float(config.loss.edge_weight),
       structure_weight=bool(config.loss.structure_weight), guided=bool(guided),
-      context_patches=context_patches(config))
+      augment=bool(config.data.augment), context_patches=context_patches(config))
 
 
 def model_overrides(config: Any) -> dict[str, Any]:
@@ -240,9 +239,15 @@ def model_overrides(config: Any) -> dict[str, Any]:
 
 
 def build_model(config: Any) -> vit_mae.MaskedAutoencoderViT:
-  """The model of `config`: the variant's transformer at the data's image and patch size."""
-  return vit_mae.build_model(config.model.variant, image_size=int(config.data.image_size),
-                             patch_size=int(config.data.patch_size), **model_overrides(config))
+  """The model of `config`: the variant's transformer at the data's image and patch size.
+
+  With `attention` 'auto' (the default) the platform's fused kernel is checked here, once per
+  process, for the model's shapes, and replaced by 'dot_product' (one warning line) if it does
+  not compile or run (`vit_mae.with_checked_attention`): a run never dies on it hours in.
+  """
+  model = vit_mae.build_model(config.model.variant, image_size=int(config.data.image_size),
+                              patch_size=int(config.data.patch_size), **model_overrides(config))
+  return vit_mae.with_checked_attention(model)
 
 
 def _get(config: Any, dotted: str) -> Any:

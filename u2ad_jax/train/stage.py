@@ -141,7 +141,7 @@ def run_stage(ctx: RunContext, stage_index: int, cursor: Cursor, start_epoch: in
   iterator = pipeline.BatchIterator(
       slices, global_batch=run.data.batch_size,
       num_devices=len(parallel.local_devices_of(ctx.devices)),
-      seed=data_seed(run.seed, stage), augment=run.data.augment,
+      seed=data_seed(run.seed, stage), augment=False, with_examples=False,
       drop_remainder=False, process_index=jax.process_index(),
       process_count=jax.process_count(), prefetch=run.data.prefetch,
       device_positions=parallel.mesh_positions(ctx.devices), total_devices=len(ctx.devices))
@@ -159,11 +159,14 @@ def run_stage(ctx: RunContext, stage_index: int, cursor: Cursor, start_epoch: in
   if not needs_maps:
     cursor.maps = None
   train_step = step_lib.make_train_step(
-      ctx.model, optimizer, step_lib.cohort_settings(run.step, guided, slices.train_roi), run.parallel,
-      ctx.devices)
+      ctx.model, optimizer, step_lib.cohort_settings(run.step, guided, slices.train_roi),
+      run.parallel, ctx.devices)
   generator = (maps_lib.MapGenerator(ctx.model, ctx.config, run.parallel, ctx.devices)
                if needs_maps else None)
   cursor.state = train_step.replicate(cursor.state)
+  # The stage's slices live on the devices; each step gathers (and augments) its rows there,
+  # so the host only sends slice indices (`step.examples`).
+  cohort = step_lib.device_cohort(train_step, slices.images, slices.train_roi)
   log.begin_stage(stage, epochs, steps_per_epoch, start_epoch * steps_per_epoch + start_batch,
                   run.log_every_steps)
   if fresh_stage:
@@ -185,10 +188,13 @@ def run_stage(ctx: RunContext, stage_index: int, cursor: Cursor, start_epoch: in
     for batch_index, batch in enumerate(iterator.epoch(epoch)):
       if batch_index < start_batch:
         continue  # done before the checkpoint this run resumed from
-      feed = _feed(batch, cursor.maps, guided, ctx.model.num_patches)
-      if faults.hit("step", cursor.step + 1) == "nan":
-        feed["image"] = np.full_like(feed["image"], np.nan)
-      cursor.state, metrics = train_step(cursor.state, feed, ctx.train_key, guidance_in)
+      feed = maps_lib.step_feed(batch, cursor.maps, guided, ctx.model.num_patches)
+      step_cohort = cohort
+      if faults.hit("step", cursor.step + 1) == "nan":  # this step's images are all NaN
+        step_cohort = step_lib.device_cohort(
+            train_step, np.full_like(slices.images, np.nan), slices.train_roi)
+      cursor.state, metrics = train_step(cursor.state, feed, ctx.train_key, guidance_in,
+                                         step_cohort)
       cursor.step += 1
       log.add({"step": cursor.step, "stage": stage, "epoch": epoch, "w_eu": g.w_eu,
                "tau": g.tau, "au_exclusion": g.au_exclusion}, metrics, cursor.last_saved,
@@ -230,20 +236,6 @@ def _refresh_maps(ctx: RunContext, generator: maps_lib.MapGenerator, cursor: Cur
   ctx.log.event({"event": "maps", "stage": stage, "epoch": epoch, "step": cursor.step,
                  "seconds": seconds, "mean_patch_eu": float(cursor.maps["patch_eu"].mean()),
                  "candidate_patches": int(cursor.maps["exclude"].sum())})
-
-
-def _feed(batch: dict[str, np.ndarray], maps: dict[str, np.ndarray] | None, guided: bool,
-          num_patches: int) -> dict[str, np.ndarray]:
-  """The step's host batch: the pipeline's rows plus, in a guided stage, their per-patch EU and
-  AU-candidate patches (zeros when no epoch of the stage uses guidance)."""
-  feed = {"image": batch["image"], "train_roi": batch["train_roi"], "valid": batch["valid"]}
-  if guided:
-    if maps is not None:
-      feed.update(maps_lib.gather_guidance(maps, batch["index"]))
-    else:
-      feed["patch_eu"] = np.zeros(batch["index"].shape + (num_patches,), np.float32)
-      feed["exclude"] = np.zeros(batch["index"].shape + (num_patches,), bool)
-  return feed
 
 
 def validate(ctx: RunContext, stage: str, cursor: Cursor) -> None:

@@ -4,13 +4,20 @@ ONE body, written with named-axis collectives over `parallel.AXIS`, wrapped by
 `parallel.DataParallel` as `jax.pmap` (state broadcast, out_axes=None, donated) or
 `jax.jit(jax.shard_map(...))`. Every output is reduced inside the step, so it leaves unstacked.
 
+Inputs. The examples come either from a device-resident cohort (`cohort`: every slice's image
+and train ROI, replicated on each device; the batch then holds only the slice `index` of each
+row), which is what the trainer feeds, or as host images in the batch (tests, benchmarks).
+With `settings.augment` the step augments them itself (`data/augment.py`, the law of
+`pipeline.augment_batch`), so the host does no per-pixel work and never bounds the step.
+
 Randomness. The step key is `fold_in(key, state.step)`: reproducible from (seed, step), so a
-resumed run draws the same masks. Each example then folds in its position in the GLOBAL batch,
-`axis_index * b + i` (the mesh slot of the device, whose rows the pipeline builds from the same
-slot, `parallel.mesh_positions`, so the index is right wherever a process's devices sit in the
-mesh): examples on different devices (and different examples on one device) get
-different masks, as with the usual `fold_in(step_key, axis_index)`, but the draw does not depend
-on how the global batch is split, so 1 device, 2 devices and 2 processes train identically.
+resumed run draws the same masks and the same augmentation. Each example then folds in its
+position in the GLOBAL batch, `axis_index * b + i` (the mesh slot of the device, whose rows the
+pipeline builds from the same slot, `parallel.mesh_positions`, so the index is right wherever a
+process's devices sit in the mesh): examples on different devices (and different examples on
+one device) get different masks, as with the usual `fold_in(step_key, axis_index)`, but the draw
+does not depend on how the global batch is split, so 1 device, 2 devices and 2 processes train
+identically.
 
 Loss reduction. `losses.reconstruction_loss` is a pooled mean over the masked patches of its
 batch. To get the pooled mean over the GLOBAL batch whatever the split, each device scales its
@@ -33,6 +40,7 @@ from u2ad_jax import losses
 from u2ad_jax import masking
 from u2ad_jax import parallel
 from u2ad_jax import patches
+from u2ad_jax.data import augment
 from u2ad_jax.data import sliceset
 from u2ad_jax.train import state as state_lib
 
@@ -50,6 +58,7 @@ class StepSettings:
     image_weight, edge_weight, structure_weight: loss settings (`config.loss`).
     guided: False = random ROI masking (pretraining); True = `masking.guided_mask` with the
       batch's per-patch EU and AU-candidate exclusion, weighted by the step's `guidance`.
+    augment: brightness / contrast / noise on the examples, inside the step (`data/augment.py`).
     context_patches: None = the model sees the whole image (the paper); r >= 0 = only the
       ROI patches and their neighbours within r patches (`masking.context_band`).
     num_keep, num_active: the band plan's static encoder / decoder lengths
@@ -61,6 +70,7 @@ class StepSettings:
   edge_weight: float = 1.0
   structure_weight: bool = True
   guided: bool = False
+  augment: bool = False
   context_patches: int | None = None
   num_keep: int | None = None
   num_active: int | None = None
@@ -79,7 +89,8 @@ def draw_masks(key: jax.Array, batch: dict[str, jax.Array], guidance: dict[str, 
 
   Args:
     key: the step key (`fold_in(run_key, step)`).
-    batch: this device's rows (see `train_step`).
+    batch: this device's rows: train_roi `[b, H, W]` bool, and when guided patch_eu / exclude
+      (see `train_step`).
     guidance: `guidance_arrays(...)`.
     settings: static settings.
     first_example: position of this device's first row in the global batch.
@@ -128,20 +139,48 @@ def make_step_plan(mask: jax.Array, train_roi: jax.Array, settings: StepSettings
                            num_active=settings.num_active)
 
 
+def examples(batch: dict[str, jax.Array], cohort: dict[str, jax.Array] | None,
+             step_key: jax.Array, settings: StepSettings, first_example: jax.Array
+             ) -> tuple[jax.Array, jax.Array]:
+  """This device's images `[b, H, W, 1]` float32 and train ROIs `[b, H, W]` bool.
+
+  From `batch['image']` / `batch['train_roi']` when the batch carries them, else gathered from
+  the device-resident `cohort` by `batch['index']` (padding rows, index -1, get a zero image and
+  an empty ROI, as the host pipeline pads). With `settings.augment` the valid rows are augmented
+  with the keys of their global positions (`augment.example_keys`); padding rows stay zero.
+  """
+  valid = batch["valid"]
+  if "image" in batch:
+    images, roi = batch["image"][..., 0], batch["train_roi"]
+  else:
+    index = batch["index"]
+    safe = jnp.clip(index, 0, cohort["images"].shape[0] - 1)
+    images = jnp.where(valid[:, None, None], cohort["images"][safe], 0.0)
+    roi = cohort["train_roi"][safe] & valid[:, None, None]
+  if settings.augment:
+    positions = first_example + jnp.arange(valid.shape[0])
+    augmented = augment.augment(augment.example_keys(step_key, positions), images, roi)
+    images = jnp.where(valid[:, None, None], augmented, images)
+  return images[..., None].astype(jnp.float32), roi
+
+
 def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], key: jax.Array,
-               guidance: dict[str, jax.Array], *, apply_fn: Callable[..., Any],
-               optimizer: optax.GradientTransformation, settings: StepSettings
-               ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
+               guidance: dict[str, jax.Array], cohort: dict[str, jax.Array] | None = None, *,
+               apply_fn: Callable[..., Any], optimizer: optax.GradientTransformation,
+               settings: StepSettings) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
   """One optimizer step on this device's rows of the global batch (run under `AXIS`).
 
   Args:
     state: the replicated TrainState (donated by the wrappers).
-    batch: this device's rows:
-      image `[b, H, W, 1]` float32, train_roi `[b, H, W]` bool, valid `[b]` bool (False rows are
-      padding and weigh 0); when `settings.guided`: patch_eu `[b, N]` float32 (per-patch EU of
-      each example) and exclude `[b, N]` bool (its AU-candidate patches).
+    batch: this device's rows: valid `[b]` bool (False rows are padding and weigh 0) and either
+      index `[b]` int32 (the rows' slices in `cohort`, -1 = padding) or the examples themselves,
+      image `[b, H, W, 1]` float32 and train_roi `[b, H, W]` bool; when `settings.guided`:
+      patch_eu `[b, N]` float32 (per-patch EU of each example) and exclude `[b, N]` bool (its
+      AU-candidate patches).
     key: the run's training key (replicated); combined with `state.step` inside.
     guidance: `guidance_arrays(w_eu, tau, au_exclusion)` (replicated).
+    cohort: the replicated training slices, images `[S, H, W]` float32 and train_roi
+      `[S, H, W]` bool (`device_cohort`); None when the batch carries its images.
     apply_fn: `model.apply`.
     optimizer: the stage's optimizer (static).
     settings: static step settings.
@@ -151,11 +190,12 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], key: ja
     (pooled over the global batch), grad_norm, update_norm, param_norm, lr (the rate applied),
     masked_patches and examples (global counts).
   """
-  b = batch["image"].shape[0]
+  b = batch["valid"].shape[0]
   device = jax.lax.axis_index(AXIS)
   step_key = jax.random.fold_in(key, state.step)
-  mask = draw_masks(step_key, batch, guidance, settings, device * b)
-  plan = make_step_plan(mask, batch["train_roi"], settings)
+  images, train_roi = examples(batch, cohort, step_key, settings, device * b)
+  mask = draw_masks(step_key, {**batch, "train_roi": train_roi}, guidance, settings, device * b)
+  plan = make_step_plan(mask, train_roi, settings)
 
   example_weight = batch["valid"].astype(jnp.float32)
   local_count = (mask.astype(jnp.float32) * example_weight[:, None]).sum()
@@ -164,9 +204,9 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], key: ja
   share = jnp.where(mean_count > 0, local_count / jnp.where(mean_count > 0, mean_count, 1.0), 0.0)
 
   def loss_fn(params):
-    recon, edge, _ = apply_fn({"params": params}, batch["image"], plan)
+    recon, edge, _ = apply_fn({"params": params}, images, plan)
     total, terms = losses.reconstruction_loss(
-        recon, edge, batch["image"], batch["train_roi"], mask, settings.patch_size,
+        recon, edge, images, train_roi, mask, settings.patch_size,
         image_weight=settings.image_weight, edge_weight=settings.edge_weight,
         use_structure_weight=settings.structure_weight, example_weight=example_weight)
     return total * share, terms
@@ -199,7 +239,8 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], key: ja
 
 def make_train_step(model: Any, optimizer: optax.GradientTransformation, settings: StepSettings,
                     mode: str, devices=None) -> parallel.DataParallel:
-  """The wrapped step: `fn(state, batch [D_local, b, ...] host arrays, key, guidance)`.
+  """The wrapped step: `fn(state, batch [D_local, b, ...] host arrays, key, guidance, cohort)`,
+  with `cohort` from `device_cohort` (or None when the batch carries its images).
 
   Args:
     model: the flax module (hashable).
@@ -222,5 +263,16 @@ def _cached_train_step(model, optimizer: optax.GradientTransformation, settings:
                        mode: str, devices: tuple) -> parallel.DataParallel:
   body = functools.partial(train_step, apply_fn=model.apply, optimizer=optimizer,
                            settings=settings)
-  return parallel.DataParallel(body, mode, num_args=4, sharded=(1,), donate=(0,),
+  return parallel.DataParallel(body, mode, num_args=5, sharded=(1,), donate=(0,),
                                devices=list(devices))
+
+
+def device_cohort(step: parallel.DataParallel, images: Any, train_roi: Any
+                  ) -> dict[str, jax.Array]:
+  """The training slices, images `[S, H, W]` float32 and train ROIs `[S, H, W]` bool, placed
+  once on every device as the step's replicated `cohort` argument (never donated).
+
+  A few thousand paper-size slices are ~1.3 GB per device at float32; every process passes the
+  same slices (the whole cohort is loaded in each)."""
+  return step.replicate({"images": np.asarray(images, np.float32),
+                         "train_roi": np.asarray(train_roi, bool)})
