@@ -169,7 +169,7 @@ def test_train_step_with_a_band_trains_and_differs_from_the_full_image(mu_model)
   for name, s in (("full", settings), ("band", band)):
     step = step_lib.make_train_step(model, optimizer, s, "pmap", jax.devices()[:1])
     state = step.replicate(state_lib.create_state(jax.tree.map(jnp.copy, params), optimizer))
-    state, metrics = step(state, batch, jax.random.key(0), step_lib.guidance_arrays())
+    state, metrics = step(state, batch, jax.random.key(0), step_lib.guidance_arrays(), None)
     losses[name] = float(metrics["loss"])
     # The same masks (drawn before the plan): the same masked count.
     assert float(metrics["masked_patches"]) == float(np.floor(0.75 * slices.sum(-1) + 0.5).sum())

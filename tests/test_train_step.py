@@ -162,6 +162,16 @@ def test_learning_rate_schedules():
   assert values[0] == pytest.approx(1.0 / 11) and values[10] == pytest.approx(1.0)
   assert all(a < b for a, b in zip(values[:10], values[1:11]))  # rising during the warmup
   assert values[30] == pytest.approx(0.55) and values[50] == pytest.approx(0.1)
+  # Over the whole stage, whatever its length (after a one-epoch warmup here).
+  for epochs in (6, 21):
+    stage = state_lib.learning_rate_schedule(
+        _optim(schedule="cosine_stage", warmup_epochs=1.0), 10, stage_epochs=epochs)
+    end = 10 * epochs
+    middle = 10 + (end - 10) // 2
+    assert float(stage(10)) == pytest.approx(1.0)
+    assert float(stage(middle)) == pytest.approx(0.55, abs=0.01)
+    assert float(stage(end)) == pytest.approx(0.1) and float(stage(end + 50)) == pytest.approx(0.1)
+  assert float(state_lib.learning_rate_schedule(_optim(schedule="cosine_stage"), 10)(99)) == 1.0
   flat = state_lib.learning_rate_schedule(_optim(decay_every_epochs=0, warmup_epochs=0.5), 10)
   assert float(flat(5)) == pytest.approx(1.0) and float(flat(1000)) == pytest.approx(1.0)
   with pytest.raises(ValueError, match="schedule"):
@@ -187,3 +197,34 @@ def test_one_optimizer_object_per_settings_shared_by_state_and_step():
   wrapped = step_lib.make_train_step(model, optimizer, settings, "pmap", jax.devices()[:1])
   assert step_lib.make_train_step(model, state_lib.make_optimizer(optim, 10), settings, "pmap",
                                   jax.devices()[:1]) is wrapped
+
+
+@pytest.mark.parametrize("restart", ["stage", "adaptation"])
+def test_optimizer_restart_rule_across_stages(tmp_path, restart):
+  """'stage' (the default): every stage starts its own warmup + cosine with fresh Adam moments;
+  'adaptation': adapt_eu_au continues adapt_eu's schedule (only pretrain -> adaptation restarts).
+  """
+  from u2ad_jax import config_files  # pylint: disable=g-import-not-at-top
+  from u2ad_jax.train import metrics_log  # pylint: disable=g-import-not-at-top
+  from u2ad_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  config = config_files.load("configs/smoke.py:runlocal")
+  config_lib.apply_overrides(config, [
+      "stages=('pretrain', 'adapt_eu', 'adapt_eu_au')", "stage_epochs.pretrain=2",
+      "stage_epochs.adapt_eu=2", "stage_epochs.adapt_eu_au=2", "batch_size=4",
+      "optim.schedule='cosine_stage'", "optim.warmup_epochs=1.0", "optim.lr=0.01",
+      f"optim.restart='{restart}'", "checkpoint.every_steps=0", "log_every_steps=1"])
+  data = {"public_dir": toy_data.toy_slice_set(8, image_size=32, seed=4),
+          "clinical_dir": toy_data.toy_slice_set(8, image_size=32, seed=5, subject_prefix="c")}
+  trainer.train(config, tmp_path / "run", slice_sets=data, verbose=False)
+  steps = [r for r in metrics_log.MetricsLog(tmp_path / "run").read() if "event" not in r]
+  first = {}
+  for r in steps:
+    first.setdefault(r["stage"], r["lr"])
+  last_eu = [r["lr"] for r in steps if r["stage"] == "adapt_eu"][-1]
+  warmup_start = 0.01 / 3  # lr / (warmup steps + 1), 2 steps per epoch
+  assert first["pretrain"] == pytest.approx(warmup_start)
+  assert first["adapt_eu"] == pytest.approx(warmup_start)  # both rules restart here
+  if restart == "stage":
+    assert first["adapt_eu_au"] == pytest.approx(warmup_start)
+  else:  # the schedule goes on from where adapt_eu left it: past the warmup, decaying
+    assert first["adapt_eu_au"] < last_eu and first["adapt_eu_au"] != pytest.approx(warmup_start)

@@ -18,7 +18,8 @@ runs it over a whole slice set, as both callers need it:
   evaluation of a multi-process job splits the cohort by subject this way
   (`evaluation.rungs.model.model_maps`) and gathers the maps on process 0.
 - Chunks ordered by ROI size, largest first, with the static encoder length
-  `uncertainty.mc_encoder_length` of each chunk: every pass of a slice masks the same count, so
+  `uncertainty.mc_encoder_length` of each chunk (with a context band, one pair of band lengths
+  for the whole set): every pass of a slice masks the same count, so
   the encoder needs only the visible tokens (results equal the full length up to float rounding;
   similar ROI sizes share a chunk, so the length is short for most chunks).
 - Maps stay where they were computed: `local_chunks` yields, per chunk, the maps of the slices
@@ -194,10 +195,14 @@ class MonteCarloMaps:
              + np.arange(self.per_device)).reshape(-1)
     shape = (self.num_local_devices, self.per_device)
     params = self._gather.replicate(params)
+    # A context band holds a few dozen tokens whatever the ROI size, so one pair of lengths
+    # for the whole set costs little and compiles once (per-chunk lengths would compile a
+    # function for nearly every chunk).
+    band_lengths = None if self.context_patches is None else self._lengths(train_roi)
     pending = None
     for start in range(0, positions.size, chunk):
       rows = positions[start:start + chunk]
-      fn = self._wrapped(self._lengths(train_roi[rows]))
+      fn = self._wrapped(band_lengths or self._lengths(train_roi[rows]))
       ids = rows[local]
       sent = key_ids[ids].astype(np.int32)
       result = fn(params, key, images[ids].reshape(shape + images.shape[1:] + (1,)),

@@ -146,7 +146,7 @@ def run_stage(ctx: RunContext, stage_index: int, cursor: Cursor, start_epoch: in
       process_count=jax.process_count(), prefetch=run.data.prefetch,
       device_positions=parallel.mesh_positions(ctx.devices), total_devices=len(ctx.devices))
   steps_per_epoch = iterator.steps_per_epoch
-  optimizer = state_lib.make_optimizer(run.optimizer, steps_per_epoch)
+  optimizer = state_lib.make_optimizer(run.optimizer, steps_per_epoch, epochs)
   fresh_stage = (start_epoch, start_batch) == (0, 0)
   if cursor.state is None:
     cursor.state = state_lib.create_state(params, optimizer, cursor.step)

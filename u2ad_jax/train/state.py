@@ -45,7 +45,7 @@ class TrainState:
 
 # The learning-rate decays and the points where a new optimizer state starts (see
 # `OptimizerSettings`).
-LR_SCHEDULES = ("step", "cosine")
+LR_SCHEDULES = ("step", "cosine", "cosine_stage")
 RESTARTS = ("stage", "adaptation")
 
 
@@ -58,8 +58,9 @@ class OptimizerSettings:
     b1, b2: Adam's moment decays.
     decay_every_epochs: the decay's unit in epochs of the stage's data (<= 0: constant lr).
     decay_factor: lr x this per unit ('step'), or the cosine's final fraction ('cosine').
-    schedule: 'step' (the paper: lr x decay_factor every decay_every_epochs) or 'cosine' (lr ->
-      lr x decay_factor over decay_every_epochs, then flat).
+    schedule: 'step' (the paper: lr x decay_factor every decay_every_epochs), 'cosine' (lr ->
+      lr x decay_factor over decay_every_epochs, then flat) or 'cosine_stage' (lr ->
+      lr x decay_factor over the whole stage, whatever its length; decay_every_epochs unused).
     warmup_epochs: a linear warmup before either decay (fractional allowed; 0 = none).
     restart: when a new optimizer state (moments and schedule counter) starts: 'stage' = at
       every stage; 'adaptation' = only where pretraining hands over to adaptation.
@@ -80,7 +81,8 @@ class OptimizerSettings:
       raise ValueError(f"optim.restart must be one of {RESTARTS}, got {self.restart!r}")
 
 
-def learning_rate_schedule(optim: OptimizerSettings, steps_per_epoch: int) -> optax.Schedule:
+def learning_rate_schedule(optim: OptimizerSettings, steps_per_epoch: int,
+                           stage_epochs: int = 0) -> optax.Schedule:
   """The learning rate per optimizer step of a stage (the count restarts with the optimizer).
 
   `optim.schedule`:
@@ -88,18 +90,26 @@ def learning_rate_schedule(optim: OptimizerSettings, steps_per_epoch: int) -> op
               (the paper's step decay; decay_every_epochs <= 0 = constant lr).
     'cosine': cosine decay from `lr` to `lr * decay_factor` over `decay_every_epochs` epochs,
               then constant at `lr * decay_factor` (decay_every_epochs <= 0 = constant lr).
+    'cosine_stage': cosine decay from `lr` to `lr * decay_factor` over the stage's
+              `stage_epochs` (after the warmup): one shape whatever a stage's length.
   `optim.warmup_epochs`: a linear warmup from 0 to `lr` over this many epochs precedes either
   decay; the decay's epochs count from the end of the warmup.
 
   Args:
     optim: the optimizer settings.
     steps_per_epoch: optimizer steps per epoch of the stage's data (>= 1).
+    stage_epochs: the stage's epochs ('cosine_stage' only; <= 0 = constant lr).
   """
   steps_per_epoch = max(1, int(steps_per_epoch))
   lr = float(optim.lr)
   every = int(optim.decay_every_epochs)
   factor = float(optim.decay_factor)
-  if every <= 0:  # no decay
+  warmup_steps = int(round(float(optim.warmup_epochs) * steps_per_epoch))
+  if optim.schedule == "cosine_stage":
+    decay_steps = int(stage_epochs) * steps_per_epoch - warmup_steps
+    decay = (optax.cosine_decay_schedule(init_value=lr, decay_steps=decay_steps, alpha=factor)
+             if decay_steps > 0 else optax.constant_schedule(lr))
+  elif every <= 0:  # no decay
     decay = optax.constant_schedule(lr)
   elif optim.schedule == "step":
     decay = optax.exponential_decay(init_value=lr, transition_steps=every * steps_per_epoch,
@@ -107,7 +117,6 @@ def learning_rate_schedule(optim: OptimizerSettings, steps_per_epoch: int) -> op
   else:
     decay = optax.cosine_decay_schedule(init_value=lr, decay_steps=every * steps_per_epoch,
                                         alpha=factor)
-  warmup_steps = int(round(float(optim.warmup_epochs) * steps_per_epoch))
   if warmup_steps <= 0:
     return decay
   # Starts at lr / warmup_steps (not 0) so the first update is not wasted.
@@ -117,8 +126,8 @@ def learning_rate_schedule(optim: OptimizerSettings, steps_per_epoch: int) -> op
 
 
 @functools.lru_cache(maxsize=32)
-def make_optimizer(optim: OptimizerSettings,
-                   steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(optim: OptimizerSettings, steps_per_epoch: int,
+                   stage_epochs: int = 0) -> optax.GradientTransformation:
   """Adam(b1, b2) with `learning_rate_schedule` (step or cosine decay, optional warmup).
 
   `inject_hyperparams` records the learning rate applied at each update in the state
@@ -129,7 +138,7 @@ def make_optimizer(optim: OptimizerSettings,
   Cached: the same settings give the SAME optimizer object, the one the trainer initialises the
   state with and the one the train step (cached on it) updates with.
   """
-  schedule = learning_rate_schedule(optim, steps_per_epoch)
+  schedule = learning_rate_schedule(optim, steps_per_epoch, stage_epochs)
   return optax.inject_hyperparams(optax.adam)(learning_rate=schedule, b1=float(optim.b1),
                                               b2=float(optim.b2))
 
