@@ -191,21 +191,25 @@ def plot(path: str, rows: Sequence[dict[str, Any]], title: str) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   steps = [r["step"] for r in rows]
   for ax, (name, series) in zip(axes, panels):
-    drawn = False
+    lowest = 0.0
     for key, label, style in series:
       points = [(r["step"], r[key]) for r in rows if r[key] is not None]
       if points:
         ax.plot(*zip(*points), style, label=label, linewidth=1.2, markersize=4)
-        drawn = True
+        lowest = min(lowest, min(v for _, v in points))
+    drawn = bool(ax.lines)
     if not drawn:
       ax.text(0.5, 0.5, "no truth in this cohort:\nnothing to measure", ha="center",
               va="center", transform=ax.transAxes, color="grey")
-    ax.set_ylim(-0.02, 1.02)
+    # The scores live in [0, 1]; a correlation may go negative and must stay in view.
+    ax.set_ylim(lowest - 0.03, 1.03)
+    if lowest < 0:
+      ax.axhline(0.0, color="grey", linewidth=0.6)
     ax.set_xlabel("checkpoint step")
     ax.set_title(name)
     ax.grid(alpha=0.3)
     if drawn:
-      ax.legend(fontsize=7, loc="lower right")
+      ax.legend(fontsize=7, loc="best")
     if steps:
       ax.set_xticks(steps)
       ax.tick_params(axis="x", labelsize=7, labelrotation=45 if len(steps) > 8 else 0)
@@ -291,8 +295,10 @@ def run_sweep(workdir: str | os.PathLike, data_dir: str | os.PathLike,
   record = _record(workdir, data_dir, overrides)
   _prepare_out(out_dir, record, overwrite)
   seconds = dict((_read_json(os.path.join(out_dir, RECORD_FILE)) or {}).get("seconds", {}))
-  title = (f"{workdir_lib.name(workdir)} on {os.path.basename(os.path.realpath(data_dir))}: "
-           f"{len(todo)} checkpoint{'s' if len(todo) > 1 else ''}")
+  # AUROC and F1 of a few patients move in large steps: the title says how many there are.
+  title = (f"{workdir_lib.name(workdir)} on {os.path.basename(os.path.realpath(data_dir))} "
+           f"({{patients}} patients): {len(todo)} checkpoint{'s' if len(todo) > 1 else ''}, "
+           f"K = {settings.mc_samples}")
   rows, computed = [], []
   for i, step in enumerate(todo):
     folder = os.path.join(out_dir, step_dir_name(step))
@@ -310,5 +316,5 @@ def run_sweep(workdir: str | os.PathLike, data_dir: str | os.PathLike,
       if log:
         log(f"step {step}: scored in {seconds[str(step)]:.1f} s ({i + 1}/{len(todo)})")
     rows.append(step_row(folder, step, stages[step], seconds.get(str(step))))
-    write_outputs(out_dir, rows, title)
+    write_outputs(out_dir, rows, title.format(patients=rows[0]["num_patients"]))
   return SweepResult(out_dir=out_dir, rows=rows, computed=computed)

@@ -127,10 +127,15 @@ class Summaries:
 
   def scalars(self, step: int, values: Mapping[str, Any], tags: Mapping[str, str]) -> None:
     """Writes `values[name]` under `tags[name]` for every name with a finite number."""
-    for name, tag in tags.items():
-      value = _number(values.get(name))
-      if value is not None:
-        self._writer.add_scalar(tag, value, int(step))
+    from tensorboardX.proto import summary_pb2  # pylint: disable=g-import-not-at-top
+
+    # The values tensorboardX's add_scalar writes (`simple_value`), but all the values of a
+    # record in ONE event: a dozen times fewer events through the writer's queue per step.
+    entries = [summary_pb2.Summary.Value(tag=tag, simple_value=value)
+               for tag, value in ((tag, _number(values.get(name))) for name, tag in tags.items())
+               if value is not None]
+    if entries:
+      self._writer.file_writer.add_summary(summary_pb2.Summary(value=entries), int(step))
 
   def step_record(self, record: Mapping[str, Any]) -> None:
     """A step's metrics.jsonl record (`RunLog.flush`)."""
