@@ -291,6 +291,7 @@ def run_sweep(workdir: str | os.PathLike, data_dir: str | os.PathLike,
                                       **options)
   prepared = base.prepare_cohort(data_dir, rung.config.data, progress=log is not None)
   settings = settings_lib.EvalSettings.from_config(rung.config)
+  model_rung.check_image_size(prepared.slice_set, rung.model, prepared.root)
   # ---- everything is checked; from here on out_dir is written.
   record = _record(workdir, data_dir, overrides)
   _prepare_out(out_dir, record, overwrite)

@@ -276,7 +276,7 @@ class ModelRung:
   def maps(self, prepared: base.PreparedCohort,
            settings: settings_lib.EvalSettings) -> base.RungMaps | None:
     slice_set = prepared.slice_set
-    _check_image_size(slice_set, self.model, prepared.root)
+    check_image_size(slice_set, self.model, prepared.root)
     if self.log:
       self.log(f"restored {self.workdir} step {self.step}; {len(slice_set)} slices of "
                f"{len(slice_set.subjects)} subjects")
@@ -389,7 +389,8 @@ def _stages(config: Any) -> list[str]:
   return [stages] if isinstance(stages, str) else [str(v) for v in stages]
 
 
-def _check_image_size(slice_set: Any, model: Any, root: str) -> None:
+def check_image_size(slice_set: Any, model: Any, root: str) -> None:
+  """InputError (naming the cohort) when its slices are not the model's input size."""
   size = getattr(model, "image_size", None)
   if size is not None and tuple(slice_set.image_shape) != (int(size), int(size)):
     raise errors.InputError(root, f"cohort slices are {slice_set.image_shape} but the model "
