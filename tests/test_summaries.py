@@ -87,7 +87,8 @@ def test_panel_rows_and_scales():
   assert (image[h, :] == 255).all()  # the gap between rows
 
 
-def test_a_resumed_run_hides_what_the_interrupted_attempt_logged_after_its_checkpoint(tmp_path):
+def test_a_resumed_run_hides_what_the_interrupted_attempt_logged_after_its_checkpoint(
+    tmp_path, capsys):
   workdir = tmp_path / "run"
   data = support.toy_train_data()
   config = _config(**{"checkpoint.every_steps": 2, "validation.every_steps": 0})
@@ -96,7 +97,10 @@ def test_a_resumed_run_hides_what_the_interrupted_attempt_logged_after_its_check
   _, scalars, _ = _read(workdir)
   assert scalars["train/loss"] == [1, 2, 3]
   config.debug_stop_after_steps = 0
-  result = trainer.train(config, workdir, slice_sets=data, verbose=False)
+  capsys.readouterr()
+  result = trainer.train(config, workdir, slice_sets=data, verbose=True)
+  said = [l for l in capsys.readouterr().err.splitlines() if "tensorboard --logdir" in l]
+  assert said == [f"[train] TensorBoard: tensorboard --logdir {workdir}"]  # once per command
   assert len(summaries.event_files(workdir)) == 2
   _, scalars, _ = _read(workdir)
   # Step 3 of the first attempt is purged and logged again by the resumed run: once each.
