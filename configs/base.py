@@ -154,12 +154,20 @@ def make_config() -> ml_collections.ConfigDict:
   config.validation.max_slices = 16
   config.validation.num_samples = 2     # K of the MC mean reconstruction
   config.validation.figures = False     # also write validation/step_XXXXXXX.png
+  # TensorBoard image panel (input, mean reconstruction, EU, anomaly) of this many validation
+  # slices at every map refresh and stage end; 0 = none.
+  config.validation.panel_slices = 4
 
   config.parallel = "pmap"              # 'pmap' (default) | 'shard_map'
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 500   # plus a save at the end of every stage
   config.checkpoint.max_to_keep = 3
+  # Also keep every checkpoint at a multiple of this step (0 = none; a multiple of every_steps),
+  # so that `u2ad evaluate --steps all` can score the run along its training.
+  config.checkpoint.keep_every_steps = 0
   config.log_every_steps = 50
+  # TensorBoard event files in the workdir (`tensorboard --logdir WORKDIR`), beside metrics.jsonl.
+  config.tensorboard = True
   # Testing aid: stop (as if killed, no save) once this many global steps are done; 0 = off.
   config.debug_stop_after_steps = 0
   config.runlocal = False

@@ -156,6 +156,11 @@ TRAIN_SCRIPT = textwrap.dedent("""
         resumable=workdir_lib.check_train_workdir(uri),
         marker=json.loads(fs.cat("bucket/runs/uri/" + output_guard.MARKER))["command"],
         cwd=os.listdir("."))
+    # The TensorBoard event file, copied out for TensorBoard's reader (which reads local files).
+    events = [f for f in fs.find("bucket/runs/uri") if "events.out.tfevents." in f]
+    report["events"] = len(events)
+    with open(sys.argv[1] + ".events", "wb") as f:
+      f.write(fs.cat(events[0]))
     with open(sys.argv[1], "w") as f:
       json.dump(report, f)
 """)
@@ -184,6 +189,16 @@ def test_train_on_a_uri_workdir(tmp_path):
   assert report["logged"] == [1, 2, 3, 4]
   assert report["stages"] == ["pretrain"] and report["marker"] == "train"
   assert report["cwd"] == []  # no local folder 's3:' (os.path would have made one)
+  # The TensorBoard events went through epath into the URI too (tensorboardX's own s3 writer
+  # would need boto3 and a bucket), complete after the run.
+  from tensorboard.backend.event_processing import event_accumulator
+  assert report["events"] == 1
+  local = tmp_path / "tb"
+  local.mkdir()
+  (local / "events.out.tfevents.0.copy").write_bytes((tmp_path / "report.json.events").read_bytes())
+  acc = event_accumulator.EventAccumulator(str(local))
+  acc.Reload()
+  assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
 
 
 def _start(step, epoch=0, batch=0):

@@ -276,13 +276,20 @@ def compute_maps(apply_fn: uncertainty.ApplyFn, params: Any, key: jax.Array,
                  images: np.ndarray, train_roi: np.ndarray, *,
                  slice_ids: np.ndarray | None = None,
                  progress: Callable[[int], None] | None = None,
+                 mc: MonteCarloMaps | None = None,
                  **settings: Any) -> dict[str, np.ndarray]:
   """Every slice's maps `{name: [S, ...]}`: `MonteCarloMaps(apply_fn, **settings)` over this
   process's devices (default; with devices of several processes, only the slices of this
   process's devices are filled); `slice_ids` as in `local_chunks`; `progress(done)` after each
-  chunk. No slices: `{}`."""
-  settings.setdefault("devices", jax.local_devices())
-  mc = MonteCarloMaps(apply_fn, **settings)
+  chunk. No slices: `{}`.
+
+  `mc`: an existing MonteCarloMaps to run instead (`apply_fn` and `settings` are then unused):
+  its functions are compiled already, so maps of other parameters of the same model (a sweep
+  over a run's checkpoints) cost no compilation.
+  """
+  if mc is None:
+    settings.setdefault("devices", jax.local_devices())
+    mc = MonteCarloMaps(apply_fn, **settings)
   out = {}
   done = 0
   for ids, maps in mc.local_chunks(params, key, images, train_roi, slice_ids):

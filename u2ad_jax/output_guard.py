@@ -329,6 +329,24 @@ def staged_directory(out_dir: PathLike, command: str) -> Iterator[str]:
     _remove_output(old)
 
 
+def remove_output(path: PathLike, command: str) -> None:
+  """Deletes `path`, a whole output of `u2ad <command>` written there (a staged one: its marker
+  lists what it wrote), entry by listed entry and its marker last, as a swap deletes the output
+  it replaces. Anything else is refused and left untouched.
+
+  Raises:
+    InputError: `path` is not wholly such an output (not marked, another command's, a copy, or
+      holding a file the command did not write).
+  """
+  out = os.path.abspath(os.fspath(path))
+  real = os.path.realpath(out)
+  problem = _not_ours(real, command, swapped=True)
+  if problem is not None:
+    raise errors.InputError(out, f"is not an output of `u2ad {command}` that may be removed: it "
+                                 f"{problem}; it is left untouched")
+  _remove_output(real)
+
+
 def _check_replaceable(out: str, real: str, command: str) -> None:
   if os.path.lexists(real) and not os.path.isdir(real):
     raise errors.InputError(out, "exists and is not a directory")

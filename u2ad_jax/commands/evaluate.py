@@ -15,6 +15,9 @@ Where the numbers cannot be fully trusted (a threshold from fewer than 10 patien
 threshold of another kind of cohort, a checkpoint before the final stage, levels cut by the field
 of view, ...: `evaluation/trust.py`) one warning line each goes to stderr, report.md and
 summary.json.
+`--steps all|latest|N,M,...` sweeps the run's kept checkpoints instead of scoring one: one
+evaluation folder per step plus sweep.csv / sweep.png in --out, resumed when run again
+(`evaluation/sweep.py`; keep checkpoints with config.checkpoint.keep_every_steps).
 Multi-host: `--distributed` (SLURM / TPU auto-detection) or explicit `--coordinator_address
 --num_processes --process_id`, the same command in every process: the cohort's subjects are
 split over the processes for the Monte-Carlo maps, and process 0 alone scores and writes
@@ -28,6 +31,7 @@ import os
 from absl import flags
 from absl import logging
 
+from u2ad_jax import errors
 from u2ad_jax import output_guard
 from u2ad_jax.commands import multihost
 from u2ad_jax.evaluation import report
@@ -38,6 +42,9 @@ from u2ad_jax.evaluation.rungs import registry
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (config.json + checkpoints/)")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+_STEPS = flags.DEFINE_string(
+    "steps", None, "sweep checkpoints instead: all, latest or N,M,... (kept steps); writes "
+    "step_NNNNNNN/ per step, sweep.csv and sweep.png into --out and resumes when run again")
 _DATA = flags.DEFINE_string("data", None, "cohort directory (as written by `u2ad synth`)")
 _OUT = flags.DEFINE_string("out", None, "output directory (replaced only when complete)")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace --out / --intensity_out when they "
@@ -60,10 +67,42 @@ _QUIET = flags.DEFINE_bool("quiet", False, "no progress messages")
 flags.mark_flags_as_required(["workdir", "data", "out"])
 
 
+def _sweep_conflicts() -> None:
+  """UsageError for the flags a checkpoint sweep cannot take."""
+  for flag, value, why in (
+      ("--step", _STEP.value, "use --step N for one checkpoint or --steps N,M,... for several"),
+      ("--threshold-from", _THRESHOLD_FROM.value,
+       "a recorded threshold belongs to one checkpoint"),
+      ("--intensity_out", _INTENSITY_OUT.value, "the intensity rung has no checkpoint; score it "
+                                                "once with a plain `u2ad evaluate`")):
+    if value is not None:
+      raise errors.UsageError(f"--steps with {flag}: {why}")
+
+
+def _sweep() -> None:
+  """`--steps`: the checkpoint sweep (`evaluation/sweep.py`)."""
+  from u2ad_jax.evaluation import sweep  # pylint: disable=g-import-not-at-top
+
+  _sweep_conflicts()
+  if multihost.requested():
+    raise errors.UsageError("--steps runs in one process: sweep without --distributed / "
+                            "--num_processes")
+  steps = sweep.parse_steps(_STEPS.value)  # before any work: `--steps 12,abc` is one line
+  log = model_rung.stderr_log(not _QUIET.value)
+  result = sweep.run_sweep(_WORKDIR.value, _DATA.value, _OUT.value, steps, overrides=_SET.value,
+                           batch_size=_BATCH.value, overwrite=_OVERWRITE.value, log=log)
+  print(sweep.format_table(result.rows))
+  print(f"sweep: {os.path.join(_OUT.value, sweep.CSV_FILE)}, "
+        f"{os.path.join(_OUT.value, sweep.FIGURE_FILE)}")
+
+
 def main(argv):
   del argv  # stray arguments are refused by the dispatcher
   # Library logs (checkpoint I/O, read-only notices) would bury the progress lines.
   logging.set_verbosity(logging.ERROR)
+  if _STEPS.value is not None:
+    _sweep()
+    return
   # Before any JAX work (the checkpoint restore is the first).
   from u2ad_jax.train import distributed  # pylint: disable=g-import-not-at-top
   multihost.start()

@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from u2ad_jax import errors
 from u2ad_jax import io_utils
@@ -111,17 +112,26 @@ class Checkpoints:
   Args:
     workdir: run directory (checkpoints live in `workdir/checkpoints`).
     max_to_keep: keep the newest N checkpoints (None keeps all).
+    keep_every_steps: also keep every checkpoint whose step is a multiple of this (0: none), for
+      sweeping a run's checkpoints later (`u2ad evaluate --steps all`).
     read_only: open an existing directory without creating or deleting anything (evaluation).
   """
 
   def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int | None = None,
-               read_only: bool = False):
+               keep_every_steps: int = 0, read_only: bool = False):
     # Used as given for a URI (Orbax / epath read it), absolute for a local path.
     self.directory = workdir_lib.join(workdir, CHECKPOINT_DIR)
     if read_only and not epath.Path(self.directory).is_dir():
       raise errors.CheckpointError(self.directory, "no checkpoint directory")
+    keep: dict[str, Any] = {"max_to_keep": max_to_keep}
+    if keep_every_steps and not read_only:
+      # Orbax's preservation policies replace its deprecated keep_period, and exclude
+      # max_to_keep: a checkpoint stays when one of them keeps it.
+      keep = {"preservation_policy": preservation_policy.AnyPreservationPolicy([
+          preservation_policy.LatestN(max_to_keep),
+          preservation_policy.EveryNSteps(int(keep_every_steps))])}
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+        **keep, create=not read_only, read_only=read_only,
         # A save interrupted by a kill leaves an uncommitted temporary directory, which Orbax
         # never lists as a step; a writing manager removes those leftovers of its own saves.
         cleanup_tmp_directories=not read_only,

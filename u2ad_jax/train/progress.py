@@ -51,6 +51,7 @@ class Progress:
     self.stream = stream or sys.stderr
     self._t0: float | None = None
     self._steps_since_t0 = 0
+    self._images_since_t0 = 0.0
     self._last_time: float | None = None
     self._last_done = self.done
 
@@ -60,11 +61,13 @@ class Progress:
 
   def update(self, global_step: int, epoch: int, epochs: int, metrics: dict[str, Any],
              now: float | None = None) -> dict[str, float]:
-    """Records one finished step; prints every `every` steps. Returns the speed figures.
+    """Records one finished step; prints every `every` steps. Returns the speed figures
+    `{'steps_per_sec', 'images_per_sec', 'eta_sec'}` (nan until known).
 
     now: when the step's metrics arrived (default: this call); steps fetched together share it.
     The speed excludes the steps that arrived with the first one after (re)start, which
-    include compilation.
+    include compilation. Images are the step's `metrics['examples']` (the valid examples of its
+    global batch; a short last batch counts what it holds).
     """
     now = time.monotonic() if now is None else now
     self.done += 1
@@ -72,11 +75,14 @@ class Progress:
       self._t0 = now  # timing starts after the first (compiling) step
     elif now > self._t0:
       self._steps_since_t0 += 1
+      self._images_since_t0 += float(metrics.get("examples", float("nan")))
     elapsed = now - self._t0
-    rate = self._steps_since_t0 / elapsed if elapsed > 0 and self._steps_since_t0 else float("nan")
+    timed = elapsed > 0 and self._steps_since_t0
+    rate = self._steps_since_t0 / elapsed if timed else float("nan")
+    images_rate = self._images_since_t0 / elapsed if timed else float("nan")
     remaining = self.total - self.done
     eta = remaining / rate if rate == rate and rate > 0 else float("nan")
-    speed = {"steps_per_sec": rate, "eta_sec": eta}
+    speed = {"steps_per_sec": rate, "images_per_sec": images_rate, "eta_sec": eta}
     if self.enabled and (self.done % self.every == 0 or self.done >= self.total):
       terms = " ".join(f"{k} {float(metrics[k]):.4g}" for k in ("image", "edge") if k in metrics)
       parts = [f"ep {epoch + 1}/{epochs} step {global_step} |{_bar(self.done / self.total)}| "

@@ -5,12 +5,14 @@ or the end of the stage: `add` only queues them, so the host keeps dispatching s
 waiting for any of them to finish, and `flush` fetches all pending metrics in one transfer,
 stops the run on the first non-finite loss (the trainer flushes before every save, so an
 unchecked state is never saved) and logs them in step order. Every process checks the loss;
-only process 0 (`chief`) writes `metrics.jsonl` and the curves, and only a verbose process 0
-prints.
+only process 0 (`chief`) writes `metrics.jsonl`, the curves and the TensorBoard event files
+(`summaries`: every record written to metrics.jsonl is also a TensorBoard summary), and only a
+verbose process 0 prints.
 """
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from typing import Any
@@ -21,6 +23,7 @@ from u2ad_jax import errors
 from u2ad_jax import parallel
 from u2ad_jax.train import metrics_log
 from u2ad_jax.train import progress as progress_lib
+from u2ad_jax.train import summaries as summaries_lib
 from u2ad_jax.train import workdir as workdir_lib
 
 
@@ -28,16 +31,19 @@ class RunLog:
   """The run's log.
 
   Args:
-    workdir: the run directory (metrics.jsonl, train_curves.png).
+    workdir: the run directory (metrics.jsonl, train_curves.png, TensorBoard events).
     chief: this process writes the files (process 0).
     verbose: print progress lines (process 0 only).
+    tensorboard: also write TensorBoard event files (opened by `resume_from`).
   """
 
-  def __init__(self, workdir: str, chief: bool, verbose: bool):
+  def __init__(self, workdir: str, chief: bool, verbose: bool, tensorboard: bool = False):
     self.workdir = workdir
     self.chief = chief
     self.verbose = verbose
+    self.tensorboard = tensorboard
     self.records = metrics_log.MetricsLog(workdir) if chief else None
+    self.summaries: summaries_lib.Summaries | None = None
     self.progress: progress_lib.Progress | None = None
     self.stage = ""
     self.epochs = 0
@@ -50,14 +56,28 @@ class RunLog:
 
   def resume_from(self, step: int | None) -> None:
     """Drops the records an interrupted attempt logged after its checkpoint `step` (all of them
-    when it saved nothing)."""
-    if self.chief:
-      self.records.truncate_for_resume(0 if step is None else step)
+    when it saved nothing), and opens the TensorBoard writer, which hides that attempt's events
+    from `step + 1` on (`summaries.Summaries`); says the `tensorboard --logdir` line."""
+    if not self.chief:
+      return
+    self.records.truncate_for_resume(0 if step is None else step)
+    if self.tensorboard and self.summaries is None:
+      resumed = step is not None or bool(summaries_lib.event_files(self.workdir))
+      self.summaries = summaries_lib.Summaries(
+          self.workdir, purge_step=(0 if step is None else step) + 1 if resumed else None)
+      self.say(f"TensorBoard: tensorboard --logdir {shlex.quote(self.workdir)}")
 
   def event(self, record: dict[str, Any]) -> None:
-    """Writes a record that is not a step's (stage start / end, map refresh)."""
+    """Writes a record that is not a step's (stage start / end, map refresh, validation)."""
     if self.chief:
       self.records.write(record)
+      if self.summaries is not None:
+        self.summaries.event(record)
+
+  def panel(self, step: int, maps: dict[str, Any]) -> None:
+    """The validation image panel of `step` (TensorBoard only; `summaries.panel_image`)."""
+    if self.summaries is not None:
+      self.summaries.panel(step, maps)
 
   def begin_stage(self, stage: str, epochs: int, steps_per_epoch: int, done_steps: int,
                   every: int) -> None:
@@ -106,6 +126,8 @@ class RunLog:
                                          now=arrived))
       if self.chief:
         self.records.write(record)
+        if self.summaries is not None:
+          self.summaries.step_record(record)
 
   def end_stage(self, step: int, seconds: float) -> None:
     """The stage's closing line and record; redraws the curves."""
@@ -115,3 +137,11 @@ class RunLog:
                           "seconds": seconds})
       metrics_log.plot_curves(self.records.read(),
                               workdir_lib.join(self.workdir, metrics_log.CURVES_FILE))
+      if self.summaries is not None:
+        self.summaries.flush()
+
+  def close(self) -> None:
+    """Flushes and closes the TensorBoard writer (the run's end, or its failure)."""
+    if self.summaries is not None:
+      summaries, self.summaries = self.summaries, None
+      summaries.close()

@@ -55,9 +55,12 @@ class DataSettings:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSettings:
-  """every_steps: periodic save (0 = only at stage ends); max_to_keep: newest kept (None: all)."""
+  """every_steps: periodic save (0 = only at stage ends); max_to_keep: newest kept (None: all);
+  keep_every_steps: also keep every checkpoint whose step is a multiple of it, for a later
+  `u2ad evaluate --steps all` sweep (0 = none; a multiple of every_steps)."""
   every_steps: int
   max_to_keep: int | None
+  keep_every_steps: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +82,7 @@ class RunSettings:
     debug_stop_after_steps: stop as if killed after this many global steps (0 = off).
     fingerprint: the model / input identity saved with every checkpoint (`fingerprint`).
     validation: validation while training (off unless `validation.every_steps` > 0).
+    tensorboard: also write TensorBoard event files into the workdir (`summaries`).
   """
   seed: int
   stages: tuple[str, ...]
@@ -94,6 +98,7 @@ class RunSettings:
   debug_stop_after_steps: int
   fingerprint: str
   validation: validation_lib.ValidationSettings = validation_lib.ValidationSettings()
+  tensorboard: bool = True
 
 
 def resolve(config: Any) -> RunSettings:
@@ -139,13 +144,13 @@ def resolve(config: Any) -> RunSettings:
       seed=int(config.seed), stages=stages, stage_epochs=stage_epochs,
       parallel=str(config.parallel), optimizer=optimizer, step=step_settings(config),
       data=DataSettings(batch_size=int(config.batch_size), prefetch=int(config.data.prefetch)),
-      checkpoint=CheckpointSettings(every_steps=int(config.checkpoint.every_steps),
-                                    max_to_keep=config.checkpoint.max_to_keep),
+      checkpoint=checkpoint_settings(config.checkpoint),
       schedule=schedule, refresh_epochs=int(config.uncertainty.refresh_epochs),
       log_every_steps=int(config.log_every_steps),
       debug_stop_after_steps=int(config.debug_stop_after_steps),
       fingerprint=fingerprint(shape_fields(config)),
-      validation=validation_settings(config))
+      validation=validation_settings(config),
+      tensorboard=bool(config.get("tensorboard", True)))
 
 
 def _check_candidates(config: Any) -> None:
@@ -169,6 +174,33 @@ def _check_candidates(config: Any) -> None:
       raise errors.ConfigValueError(f"config.postprocess: {e}") from e
 
 
+def checkpoint_settings(checkpoint: Any) -> CheckpointSettings:
+  """`config.checkpoint` (`keep_every_steps` absent in configs recorded before it: 0).
+
+  Raises:
+    ConfigValueError: a negative `keep_every_steps`, or one that the periodic saves miss.
+  """
+  settings = CheckpointSettings(every_steps=int(checkpoint.every_steps),
+                                max_to_keep=checkpoint.max_to_keep,
+                                keep_every_steps=int(checkpoint.get("keep_every_steps") or 0))
+  if settings.keep_every_steps < 0:
+    raise errors.ConfigValueError("config.checkpoint.keep_every_steps must be >= 0")
+  if settings.keep_every_steps and (settings.every_steps <= 0
+                                    or settings.keep_every_steps % settings.every_steps):
+    # Kept checkpoints are chosen among the saved ones: keeping every 300 steps of saves made
+    # every 200 would keep only each 600th.
+    raise errors.ConfigValueError(
+        f"config.checkpoint.keep_every_steps={settings.keep_every_steps} must be a multiple of "
+        f"config.checkpoint.every_steps={settings.every_steps} (> 0): only saved steps are kept")
+  return settings
+
+
+def _section_get(config: Any, section: str, key: str) -> Any:
+  """`config.<section>.<key>`, None when either is absent (configs recorded before it)."""
+  part = config.get(section) if hasattr(config, "get") else None
+  return part.get(key) if part is not None and hasattr(part, "get") else None
+
+
 def validation_settings(config: Any) -> validation_lib.ValidationSettings:
   """`config.validation` (absent in configs recorded before it existed: off)."""
   v = config.get("validation") if hasattr(config, "get") else None
@@ -178,8 +210,14 @@ def validation_settings(config: Any) -> validation_lib.ValidationSettings:
       every_steps=int(v.every_steps), data_dir=str(v.data_dir or ""),
       num_subjects=int(v.num_subjects), subjects=tuple(str(x) for x in (v.subjects or ())),
       max_slices=int(v.max_slices),
-      num_samples=int(v.num_samples), figures=bool(v.figures))
-  for name in ("every_steps", "num_subjects"):
+      num_samples=int(v.num_samples), figures=bool(v.figures),
+      panel_slices=int(v.get("panel_slices", validation_lib.PANEL_SLICES)),
+      panel_residual=str(_section_get(config, "evaluation", "residual")
+                         or anomaly.DEFAULT_RESIDUAL))
+  if settings.panel_residual not in anomaly.RESIDUALS:
+    raise errors.ConfigValueError(f"config.evaluation.residual must be one of "
+                                  f"{anomaly.RESIDUALS}, got {settings.panel_residual!r}")
+  for name in ("every_steps", "num_subjects", "panel_slices"):
     if getattr(settings, name) < 0:
       raise errors.ConfigValueError(f"config.validation.{name} must be >= 0")
   for name in ("max_slices", "num_samples"):

@@ -96,12 +96,14 @@ class Cursor:
     last_saved: the newest step saved (or restored), None before any.
     maps: the guidance maps in use (`{'patch_eu', 'exclude'}`), or None.
     last_validated: the step of the last validation, None before any.
+    last_panel: the step of the last TensorBoard panel, None before any.
   """
   state: state_lib.TrainState | None
   step: int
   last_saved: int | None
   maps: dict[str, np.ndarray] | None
   last_validated: int | None = None
+  last_panel: int | None = None
 
 
 def data_seed(seed: int, stage: str) -> int:
@@ -216,6 +218,7 @@ def run_stage(ctx: RunContext, stage_index: int, cursor: Cursor, start_epoch: in
   log.flush(cursor.last_saved, ctx.ckpts.directory)
   if ctx.validator is not None and cursor.last_validated != cursor.step:
     validate(ctx, stage, cursor)
+  panel(ctx, cursor)
   if cursor.last_saved != cursor.step:
     save(ctx, stage, cursor, epochs, 0)
   try:
@@ -236,6 +239,20 @@ def _refresh_maps(ctx: RunContext, generator: maps_lib.MapGenerator, cursor: Cur
   ctx.log.event({"event": "maps", "stage": stage, "epoch": epoch, "step": cursor.step,
                  "seconds": seconds, "mean_patch_eu": float(cursor.maps["patch_eu"].mean()),
                  "candidate_patches": int(cursor.maps["exclude"].sum())})
+  panel(ctx, cursor)
+
+
+def panel(ctx: RunContext, cursor: Cursor) -> None:
+  """The TensorBoard panel of the validation slices with the current parameters
+  (`validation.Validator.panel`), once per step: a stage's end and the next stage's first map
+  refresh share their parameters. Collective (every process computes, process 0 writes); the
+  decision depends on the config only, so every process takes it alike."""
+  if (ctx.validator is None or not ctx.run.tensorboard or cursor.last_panel == cursor.step
+      or not ctx.validator.panel_ids.size):
+    return
+  maps = ctx.validator.panel(cursor.state.params)
+  ctx.log.panel(cursor.step, maps)
+  cursor.last_panel = cursor.step
 
 
 def validate(ctx: RunContext, stage: str, cursor: Cursor) -> None:

@@ -204,10 +204,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   try:
     _prepare_workdir(workdir, start)
     chief = jax.process_index() == 0
-    with checkpoint.Checkpoints(workdir, max_to_keep=run.checkpoint.max_to_keep) as ckpts, \
+    with checkpoint.Checkpoints(workdir, max_to_keep=run.checkpoint.max_to_keep,
+                                keep_every_steps=run.checkpoint.keep_every_steps) as ckpts, \
         _deferred_interrupt(verbose) as stop_requested:
+      log = run_log.RunLog(workdir, chief, verbose, tensorboard=run.tensorboard)
       try:
-        log = run_log.RunLog(workdir, chief, verbose)
         root = jax.random.key(run.seed)
         validator = None
         if validation_slices is not None and len(validation_slices):
@@ -238,6 +239,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           ckpts.wait()  # a pending asynchronous save completes even when training failed
         except OSError as e:
           raise errors.CheckpointWriteError(ckpts.failure_message(e)) from e
+        finally:
+          log.close()  # the TensorBoard events logged so far reach the workdir, failed or not
   except OSError as e:
     # Writing metrics.jsonl, config.json, the curves or the marker failed (a full disk, a lost
     # mount; checkpoint writes are CheckpointWriteErrors already): one line, like those.

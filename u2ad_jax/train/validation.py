@@ -19,6 +19,14 @@ of them (largest cord first). Their subject ids are recorded in the run's config
 Cost is bounded: one loss call and one MC call over at most `max_slices` slices; the record
 gives its wall time, and the run's training CPU / wall time without validation
 (`train_cpu_s`, `train_wall_s`: the x axis of the learning-curve benchmark).
+
+The TensorBoard panel (`Validator.panel`, at every map refresh and stage end): input, MC mean
+reconstruction, EU and anomaly map of `validation.panel_slices` of the slices, spread evenly over
+the set and fixed for the run, under MC masks fixed for the run (so successive panels differ by
+the parameters only). Its anomaly map is the evaluation's (`anomaly.anomaly_maps` with
+`config.evaluation.residual`), centred on the panel's own slices of each subject rather than the
+subject's whole scan. One more MC call over at most `panel_slices` slices, counted in the
+validation time.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from u2ad_jax import anomaly
 from u2ad_jax import losses
 from u2ad_jax import masking
 from u2ad_jax import mc_maps
@@ -42,8 +51,11 @@ from u2ad_jax.data import sliceset
 from u2ad_jax.train import step as step_lib
 
 
-# fold_in tag of the validation masks in the run's root key (the trainer's tags are 0-2).
+# fold_in tag of the validation masks in the run's root key (the trainer's tags are 0-2); the
+# mean reconstructions use VALIDATION_TAG + 1, the panel's MC VALIDATION_TAG + 2.
 VALIDATION_TAG = 3
+# Slices in the TensorBoard panel (`config.validation.panel_slices`).
+PANEL_SLICES = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +70,8 @@ class ValidationSettings:
     max_slices: at most this many slices (largest scoring ROI first).
     num_samples: K of the Monte-Carlo mean reconstruction.
     figures: also write `validation/step_XXXXXXX.png` (inputs over reconstructions).
+    panel_slices: slices of the TensorBoard panel (`Validator.panel`); 0 = no panel.
+    panel_residual: the panel's anomaly map (`anomaly.RESIDUALS`; the evaluation's).
   """
   every_steps: int = 0
   data_dir: str = ""
@@ -66,6 +80,8 @@ class ValidationSettings:
   max_slices: int = 16
   num_samples: int = 2
   figures: bool = False
+  panel_slices: int = PANEL_SLICES
+  panel_residual: str = anomaly.DEFAULT_RESIDUAL
 
   @property
   def enabled(self) -> bool:
@@ -93,6 +109,15 @@ def split_public(public: sliceset.SliceSet, subjects: list[str]
   """(training slices without `subjects`, the slices of `subjects`)."""
   held = np.isin(np.asarray(public.subject_ids, dtype=object), list(subjects))
   return public.subset(~held), public.subset(held)
+
+
+def panel_indices(num_slices: int, num_panel: int) -> np.ndarray:
+  """`[min(num_panel, num_slices)]` indices spread evenly over `num_slices` (first and last
+  included), increasing."""
+  k = max(0, min(int(num_panel), int(num_slices)))
+  if k == 0:
+    return np.zeros(0, np.int64)
+  return np.unique(np.round(np.linspace(0, num_slices - 1, k)).astype(np.int64))
 
 
 def choose_slices(slices: sliceset.SliceSet, max_slices: int) -> sliceset.SliceSet:
@@ -135,6 +160,14 @@ class Validator:
     self._key = jax.random.fold_in(key, VALIDATION_TAG + 1)
     self.validation_cpu_s = 0.0  # CPU time spent here so far (excluded from the train time)
     self.validation_wall_s = 0.0
+    self.panel_ids = panel_indices(len(slices), settings.panel_slices)
+    self._panel_key = jax.random.fold_in(key, VALIDATION_TAG + 2)
+    # Built once: the panel's MC compiles on the first panel, not on every one.
+    self._panel_maps = mc_maps.MonteCarloMaps(
+        apply_fn, patch_size=step.patch_size, ratio=step.ratio,
+        num_samples=settings.num_samples, slices_per_device=1, mode=mode, devices=devices,
+        outputs=("mean", "eu"), context_patches=step.context_patches) if self.panel_ids.size \
+        else None
 
   def __call__(self, params: Any) -> tuple[dict[str, float], dict[int, np.ndarray]]:
     """(metrics, {slice index: mean reconstruction `[H, W]`} of this process's slices).
@@ -167,6 +200,42 @@ class Validator:
       values = values[np.isfinite(values)]
       metrics[f"val_{name}"] = float(values.mean()) if values.size else float("nan")
     return metrics, means
+
+
+  def panel(self, params: Any) -> dict[str, np.ndarray] | None:
+    """The TensorBoard panel's maps of the slices `panel_ids` (see the module docstring), or
+    None when `panel_slices` is 0.
+
+    Collective: every process of the run must call it with the same parameters; every process
+    gets the whole panel.
+
+    Returns:
+      `{'image', 'mean', 'eu', 'anomaly'}`, each `[k, H, W]` float32 (k = len(panel_ids)).
+    """
+    if self._panel_maps is None:
+      return None
+    cpu0, wall0 = process_cpu_seconds(), time.monotonic()
+    ids = self.panel_ids
+    images = self.slices.images[ids]
+    got_ids, got = [], {"mean": [], "eu": []}
+    for chunk_ids, maps in self._panel_maps.local_chunks(
+        parallel.to_host(params), self._panel_key, images, self.slices.train_roi[ids]):
+      got_ids.extend(int(i) for i in chunk_ids)
+      for name in got:
+        got[name].extend(maps[name])
+    shape = images.shape[1:]
+    # Panels are a few small slices: gathered whole to every process (process 0 writes them).
+    gathered = self._panel_maps.exchange(
+        len(ids), np.asarray(got_ids, np.int64),
+        {name: np.asarray(v, np.float32).reshape((-1,) + shape) for name, v in got.items()})
+    score_roi = self.slices.score_roi[ids]
+    subjects = [self.slices.subject_ids[i] for i in ids]
+    out = {"image": images.astype(np.float32), "mean": gathered["mean"], "eu": gathered["eu"],
+           "anomaly": anomaly.anomaly_maps(images, gathered["mean"], score_roi, subjects,
+                                           self.settings.panel_residual)}
+    self.validation_cpu_s += process_cpu_seconds() - cpu0
+    self.validation_wall_s += time.monotonic() - wall0
+    return out
 
 
 @functools.lru_cache(maxsize=8)

@@ -70,7 +70,8 @@ def model_maps(model: Any, params: Any, config: Any, images: np.ndarray, train_r
                *, subject_ids: Sequence[str] | None = None,
                batch_size: int = DEFAULT_BATCH_SIZE, seed: int | None = None,
                num_samples: int | None = None, devices: Sequence[Any] | None = None,
-               progress: Callable[[str], None] | None = None) -> dict[str, np.ndarray] | None:
+               progress: Callable[[str], None] | None = None,
+               mc_cache: dict | None = None) -> dict[str, np.ndarray] | None:
   """EU, mean reconstruction and AU of every slice with the model's final weights.
 
   The one Monte-Carlo path (`u2ad_jax.mc_maps`, shared with the training refresh) over this
@@ -95,6 +96,9 @@ def model_maps(model: Any, params: Any, config: Any, images: np.ndarray, train_r
       `eval_devices`). Slice s draws its masks from `fold_in(key, s)` (`mc_maps.slice_keys`),
       so the maps do not depend on the device count or the batching (up to float rounding).
     progress: optional callback for one-line progress messages.
+    mc_cache: a dict the caller keeps across calls: the Monte-Carlo functions built for `model`
+      and these settings are kept there and reused, so other parameters of the same model (the
+      checkpoints of a sweep) run without compiling again. None: built for this call.
 
   Returns:
     dict of `[S, H, W]` float32 arrays 'eu', 'mean', 'au'; None on the processes other than 0
@@ -132,17 +136,28 @@ def model_maps(model: Any, params: Any, config: Any, images: np.ndarray, train_r
       progress(f"MC maps {done}/{num} slices on {len(devices)} device(s){where} "
                f"({time.monotonic() - start:.1f} s)")
 
-  maps = mc_maps.compute_maps(
-      lambda p, x, plan: model.apply({"params": p}, x, plan), params, jax.random.key(int(seed)),
-      images, train_roi, slice_ids=mine, progress=report,
-      patch_size=int(model.patch_size),
-      ratio=float(config.masking.ratio), num_samples=int(num_samples),
-      pass_chunk=None if not pass_chunk else int(pass_chunk),
+  context = settings_lib.section(config, "model").get("context_patches")
+  mc_settings = dict(
+      patch_size=int(model.patch_size), ratio=float(config.masking.ratio),
+      num_samples=int(num_samples), pass_chunk=None if not pass_chunk else int(pass_chunk),
       min_roi=max(1, int(data.get("min_roi_patches", 1))),
-      slices_per_device=batch_size // len(devices), mode="shard_map", devices=devices,
+      slices_per_device=batch_size // len(devices), mode="shard_map", devices=tuple(devices),
       outputs=("eu", "mean", "au"),
       # The field of view the model was trained with (None: every patch).
-      context_patches=settings_lib.section(config, "model").get("context_patches"))
+      context_patches=None if context is None else int(context))
+
+  def apply_fn(p, x, plan):
+    return model.apply({"params": p}, x, plan)
+
+  mc = None
+  if mc_cache is not None:
+    # The functions close over `model`: another model object gets functions of its own.
+    cache_key = (id(model),) + tuple(sorted(mc_settings.items()))
+    if cache_key not in mc_cache:
+      mc_cache[cache_key] = mc_maps.MonteCarloMaps(apply_fn, **mc_settings)
+    mc = mc_cache[cache_key]
+  maps = mc_maps.compute_maps(apply_fn, params, jax.random.key(int(seed)), images, train_roi,
+                              slice_ids=mine, progress=report, mc=mc, **mc_settings)
   if processes == 1:
     return maps
   return _gather_on_process_0(maps, owner, owner.shape + images.shape[1:])
@@ -197,6 +212,8 @@ class ModelRung:
     threshold_from: an earlier evaluation's directory whose recorded threshold is applied
       (`thresholds.load_recorded`), or None.
     log: one-line progress messages, or None.
+    mc_cache: the Monte-Carlo functions built so far (`model_maps`), shared with the rungs of
+      other checkpoints of the same run (`at_step`), which then compile nothing again.
   """
   name: str
   workdir: str
@@ -207,6 +224,7 @@ class ModelRung:
   batch_size: int = DEFAULT_BATCH_SIZE
   threshold_from: str | os.PathLike | None = None
   log: Callable[[str], None] | None = None
+  mc_cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @classmethod
   def restore(cls, workdir: str | os.PathLike, *, step: int | None = None,
@@ -234,10 +252,31 @@ class ModelRung:
     return cls(name=name or workdir_lib.name(workdir), workdir=workdir,
                model=model, params=params, config=config, step=restored_step, **options)
 
+  def at_step(self, step: int) -> "ModelRung":
+    """This rung with the parameters of checkpoint `step` of the same run (the model, config,
+    scoring overrides and Monte-Carlo functions are shared).
+
+    Raises:
+      CheckpointError: no checkpoint at `step`, or a damaged one.
+    """
+    from u2ad_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+    from u2ad_jax.train import settings as train_settings  # pylint: disable=g-import-not-at-top
+    from u2ad_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+
+    optimizer = state_lib.make_optimizer(
+        train_settings.optimizer_settings(self.config.optim), 1)
+    with checkpoint.Checkpoints(self.workdir, read_only=True) as checkpoints:
+      if int(step) not in checkpoints.all_steps():
+        raise errors.CheckpointError(checkpoints.step_dir(step), f"no checkpoint at step {step} "
+                                     f"(available: {checkpoints.all_steps()})")
+      restored, _, _ = checkpoints.restore(
+          int(step), checkpoint.abstract_train_state(self.model, optimizer))
+    return dataclasses.replace(self, params=restored.params, step=int(step))
+
   def maps(self, prepared: base.PreparedCohort,
            settings: settings_lib.EvalSettings) -> base.RungMaps | None:
     slice_set = prepared.slice_set
-    _check_image_size(slice_set, self.model, prepared.root)
+    check_image_size(slice_set, self.model, prepared.root)
     if self.log:
       self.log(f"restored {self.workdir} step {self.step}; {len(slice_set)} slices of "
                f"{len(slice_set.subjects)} subjects")
@@ -268,7 +307,7 @@ class ModelRung:
     maps = model_maps(self.model, self.params, self.config, slice_set.images,
                       slice_set.train_roi, subject_ids=slice_set.subject_ids,
                       batch_size=self.batch_size, num_samples=settings.mc_samples,
-                      progress=self.log)
+                      progress=self.log, mc_cache=self.mc_cache)
     if maps is None:  # a multi-process job's maps went to process 0
       return None
     anomaly = anomaly_lib.anomaly_maps(slice_set.images, maps["mean"], slice_set.score_roi,
@@ -350,7 +389,8 @@ def _stages(config: Any) -> list[str]:
   return [stages] if isinstance(stages, str) else [str(v) for v in stages]
 
 
-def _check_image_size(slice_set: Any, model: Any, root: str) -> None:
+def check_image_size(slice_set: Any, model: Any, root: str) -> None:
+  """InputError (naming the cohort) when its slices are not the model's input size."""
   size = getattr(model, "image_size", None)
   if size is not None and tuple(slice_set.image_shape) != (int(size), int(size)):
     raise errors.InputError(root, f"cohort slices are {slice_set.image_shape} but the model "
