@@ -245,6 +245,8 @@ def test_evaluation_records_a_uri_workdir_as_given(tmp_path, monkeypatch):
 
   monkeypatch.setattr(checkpoint, "restore_for_eval", restore)
   monkeypatch.setattr(model_rung, "model_maps", maps)
+  # No bucket: the checkpoint's training position (for the stage warning) is unknown.
+  monkeypatch.setattr(model_rung.ModelRung, "_checkpoint_meta", lambda self: None)
   cohort = tmp_path / "cohort"
   te.write_cohort(str(cohort), num_subjects=2)
   cwd = tmp_path / "cwd"

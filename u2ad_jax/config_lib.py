@@ -184,6 +184,7 @@ def set_runlocal(config: ml_collections.ConfigDict) -> None:
   config.uncertainty.slices_per_device = 2
   config.checkpoint.every_steps = 4
   config.log_every_steps = 1
+  config.validation.every_steps = 0  # tests' cohorts are a few subjects: none to hold out
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
