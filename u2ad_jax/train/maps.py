@@ -30,7 +30,7 @@ import numpy as np
 from u2ad_jax import anomaly
 from u2ad_jax import candidates
 from u2ad_jax import mc_maps
-from u2ad_jax.train import settings as settings_lib
+from u2ad_jax.train import step as step_lib
 
 
 @functools.lru_cache(maxsize=8)
@@ -76,7 +76,7 @@ class MapGenerator:
     self.maps = _cached_maps(
         model, self.patch_size, float(config.masking.ratio), int(u.num_samples), pass_chunk,
         max(1, int(config.data.min_roi_patches)), max(1, int(u.slices_per_device)), mode,
-        devices, settings_lib.context_patches(config))
+        devices, step_lib.context_patches(config))
 
   def __call__(self, params: Any, key: jax.Array, slice_set: Any) -> dict[str, np.ndarray]:
     """Maps of every slice of `slice_set` (a sliceset.SliceSet).

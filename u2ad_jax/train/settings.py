@@ -245,18 +245,6 @@ def optimizer_settings(optim: Any) -> state_lib.OptimizerSettings:
     raise errors.ConfigValueError(f"config.{e}") from e
 
 
-def context_patches(config: Any) -> int | None:
-  """`config.model.context_patches`: None (the whole image; also for configs recorded before
-  the field existed) or the context radius in patches (>= 0)."""
-  value = config.model.get("context_patches") if hasattr(config.model, "get") else None
-  if value is None:
-    return None
-  if isinstance(value, bool) or int(value) != value or int(value) < 0:
-    raise errors.ConfigValueError(
-        f"config.model.context_patches must be None or a count >= 0, got {value!r}")
-  return int(value)
-
-
 def step_settings(config: Any, guided: bool = False) -> step_lib.StepSettings:
   """The step's static settings of `config` (masking ratio, patch size, loss weights, whether
   the step augments its examples, context band; the band's lengths are set per stage from its
@@ -265,7 +253,7 @@ def step_settings(config: Any, guided: bool = False) -> step_lib.StepSettings:
       patch_size=int(config.data.patch_size), ratio=float(config.masking.ratio),
       image_weight=float(config.loss.image_weight), edge_weight=float(config.loss.edge_weight),
       structure_weight=bool(config.loss.structure_weight), guided=bool(guided),
-      augment=bool(config.data.augment), context_patches=context_patches(config))
+      augment=bool(config.data.augment), context_patches=step_lib.context_patches(config))
 
 
 def model_overrides(config: Any) -> dict[str, Any]:

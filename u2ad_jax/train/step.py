@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from u2ad_jax import errors
 from u2ad_jax import losses
 from u2ad_jax import masking
 from u2ad_jax import parallel
@@ -74,6 +75,18 @@ class StepSettings:
   context_patches: int | None = None
   num_keep: int | None = None
   num_active: int | None = None
+
+
+def context_patches(config: Any) -> int | None:
+  """`config.model.context_patches`: None (the whole image; also for configs recorded before
+  the field existed) or the context radius in patches (>= 0)."""
+  value = config.model.get("context_patches") if hasattr(config.model, "get") else None
+  if value is None:
+    return None
+  if isinstance(value, bool) or int(value) != value or int(value) < 0:
+    raise errors.ConfigValueError(
+        f"config.model.context_patches must be None or a count >= 0, got {value!r}")
+  return int(value)
 
 
 def guidance_arrays(w_eu: float = 0.0, tau: float = 1.0,

@@ -32,9 +32,9 @@ import numpy as np
 from u2ad_jax import io_utils
 from u2ad_jax import labels as label_values
 from u2ad_jax import output_guard
+from u2ad_jax import recon_quality
 from u2ad_jax import stages
 from u2ad_jax.evaluation import ladder
-from u2ad_jax.evaluation import metrics as metrics_lib
 from u2ad_jax.evaluation import stats
 from u2ad_jax.evaluation.rungs import base as rung_base
 from u2ad_jax.workflows import ablate
@@ -69,7 +69,7 @@ def patient_table(result: Any, slice_set: Any) -> stats.PatientTable:
                                        slice_set.score_roi, slice_set.subject_ids):
       normal = np.asarray(roi, bool) & (np.asarray(lab) != label_values.LESION)
       if normal.any():
-        ssim_sum[index[sid]] += metrics_lib.ssim(np.clip(img, 0, 1), np.clip(rec, 0, 1), normal)
+        ssim_sum[index[sid]] += recon_quality.ssim(np.clip(img, 0, 1), np.clip(rec, 0, 1), normal)
         ssim_count[index[sid]] += 1
   return stats.PatientTable(
       patient_scores=np.asarray(result.patient_scores, np.float64),
