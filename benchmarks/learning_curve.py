@@ -39,14 +39,17 @@ ROOT = os.path.dirname(HERE)
 
 # Recipes, as overrides of configs/cpu.py. 'before' is configs/cpu.py as it was at 3a8236c
 # (12 pretraining epochs, 16-px patches over the whole image, step decay every 8 epochs); 'after'
-# is configs/cpu.py as it is; 'before, long' keeps the old geometry (whole image, 16-px patches)
-# with the new schedule and epochs: it separates what the geometry buys from what steps buy.
+# is configs/cpu.py as it is, its whole step budget (pretraining + adaptation: 20 + 240 + 80
+# epochs of the demo's clinical cohort, ~300 epochs of this cohort) spent in the one stage
+# trained here; 'before_long' keeps the old geometry (whole image, 16-px patches) with the new
+# schedule and steps: it separates what the geometry buys from what the steps buy.
 VARIANTS = {
     "before": ["data.patch_size=16", "model.context_patches=None", "optim.schedule='step'",
                "optim.decay_every_epochs=8", "optim.warmup_epochs=0.0", "optim.lr=0.002",
                "stage_epochs.pretrain=12"],
-    "after": [],
-    "before_long": ["data.patch_size=16", "model.context_patches=None"],
+    "after": ["stage_epochs.pretrain=300"],
+    "before_long": ["data.patch_size=16", "model.context_patches=None",
+                    "stage_epochs.pretrain=300"],
 }
 # Validations per run (the curve's points) and the CPU marks of the table.
 POINTS = 12
