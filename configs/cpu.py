@@ -34,15 +34,16 @@ def get_config(arg=None):
   # reconstruction of its normal anatomy keeps improving with steps there, while the phantom's
   # public (healthy) cohort, another scanner profile, transfers little after normalisation.
   config.stage_epochs.pretrain = 20
-  config.stage_epochs.adapt_eu = 240
-  config.stage_epochs.adapt_eu_au = 80
+  config.stage_epochs.adapt_eu = 200
+  config.stage_epochs.adapt_eu_au = 60
   config.optim.lr = 2e-3
   config.optim.schedule = "cosine_stage"  # warmup, then cosine to lr x 0.1 over each stage
   config.optim.warmup_epochs = 1.0
   config.uncertainty.num_samples = 4
   config.uncertainty.refresh_epochs = 20
   config.uncertainty.slices_per_device = 4
-  # Held-out public subjects scored while training (train/validation.py).
+  # Held-out normal slices scored while training (train/validation.py): public subjects left out
+  # of pretraining, or `validation.data_dir` (`u2ad demo` makes a healthy clinical-profile one).
   config.validation.every_steps = 1000
   config.validation.num_samples = 4
   config.checkpoint.every_steps = 1000

@@ -120,3 +120,36 @@ def test_validator_scores_a_perfect_reconstruction_as_perfect(public, monkeypatc
   validator.maps._mc.clear()
   perfect, _ = validator(params)
   assert perfect["val_ssim"] == pytest.approx(1.0) and perfect["val_corr"] == pytest.approx(1.0)
+
+
+def test_demo_validates_on_healthy_subjects_of_the_clinical_profile(tmp_path, monkeypatch):
+  """The demo's score is made on the clinical profile: its held-out normal anatomy is a healthy
+  clinical-profile cohort of its own (seed + 2), not the public profile."""
+  from u2ad_jax.workflows import demo  # pylint: disable=g-import-not-at-top
+  seen = {}
+
+  class Stop(Exception):
+    pass
+
+  def fake_train(config, workdir, **kwargs):
+    seen["validation"] = config.validation.to_dict()
+    raise Stop()
+
+  monkeypatch.setattr(trainer, "train", fake_train)
+  size = demo.DemoSize(num_public=2, num_clinical=2, num_slices=3, num_validation=1)
+  with pytest.raises(Stop):
+    demo.run_demo(tmp_path / "demo", smoke=True, size=size, seed=4,
+                  overrides=["validation.every_steps=5"], verbose=False)
+  val_dir = tmp_path / "demo" / "data" / "validation"
+  assert seen["validation"]["data_dir"] == str(val_dir)
+  record = json.loads((val_dir / "u2ad_demo_cohort.json").read_text())
+  assert record == {"profile": "clinical", "num_subjects": 1, "seed": 6, "lesion_fraction": 0.0,
+                    "num_slices": 3}
+  rows = (val_dir / "participants.tsv").read_text().strip().splitlines()
+  header = rows[0].split("\t")
+  assert len(rows) == 2 and rows[1].split("\t")[header.index("has_lesion")] in ("0", "False")
+  # Off while training validates nothing: no cohort is generated.
+  with pytest.raises(Stop):
+    demo.run_demo(tmp_path / "demo2", smoke=True, size=size, seed=4, verbose=False)
+  assert seen["validation"]["data_dir"] == ""
+  assert not (tmp_path / "demo2" / "data" / "validation").exists()

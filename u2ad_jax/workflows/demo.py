@@ -39,6 +39,7 @@ class DemoSize:
   num_public: int
   num_clinical: int
   num_slices: int | None = None
+  num_validation: int = 2  # healthy clinical-profile subjects scored while training
 
 
 DEMO_SIZE = DemoSize(num_public=16, num_clinical=24)
@@ -62,6 +63,29 @@ def load_config(spec: str | None, smoke: bool = False) -> ml_collections.ConfigD
 # ------------------------------------------------------------------------------ data
 
 
+def _phantom_cohort(root: str, profile: str, num: int, seed: int, lesion_fraction: float,
+                    num_slices: int | None, verbose: bool) -> str:
+  """Writes (or reuses) one phantom cohort at `root`; see `make_cohorts`."""
+  from u2ad_jax.phantom import cohort_writer  # pylint: disable=g-import-not-at-top
+
+  record_path = os.path.join(root, "u2ad_demo_cohort.json")
+  record = {"profile": profile, "num_subjects": num, "seed": seed,
+            "lesion_fraction": lesion_fraction, "num_slices": num_slices}
+  if os.path.isfile(record_path):
+    with open(record_path, encoding="utf-8") as f:
+      if json.load(f) == record:
+        return root
+  t0 = time.monotonic()
+  with output_guard.staged_directory(root, "synth") as staging:
+    cohort_writer.write_cohort(staging, num, profile, seed, lesion_fraction=lesion_fraction,
+                               num_slices=num_slices)
+    io_utils.write_json(os.path.join(staging, "u2ad_demo_cohort.json"), record)
+  if verbose:
+    _log(f"wrote the {os.path.basename(root)} cohort ({num} subjects) in "
+         f"{time.monotonic() - t0:.1f} s: {root}")
+  return root
+
+
 def make_cohorts(data_dir: str, size: DemoSize, seed: int,
                  verbose: bool = True) -> tuple[str, str]:
   """Writes (or reuses) the public and clinical phantom cohorts; returns their directories.
@@ -71,29 +95,20 @@ def make_cohorts(data_dir: str, size: DemoSize, seed: int,
   cohort is (re)written through a staged swap, as `u2ad synth` does, so its folders and
   participants.tsv always agree.
   """
-  from u2ad_jax.phantom import cohort_writer  # pylint: disable=g-import-not-at-top
+  return (_phantom_cohort(os.path.join(data_dir, "public"), "public", size.num_public, seed,
+                          0.0, size.num_slices, verbose),
+          _phantom_cohort(os.path.join(data_dir, "clinical"), "clinical", size.num_clinical,
+                          seed + 1, 0.5, size.num_slices, verbose))
 
-  dirs = []
-  for profile, num, offset, lesion_fraction in (("public", size.num_public, 0, 0.0),
-                                                ("clinical", size.num_clinical, 1, 0.5)):
-    root = os.path.join(data_dir, profile)
-    record_path = os.path.join(root, "u2ad_demo_cohort.json")
-    record = {"profile": profile, "num_subjects": num, "seed": seed + offset,
-              "lesion_fraction": lesion_fraction, "num_slices": size.num_slices}
-    if os.path.isfile(record_path):
-      with open(record_path, encoding="utf-8") as f:
-        if json.load(f) == record:
-          dirs.append(root)
-          continue
-    t0 = time.monotonic()
-    with output_guard.staged_directory(root, "synth") as staging:
-      cohort_writer.write_cohort(staging, num, profile, seed + offset, lesion_fraction=lesion_fraction,
-                           num_slices=size.num_slices)
-      io_utils.write_json(os.path.join(staging, "u2ad_demo_cohort.json"), record)
-    if verbose:
-      _log(f"wrote the {profile} cohort ({num} subjects) in {time.monotonic() - t0:.1f} s: {root}")
-    dirs.append(root)
-  return dirs[0], dirs[1]
+
+def make_validation_cohort(data_dir: str, size: DemoSize, seed: int,
+                           verbose: bool = True) -> str:
+  """Healthy subjects of the CLINICAL profile (seed + 2), never trained on: the demo's held-out
+  normal anatomy. The demo's score is made on the clinical cohort, so reconstruction quality
+  is watched on its scanner profile; the public profile (another scanner, left mostly behind by
+  adaptation) would say little about it."""
+  return _phantom_cohort(os.path.join(data_dir, "validation"), "clinical", size.num_validation,
+                         seed + 2, 0.0, size.num_slices, verbose)
 
 
 # ------------------------------------------------------------------------------ demo
@@ -138,7 +153,8 @@ def run_demo(out_dir: str | os.PathLike, *, smoke: bool = False, config_spec: st
   `overrides`: `key.path=value` settings applied to the loaded config (`config_lib.
   apply_overrides`), checked before any work.
 
-  Layout of `out_dir`: data/{public,clinical}/ (cohorts), run/ (training workdir),
+  Layout of `out_dir`: data/{public,clinical,validation}/ (cohorts; validation only when
+  the config validates while training), run/ (training workdir),
   evaluation/ (U2AD outputs), intensity/ (intensity rung outputs), comparison.{md,csv},
   report.md (the one-page summary, linking into evaluation/), timings.json.
   """
@@ -173,6 +189,12 @@ def run_demo(out_dir: str | os.PathLike, *, smoke: bool = False, config_spec: st
   config.seed = int(seed)
   config.data.public_dir = public_dir
   config.data.clinical_dir = clinical_dir
+  if int(config.validation.every_steps) > 0 and not config.validation.data_dir \
+      and size.num_validation > 0:
+    t0 = time.monotonic()
+    config.validation.data_dir = make_validation_cohort(os.path.join(out_dir, "data"), size, seed,
+                                                        verbose)
+    timings["data"] += time.monotonic() - t0
 
   t0 = time.monotonic()
   prepared = rung_base.prepare_cohort(clinical_dir, config.data, progress=False)
