@@ -152,6 +152,7 @@ def write_figures(results: dict, figure: str, out: str) -> None:
   matplotlib.use("Agg")
   from matplotlib import image as mpimg  # pylint: disable=g-import-not-at-top
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
   for name, records in results["curves"].items():
     cpu = [r["train_cpu_s"] for r in records]
@@ -162,6 +163,8 @@ def write_figures(results: dict, figure: str, out: str) -> None:
       ax.set_title(title, fontsize=10)
       ax.set_xlabel("training CPU seconds")
       ax.set_xscale("log")
+      ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+      ax.xaxis.set_minor_formatter(ticker.NullFormatter())
   axes[0].legend(fontsize=8)
   fig.suptitle(f"held-out normal slices, {results['cohort']}", fontsize=10)
   fig.tight_layout()

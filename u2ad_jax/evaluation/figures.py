@@ -1,6 +1,7 @@
 """PNG figures of an evaluation (matplotlib, Agg backend, written atomically).
 
-- `slice_panels`: image / mean reconstruction / EU / anomaly overlay of one slice.
+- `slice_panels`: image / mean reconstruction / EU / anomaly overlay of one slice, and the
+  canal close up.
 - `curve_plot`: the anomaly curve along the cord with the C2 ... T1 levels, the mean-error
   reference line and the decision threshold.
 - `score_distributions`: patient and segment scores by truth, with the threshold.
@@ -38,7 +39,8 @@ def slice_panels(path: str | os.PathLike, image: np.ndarray, anomaly: np.ndarray
                  levels: levels_lib.VertebralLevels, *, recon: np.ndarray | None = None,
                  eu: np.ndarray | None = None, title: str = "",
                  peak_row: int | None = None, crop: Crop | None = None) -> None:
-  """Panels of one `[H, W]` slice: image (with levels), reconstruction, EU, anomaly overlay.
+  """Panels of one `[H, W]` slice: image (with levels), reconstruction, EU, anomaly overlay,
+  and, with a reconstruction and EU, the canal close up (image and reconstruction).
 
   `crop`: the model-grid box to show (the scan's field of view: a cropped scan fills a few
   tenths of the 200 mm model grid); levels and the peak row are drawn in the cropped frame.
@@ -54,10 +56,30 @@ def slice_panels(path: str | os.PathLike, image: np.ndarray, anomaly: np.ndarray
     panels.append(("mean reconstruction", recon, "gray"))
   if eu is not None:
     panels.append(("epistemic uncertainty", eu, "magma"))
+  # The canal at full resolution beside the whole slice: at the whole slice's scale a flat band
+  # and a reconstruction of the cord look alike. Its box: where the Monte-Carlo passes
+  # disagree (EU > 0), i.e. the ROI patches the model reconstructs.
+  closeup = None
+  if recon is not None and eu is not None and np.any(eu > 0):
+    rows, cols = np.nonzero(eu > 0)
+    margin = 6
+    closeup = (max(0, rows.min() - margin), min(image.shape[0], rows.max() + margin + 1),
+               max(0, cols.min() - margin), min(image.shape[1], cols.max() + margin + 1))
   # Panel width follows the crop's aspect, so a tall cropped scan is not squeezed.
   aspect = (r1 - r0) / max(1, c1 - c0)
   width = float(np.clip(3.2 / max(aspect, 1e-3), 1.6, 4.0))
-  fig, axes = plt.subplots(1, len(panels) + 1, figsize=(width * (len(panels) + 1), 3.6))
+  extra = 2 if closeup is not None else 0
+  fig, axes = plt.subplots(1, len(panels) + 1 + extra,
+                           figsize=(width * (len(panels) + 1) + 1.4 * extra, 3.6),
+                           gridspec_kw={"width_ratios": [width] * (len(panels) + 1)
+                                        + [1.4] * extra})
+  axes, extra_axes = axes[:len(axes) - extra], axes[len(axes) - extra:]
+  if closeup is not None:
+    a0, a1, b0, b1 = closeup
+    for ax, (name, data) in zip(extra_axes, (("canal: image", image),
+                                             ("canal: reconstruction", recon))):
+      ax.imshow(data[a0:a1, b0:b1], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+      ax.set_title(name, fontsize=8)
   for ax, (name, data, cmap) in zip(axes, panels):
     vmax = 1.0 if cmap == "gray" else max(float(np.max(data)), 1e-12)
     ax.imshow(data, cmap=cmap, vmin=0.0, vmax=vmax)
@@ -75,7 +97,7 @@ def slice_panels(path: str | os.PathLike, image: np.ndarray, anomaly: np.ndarray
     axes[0].text(col - c0 + 3, row - r0, name, color="c", fontsize=6, va="center")
   if peak_row is not None:
     ax.axhline(peak_row - r0, color="c", lw=0.6, ls=":")
-  for a in axes:
+  for a in list(axes) + list(extra_axes):
     a.set_xticks([])
     a.set_yticks([])
   fig.suptitle(title, fontsize=10)

@@ -43,9 +43,9 @@ from u2ad_jax.masking import MaskPlan
 from u2ad_jax.models import layers
 
 
-# Sizes in one place. "mu": unit tests. "cpu": demo size, 128 px / 256 tokens (configs/cpu.py runs
-# it at 256 px with 16-px patches: the same 256 tokens), 0.57 M params, 1.2 GFLOP per training
-# image (its speed: benchmarks/README.md). "paper": the released code's configuration
+# Sizes in one place. "mu": unit tests. "cpu": demo size, 0.57 M params (configs/cpu.py runs it at
+# 256 px with 8-px patches over a band around the canal: 60 - 200 tokens; its speed:
+# benchmarks/README.md). "paper": the released code's configuration
 # (docs/method.md, section 3): 2.8 M params, 41 GFLOP per training image with ~930 encoder tokens.
 VARIANTS: dict[str, dict[str, Any]] = {
     "mu": dict(image_size=32, patch_size=4, encoder_width=32, encoder_depth=2, encoder_heads=2,
@@ -53,9 +53,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cpu": dict(image_size=128, patch_size=8, encoder_width=96, encoder_depth=4,
                 encoder_heads=6, decoder_width=64, decoder_depth=2, decoder_heads=4,
                 mlp_ratio=4.0),
-    "cpu_l": dict(image_size=128, patch_size=8, encoder_width=128, encoder_depth=6,
-                  encoder_heads=8, decoder_width=96, decoder_depth=4, decoder_heads=6,
-                  mlp_ratio=4.0),
     "paper": dict(image_size=256, patch_size=8, encoder_width=128, encoder_depth=12,
                   encoder_heads=16, decoder_width=64, decoder_depth=8, decoder_heads=8,
                   mlp_ratio=4.0),
