@@ -238,3 +238,42 @@ def test_mc_with_real_model_matches_per_pass_reference():
       params, key, images, roi)
   np.testing.assert_allclose(np.asarray(out16["mean"]), mean, atol=3e-2)
   np.testing.assert_allclose(np.asarray(out16["eu"]), var, atol=3e-3)
+
+
+def _learning_curve_module():
+  spec = importlib.util.spec_from_file_location(
+      "learning_curve", ROOT / "benchmarks" / "learning_curve.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_learning_curve_variant_configs_load_and_set_none(tmp_path):
+  """Each variant is written as a config file of its own (flags cannot set None): it loads, and
+  'before' gets the whole image back (context_patches None) while 'after' keeps the band."""
+  from u2ad_jax import config_files  # pylint: disable=g-import-not-at-top
+  lc = _learning_curve_module()
+  configs = {}
+  for name, overrides in lc.VARIANTS.items():
+    path = tmp_path / f"{name}_config.py"
+    path.write_text(lc.VARIANT_CONFIG.format(name=name, cpu=str(ROOT / "configs" / "cpu.py"),
+                                             overrides=overrides))
+    configs[name] = config_files.load(str(path))
+  cpu = config_files.load(str(ROOT / "configs" / "cpu.py"))
+  assert configs["before"].model.context_patches is None
+  assert configs["before"].data.patch_size == 16 and configs["before"].optim.schedule == "step"
+  assert configs["after"].model.context_patches == cpu.model.context_patches == 1
+  assert configs["after"].stage_epochs.pretrain == 300
+  assert configs["after"].data.patch_size == cpu.data.patch_size
+
+
+def test_learning_curve_marks_take_the_last_validation_before_each():
+  lc = _learning_curve_module()
+  assert lc.MARKS_S == (60, 150, 300, 600, 1200, 2400)
+  records = [{"train_cpu_s": 70.0, "step": 1}, {"train_cpu_s": 140.0, "step": 2},
+             {"train_cpu_s": 700.0, "step": 3}]
+  rows = lc.at_marks(records)
+  assert rows[0] is None  # no validation by 60 CPU s
+  # 'ended': the run had finished before the mark, its last value carried over.
+  assert [(r["step"], r["ended"]) for r in rows[1:]] == [
+      (2, False), (2, False), (2, False), (3, True), (3, True)]
