@@ -277,3 +277,37 @@ def test_learning_curve_marks_take_the_last_validation_before_each():
   # 'ended': the run had finished before the mark, its last value carried over.
   assert [(r["step"], r["ended"]) for r in rows[1:]] == [
       (2, False), (2, False), (2, False), (3, True), (3, True)]
+
+
+def _budget_curve_module():
+  spec = importlib.util.spec_from_file_location(
+      "budget_curve", ROOT / "benchmarks" / "budget_curve.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_budget_curve_scales_every_stage_and_the_refresh_and_reads_the_studies(tmp_path):
+  from u2ad_jax import config_files  # pylint: disable=g-import-not-at-top
+  bc = _budget_curve_module()
+  cpu = config_files.load(str(ROOT / "configs" / "cpu.py"))
+  assert bc.scaled_overrides(cpu, 4) == [
+      f"stage_epochs.pretrain={4 * cpu.stage_epochs.pretrain}",
+      f"stage_epochs.adapt_eu={4 * cpu.stage_epochs.adapt_eu}",
+      f"stage_epochs.adapt_eu_au={4 * cpu.stage_epochs.adapt_eu_au}",
+      f"uncertainty.refresh_epochs={4 * cpu.uncertainty.refresh_epochs}"]
+  for m, shift in ((1, 0.0), (2, 0.1)):
+    cell = lambda v: {"mean": v, "lo": v - 0.05, "hi": v + 0.05, "per_cohort": [v]}
+    study = {"differences": {d: {"patient_auroc": cell(-0.02 + shift), "segment_f1": cell(shift)}
+                             for d in ("eu_au - baseline", "eu_au - intensity")},
+             "rungs": {r: {"ssim_normal_cord": cell(0.8 + shift)} for r in ("baseline", "eu_au")}}
+    (tmp_path / f"x{m}").mkdir()
+    (tmp_path / f"x{m}" / "study.json").write_text(json.dumps(study))
+  results = bc.collect(str(tmp_path), [1, 2])
+  assert [p["mean"] for p in results["curves"]["eu_au - baseline: patient_auroc"]] == \
+      pytest.approx([-0.02, 0.08])
+  assert results["curves"]["eu_au - intensity: segment_f1"][1] == pytest.approx(
+      {"mean": 0.1, "lo": 0.05, "hi": 0.15})
+  assert results["ssim_normal_cord"]["eu_au"] == pytest.approx([0.8, 0.9])
+  bc.write_figure(results, str(tmp_path / "b.png"), "t")
+  assert (tmp_path / "b.png").stat().st_size > 1000
