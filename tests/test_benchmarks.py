@@ -240,9 +240,9 @@ def test_mc_with_real_model_matches_per_pass_reference():
   np.testing.assert_allclose(np.asarray(out16["eu"]), var, atol=3e-3)
 
 
-def _learning_curve_module():
-  spec = importlib.util.spec_from_file_location(
-      "learning_curve", ROOT / "benchmarks" / "learning_curve.py")
+def _benchmark_module(name):
+  """A script of benchmarks/ imported as a module (they are scripts, not a package)."""
+  spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -252,7 +252,7 @@ def test_learning_curve_variant_configs_load_and_set_none(tmp_path):
   """Each variant is written as a config file of its own (flags cannot set None): it loads, and
   'before' gets the whole image back (context_patches None) while 'after' keeps the band."""
   from u2ad_jax import config_files  # pylint: disable=g-import-not-at-top
-  lc = _learning_curve_module()
+  lc = _benchmark_module("learning_curve")
   configs = {}
   for name, overrides in lc.VARIANTS.items():
     path = tmp_path / f"{name}_config.py"
@@ -268,7 +268,7 @@ def test_learning_curve_variant_configs_load_and_set_none(tmp_path):
 
 
 def test_learning_curve_marks_take_the_last_validation_before_each():
-  lc = _learning_curve_module()
+  lc = _benchmark_module("learning_curve")
   assert lc.MARKS_S == (60, 150, 300, 600, 1200, 2400)
   records = [{"train_cpu_s": 70.0, "step": 1}, {"train_cpu_s": 140.0, "step": 2},
              {"train_cpu_s": 700.0, "step": 3}]
@@ -279,17 +279,9 @@ def test_learning_curve_marks_take_the_last_validation_before_each():
       (2, False), (2, False), (2, False), (3, True), (3, True)]
 
 
-def _budget_curve_module():
-  spec = importlib.util.spec_from_file_location(
-      "budget_curve", ROOT / "benchmarks" / "budget_curve.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_budget_curve_scales_every_stage_and_the_refresh_and_reads_the_studies(tmp_path):
   from u2ad_jax import config_files  # pylint: disable=g-import-not-at-top
-  bc = _budget_curve_module()
+  bc = _benchmark_module("budget_curve")
   cpu = config_files.load(str(ROOT / "configs" / "cpu.py"))
   assert bc.scaled_overrides(cpu, 4) == [
       f"stage_epochs.pretrain={4 * cpu.stage_epochs.pretrain}",
