@@ -66,8 +66,9 @@ def test_quick_mu_benchmark_writes_complete_json(tmp_path):
   assert result["machine"]["jax"]
 
 
-def _bench_run_module():
-  spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+def _benchmark_module(name):
+  """A script of benchmarks/ imported as a module (they are scripts, not a package)."""
+  spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -115,7 +116,7 @@ def _canned(probe_ok=True):
 
 def test_accelerator_plan_retries_smaller_after_oom_and_rewrites_the_json(tmp_path, monkeypatch,
                                                                           capsys):
-  bench = _bench_run_module()
+  bench = _benchmark_module("run")
   runner = _FakeRunner(_canned())
   monkeypatch.setattr(bench, "Runner", runner)
   out_path = tmp_path / "accel.json"
@@ -138,7 +139,7 @@ def test_accelerator_plan_retries_smaller_after_oom_and_rewrites_the_json(tmp_pa
 
 
 def test_accelerator_plan_stops_when_the_attention_probe_fails(tmp_path, monkeypatch):
-  bench = _bench_run_module()
+  bench = _benchmark_module("run")
   runner = _FakeRunner(_canned(probe_ok=False))
   monkeypatch.setattr(bench, "Runner", runner)
   out = bench.main(["--platform", "accelerator", "--json", str(tmp_path / "a.json")])
@@ -166,7 +167,7 @@ def test_measurements_run_without_nibabel_and_ml_collections(tmp_path):
 
 
 def test_out_of_memory_is_told_from_other_errors():
-  bench = _bench_run_module()
+  bench = _benchmark_module("run")
   died = bench._result_of("", "...\njaxlib.XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory", -9)
   assert died["error_kind"] == "oom"
   assert bench._result_of("", "ValueError: bad shape", 1)["error_kind"] == "error"
@@ -238,14 +239,6 @@ def test_mc_with_real_model_matches_per_pass_reference():
       params, key, images, roi)
   np.testing.assert_allclose(np.asarray(out16["mean"]), mean, atol=3e-2)
   np.testing.assert_allclose(np.asarray(out16["eu"]), var, atol=3e-3)
-
-
-def _benchmark_module(name):
-  """A script of benchmarks/ imported as a module (they are scripts, not a package)."""
-  spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def test_learning_curve_variant_configs_load_and_set_none(tmp_path):
