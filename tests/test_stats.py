@@ -128,3 +128,26 @@ def test_summarize_is_deterministic_and_round_trips():
   assert "ssim_normal_cord" not in one["rungs"]["intensity"]  # no reconstruction
   with pytest.raises(ValueError, match="other sizes"):
     stats.summarize({"a": [t], "b": [_table([1], [1], [1])]})
+
+
+def test_cohort_values_resample_cohorts_only_and_pair_the_differences():
+  # Per-cohort values 0.2 and 0.6: replicates are means of two cohorts drawn with replacement,
+  # 0.2 / 0.4 / 0.6 with probability 1/4 / 1/2 / 1/4, so the 95 % interval is (0.2, 0.6).
+  out = stats.summarize_cohort_values(
+      {"a": {"pixel_ap": [0.2, 0.6]}, "b": {"pixel_ap": [0.1, 0.5]}}, pairs=[("a", "b"), ("a", "c")],
+      num_resamples=4000, seed=1)
+  e = out["rungs"]["a"]["pixel_ap"]
+  assert e["mean"] == pytest.approx(0.4) and e["per_cohort"] == pytest.approx([0.2, 0.6])
+  assert (e["lo"], e["hi"]) == pytest.approx((0.2, 0.6))
+  # b is a shifted by 0.1 on every cohort: paired, the difference is exactly 0.1 in every draw.
+  d = out["differences"]["a - b"]["pixel_ap"]
+  assert (d["mean"], d["lo"], d["hi"]) == pytest.approx((0.1, 0.1, 0.1))
+  assert list(out["differences"]) == ["a - b"]
+  # One cohort: its value, no interval; an undefined cohort is left out of the mean.
+  one = stats.summarize_cohort_values({"a": {"pixel_ap": [0.3]}}, num_resamples=200)
+  assert one["rungs"]["a"]["pixel_ap"]["mean"] == 0.3
+  assert math.isnan(one["rungs"]["a"]["pixel_ap"]["lo"])
+  undefined = stats.summarize_cohort_values({"a": {"pixel_ap": [math.nan, 0.5]}}, num_resamples=500)
+  assert undefined["rungs"]["a"]["pixel_ap"]["mean"] == 0.5
+  with pytest.raises(ValueError, match="different numbers of cohorts"):
+    stats.summarize_cohort_values({"a": {"pixel_ap": [0.1]}, "b": {"pixel_ap": [0.1, 0.2]}})

@@ -2,9 +2,11 @@
 
 Runs the comparison ladder (`u2ad ablate`) on N cohorts, seeds S ... S + N - 1 (phantom cohorts,
 or real-anatomy pseudo-patients built from SRC), and reports per metric the mean over cohorts with
-its 95 % interval and the paired differences U2AD - baseline and U2AD - intensity (hierarchical
-bootstrap over cohorts and patients): DIR/study.md, study.csv, study.json and
-figures/study_ladder.png. A seed already done (DIR/seed-<s>/tables.json) is reused.
+its 95 % interval and the paired differences + EU / + AU / U2AD - baseline and U2AD - intensity
+(hierarchical bootstrap over cohorts and patients; pixel AP and best Dice over cohorts):
+DIR/study.md, study.csv, study.json and figures/study_ladder.png. `--also_residual absolute` also
+scores every trained rung with the method's own |x - mean| map (scoring only). A seed already
+done (DIR/seed-<s>/tables.json, tables-<map>.json) is reused.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ _METHODS = flags.DEFINE_list("methods", list(stages.ABLATION_METHODS), "rungs to
 _SMOKE = flags.DEFINE_bool("smoke", False, "the smoke demo's tiny config and cohort sizes")
 _RESAMPLES = flags.DEFINE_integer("resamples", stats.DEFAULT_RESAMPLES, "bootstrap resamples",
                                   lower_bound=100)
+_ALSO = flags.DEFINE_list(
+    "also_residual", [], "other anomaly maps to score every trained rung with as well (scoring "
+    "only), e.g. 'absolute' for the method's own |x - mean|; each gets its own table")
 _SET = flags.DEFINE_multi_string(
     "set", [], "config override key.path=value (repeatable; unknown keys fail)")
 
@@ -47,6 +52,6 @@ def main(argv):
   from u2ad_jax.workflows import study  # pylint: disable=g-import-not-at-top
   study.run_study(_OUT.value, seeds, source=_FROM.value, public_dir=_PUBLIC.value,
                   smoke=_SMOKE.value, config_spec=_CONFIG.value, methods=_METHODS.value,
-                  overrides=_SET.value, size=size, num_resamples=_RESAMPLES.value)
+                  overrides=_SET.value, also_residuals=_ALSO.value, size=size, num_resamples=_RESAMPLES.value)
   with open(f"{_OUT.value}/study.md", encoding="utf-8") as f:
     print(f.read())

@@ -233,3 +233,64 @@ def summarize(tables: Mapping[str, Sequence[PatientTable]], *,
   return {"rungs": out_rungs, "differences": out_diffs, "num_cohorts": len(sizes),
           "patients_per_cohort": sizes, "num_resamples": int(num_resamples), "level": float(level),
           "seed": int(seed)}
+
+
+# ----------------------------------------------------------------------------- cohort-level metrics
+
+# name -> (title, key in an evaluation's metrics.json "pixel" section). A pixel metric pools the
+# pixels of a whole cohort (AP and the best Dice are not means over patients), so it exists once
+# per cohort and its interval resamples cohorts only (`summarize_cohort_values`).
+PIXEL_METRICS: dict[str, tuple[str, str]] = {
+    "pixel_ap": ("pixel AP", "ap"),
+    "pixel_best_dice": ("pixel best Dice", "best_dice"),
+}
+
+
+def summarize_cohort_values(values: Mapping[str, Mapping[str, Sequence[float]]], *,
+                            pairs: Sequence[tuple[str, str]] = (),
+                            num_resamples: int = DEFAULT_RESAMPLES,
+                            level: float = DEFAULT_LEVEL, seed: int = 0) -> dict[str, Any]:
+  """Per rung and metric, from one value per cohort: mean over cohorts and a percentile interval
+  from resampling the cohorts with replacement (the same draws for every rung, so differences
+  are paired). One cohort gives the value without an interval (NaN bounds); NaN values (metric
+  undefined on that cohort) are left out of the means.
+
+  Args:
+    values: rung -> metric -> `[C]` per-cohort values (same cohorts, same order, every rung).
+    pairs: (a, b) differences a - b (skipped when a rung is missing).
+
+  Returns:
+    {"rungs": {rung: {metric: {mean, lo, hi, per_cohort, num_replicates}}}, "differences":
+    {"a - b": {metric: ...}}} in `summarize`'s entry format.
+  """
+  rungs = list(values)
+  counts = {len(v) for by_metric in values.values() for v in by_metric.values()}
+  if len(counts) > 1:
+    raise ValueError(f"rungs have values for different numbers of cohorts: {sorted(counts)}")
+  num_cohorts = counts.pop() if counts else 0
+  rng = np.random.default_rng(np.random.SeedSequence([int(seed), 3141]))
+  draws = rng.integers(num_cohorts, size=(int(num_resamples), num_cohorts)) if num_cohorts else None
+
+  def entry(per_cohort: Sequence[float]) -> dict[str, Any]:
+    v = np.asarray(per_cohort, np.float64)
+    finite = v[np.isfinite(v)]
+    point = float(finite.mean()) if finite.size else math.nan
+    replicates = np.full(int(num_resamples), math.nan)
+    if num_cohorts > 1:
+      drawn = v[draws]
+      defined = np.isfinite(drawn).any(axis=1)
+      replicates[defined] = np.nanmean(drawn[defined], axis=1)
+    lo, hi = percentile_interval(replicates, level)
+    return {"mean": point, "lo": lo, "hi": hi, "per_cohort": [float(x) for x in v],
+            "num_replicates": int(np.isfinite(replicates).sum())}
+
+  out_rungs = {rung: {name: entry(v) for name, v in values[rung].items()} for rung in rungs}
+  out_diffs: dict[str, Any] = {}
+  for a, b in pairs:
+    if a not in values or b not in values:
+      continue
+    shared = [n for n in values[a] if n in values[b]]
+    out_diffs[f"{a} - {b}"] = {
+        n: entry(np.asarray(values[a][n], np.float64) - np.asarray(values[b][n], np.float64))
+        for n in shared}
+  return {"rungs": out_rungs, "differences": out_diffs}
